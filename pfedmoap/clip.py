@@ -1,0 +1,219 @@
+"""The frozen CLIP backbone: open_clip loading, image features, and a prompt text encoder.
+
+The text encoder takes token *embeddings* (so learned context vectors can be spliced in) and runs the
+open_clip tower's own modules. Because CLIP's text transformer is causal and pools the EOT position,
+positions after the longest EOT never influence the features: sequences can be truncated to
+``max(EOT) + 1`` tokens with exactly the same result (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class TextTower:
+    """The parts of an open_clip text tower that a prompt encoder needs (shared, never copied)."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: torch.Tensor  # [context_length, W]
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: torch.Tensor | nn.Linear | None
+    attn_mask: torch.Tensor  # [context_length, context_length] additive causal mask
+    pool_type: str  # "argmax" (EOT = highest token id) or "eos"
+    eos_token_id: int | None
+    context_length: int
+
+    @property
+    def width(self) -> int:
+        return self.positional_embedding.shape[-1]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, model_name: str = "model") -> TextTower:
+        """Extract the tower from an open_clip ``CLIP`` or ``CustomTextCLIP``; refuse what cannot work."""
+        owner = model.text if hasattr(model, "text") else model
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+        missing = [n for n in needed if getattr(owner, n, None) is None]
+        if missing:
+            raise ConfigError(
+                f"model={model_name}: its text tower has no {', '.join(missing)}; prompt learning needs a "
+                "CLIP-style transformer text tower (e.g. RN50, ViT-B-16, pfedmoap-tiny)"
+            )
+        attn_mask = getattr(owner, "attn_mask", None)
+        if attn_mask is None:
+            raise ConfigError(
+                f"model={model_name}: its text tower has no causal mask; prompt learning here needs a causal "
+                "CLIP text tower (SigLIP-style towers are not supported)"
+            )
+        pool_type = getattr(owner, "text_pool_type", None) or getattr(owner, "pool_type", "argmax")
+        if pool_type not in ("argmax", "eos"):
+            raise ConfigError(
+                f"model={model_name}: text pool type {pool_type!r} is not EOT pooling ('argmax' or 'eos')"
+            )
+        if getattr(owner, "cls_emb", None) is not None:
+            raise ConfigError(f"model={model_name}: text towers with an appended class token are not supported")
+        projection = getattr(owner, "text_projection", None)
+        return cls(
+            token_embedding=owner.token_embedding,
+            positional_embedding=owner.positional_embedding,
+            transformer=owner.transformer,
+            ln_final=owner.ln_final,
+            text_projection=projection,
+            attn_mask=attn_mask,
+            pool_type=pool_type,
+            eos_token_id=getattr(owner, "text_eos_id", None) or getattr(owner, "eos_id", None),
+            context_length=owner.positional_embedding.shape[0],
+        )
+
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index of the pooled (EOT) token in each tokenised sequence."""
+        if self.pool_type == "eos" and self.eos_token_id is not None:
+            return (tokens == self.eos_token_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def encode_embeddings(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [N, L, W] (L <= context_length) -> projected EOT features [N, D], unnormalised.
+
+        Running only the first L positions is exact as long as every EOT index is below L: the causal
+        mask means no position attends to a later one.
+        """
+        length = x.shape[1]
+        cast_dtype = _cast_dtype(self.transformer)
+        x = x.to(cast_dtype) + self.positional_embedding[:length].to(cast_dtype)
+        mask = self.attn_mask[:length, :length]
+        x = self.transformer(x, attn_mask=mask)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        if isinstance(self.text_projection, nn.Linear):
+            x = self.text_projection(x)
+        elif self.text_projection is not None:
+            x = x @ self.text_projection
+        return x
+
+
+def _cast_dtype(transformer: nn.Module) -> torch.dtype:
+    get = getattr(transformer, "get_cast_dtype", None)
+    return get() if callable(get) else torch.float32
+
+
+class FrozenCLIP:
+    """An open_clip model with both encoders frozen in eval mode, plus its tokenizer.
+
+    Not an ``nn.Module`` on purpose: nothing in it is ever trained, and clients share it read-only.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, model_name: str, device: torch.device):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.device = device
+        self.text = TextTower.from_model(self.model, model_name)
+        with torch.no_grad():
+            # gamma = exp(logit_scale): frozen, a plain float from here on
+            self.gamma = float(self.model.logit_scale.exp().item())
+        visual = self.model.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        pre = getattr(visual, "preprocess_cfg", {}) or {}
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        self.mean = tuple(pre.get("mean", OPENAI_DATASET_MEAN))
+        self.std = tuple(pre.get("std", OPENAI_DATASET_STD))
+        self.embed_dim = int(self.encode_text_tokens(self.tokenize(["a"])).shape[-1])
+
+    @property
+    def width(self) -> int:
+        return self.text.width
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images [N, 3, S, S] -> L2-normalised image features [N, D] (no grad)."""
+        feats = self.model.encode_image(images.to(self.device))
+        return F.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Plain text (already tokenised) -> L2-normalised features, through the truncated encoder."""
+        eot = self.text.eot_positions(tokens)
+        length = int(eot.max().item()) + 1
+        emb = self.text.token_embedding(tokens[:, :length])
+        return F.normalize(self.text.encode_embeddings(emb, eot).float(), dim=-1)
+
+    @torch.no_grad()
+    def zero_shot_text_features(self, classnames: list[str], template: str = "a photo of a {}.") -> torch.Tensor:
+        texts = [template.format(c.replace("_", " ")) for c in classnames]
+        return self.encode_text_tokens(self.tokenize(texts))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def load_clip(model_name: str, pretrained: str, device: torch.device, progress: bool = True) -> FrozenCLIP:
+    """Load an open_clip model by architecture name and weights.
+
+    ``pretrained`` is "synthetic" (the embedded tiny model, pretrained on first use and cached), "none"
+    (random weights, for tests and benchmarks), a path to a weights file, or an open_clip pretrained tag.
+    """
+    import open_clip
+
+    from .model_configs import TINY_MODEL, register_model_configs
+
+    register_model_configs()
+    known = open_clip.list_models()
+    if model_name not in known:
+        close = [m for m in known if m.lower().startswith(model_name.lower()[:3])][:8]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ConfigError(f"model={model_name!r} is not an open_clip architecture{hint}; see open_clip.list_models()")
+
+    weights: str | None
+    if pretrained == "synthetic":
+        if model_name != TINY_MODEL:
+            raise ConfigError(
+                f"pretrained='synthetic' exists only for model={TINY_MODEL}; for {model_name} use an "
+                "open_clip tag (e.g. openai), a weights file, or none"
+            )
+        from .pretrain import ensure_tiny_clip
+
+        weights = str(ensure_tiny_clip(progress=progress))
+    elif pretrained == "none":
+        weights = None
+    elif os.path.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"pretrained={pretrained!r}: no such weights file")
+        weights = pretrained
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            valid = ", ".join(["synthetic" if model_name == TINY_MODEL else "", "none", *tags]).strip(", ")
+            raise ConfigError(f"pretrained={pretrained!r} is not a tag of {model_name} (valid: {valid}, or a file)")
+        weights = pretrained
+    try:
+        # random weights ("none") come from a fixed seed so that runs stay repeatable
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(model_name, pretrained=weights, device="cpu")
+    except (RuntimeError, OSError, ValueError) as exc:  # download refused offline, or a file that is not these weights
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"pretrained={pretrained!r} for model={model_name} could not be loaded: {first}") from exc
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return FrozenCLIP(model, tokenizer, model_name, device)

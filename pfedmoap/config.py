@@ -1,0 +1,218 @@
+"""Typed run configuration and named presets.
+
+A run is fully described by one :class:`Config`; the CLI fills it from a preset (a JSON file in
+``pfedmoap/presets/``) plus flags, and saves the resolved object as ``config.json`` in the run directory.
+Every default below is the paper's setting (SPEC §1-2) unless its comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("pfedmoap", "promptfl", "fedprox", "local", "zeroshot")
+PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "iid")
+REDUCTIONS = ("strided", "avgpool")
+EXPERT_SELECTIONS = ("knn", "random")
+POOL_VIEWS = ("snapshot", "live")
+TEXT_ENCODERS = ("full", "truncated")
+COMM_DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Config:
+    """Everything one federated run needs; same config + seed = same numbers on CPU."""
+
+    # --- what to run
+    method: str = "pfedmoap"
+    dataset: str = "synthetic"
+    data_root: str | None = None  # folder with real datasets (not used by the synthetic world)
+    model: str = "pfedmoap-tiny"  # an open_clip architecture name
+    # "synthetic" = the tiny model pretrained on the synthetic world (cached), "none" = random weights,
+    # an open_clip pretrained tag (e.g. "openai"), or a path to a weights file.
+    pretrained: str = "synthetic"
+
+    # --- data and partition
+    partition: str = "pathological"
+    clients: int = 10
+    shots: int = 16  # training images per class for the pathological split (0 = all)
+    dirichlet_alpha: float = 0.5
+    min_client_size: int = 10  # Dirichlet splits are redrawn until every client has this many train images
+    domains: list[str] | None = None  # dataset domains to use (synthetic world: styles); None = dataset default
+    train_per_class: int = 64  # synthetic world only: images generated per class and domain
+    test_per_class: int = 50  # synthetic world only
+    data_seed: int = 0  # fixes the generated data; the partition follows `seed`
+    augment: bool = False  # random crop + flip; image features are then recomputed every batch
+
+    # --- federation
+    frac: float = 1.0
+    rounds: int = 10
+    local_epochs: int = 5
+    batch_size: int = 16
+
+    # --- prompt
+    n_ctx: int = 16
+    ctx_init_std: float = 0.02
+    text_encoder: str = "truncated"  # "full" runs all context_length tokens (slow, same result)
+
+    # --- pFedMoAP
+    experts: int = 9  # K non-local experts (the gate sees K + 1)
+    lam: float = 0.5  # logits = l_moe + lam * l_loc
+    d_gate: int = 128
+    heads: int = 8
+    attn_scale: float | str = 10.0  # the reference code's 10.0, or "sqrt" for 1 / sqrt(d_gate / heads)
+    reduction: str = "strided"
+    expert_selection: str = "knn"
+    pool_view: str = "snapshot"  # "live" reproduces the reference code's mid-round pool mutation
+
+    # --- optimisation (SGD, fresh per client per round)
+    lr_prompt: float = 0.002
+    lr_gate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    fedprox_mu: float = 0.01
+
+    # --- system
+    seed: int = 1
+    device: str = "auto"
+    threads: int | None = None
+    fused: bool = False
+    comm_dtype: str = "float32"  # dtype of prompts on the wire
+    eval_batch_size: int = 512
+    progress: bool = True
+    out: str | None = None
+    preset: str | None = None  # the preset this config started from (informational)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def attn_scaling(self) -> float:
+        """The numeric factor the gate multiplies attention scores by."""
+        if self.attn_scale == "sqrt":
+            return 1.0 / math.sqrt(self.d_gate // self.heads)
+        return float(self.attn_scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        cfg = cls(**data)
+        return cfg
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> Config:
+        """Check every value; raise :class:`ConfigError` with one line naming the first bad one."""
+        from .methods import METHODS as registered  # late import: methods import this module
+
+        _choice("method", self.method, tuple(sorted(registered)))
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("reduction", self.reduction, REDUCTIONS)
+        _choice("expert_selection", self.expert_selection, EXPERT_SELECTIONS)
+        _choice("pool_view", self.pool_view, POOL_VIEWS)
+        _choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        _choice("device", self.device, DEVICES)
+        _at_least("clients", self.clients, 1)
+        _at_least("rounds", self.rounds, 1)
+        _at_least("local_epochs", self.local_epochs, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("n_ctx", self.n_ctx, 1)
+        _at_least("experts", self.experts, 0)
+        _at_least("heads", self.heads, 1)
+        _at_least("d_gate", self.d_gate, 1)
+        _at_least("shots", self.shots, 0)
+        _at_least("train_per_class", self.train_per_class, 1)
+        _at_least("test_per_class", self.test_per_class, 1)
+        _at_least("min_client_size", self.min_client_size, 0)
+        _at_least("eval_batch_size", self.eval_batch_size, 1)
+        if self.threads is not None:
+            _at_least("threads", self.threads, 1)
+        if not (0.0 < self.frac <= 1.0):
+            raise ConfigError(f"frac={self.frac} is outside (0, 1]")
+        for name in ("lr_prompt", "lr_gate"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name}={value} must be a positive number")
+        for name in ("momentum", "weight_decay", "fedprox_mu", "ctx_init_std"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name}={value} must be a non-negative number")
+        if not math.isfinite(self.lam):
+            raise ConfigError(f"lambda={self.lam} must be a finite number")
+        if not (self.dirichlet_alpha > 0):
+            raise ConfigError(f"dirichlet_alpha={self.dirichlet_alpha} must be positive")
+        if self.attn_scale != "sqrt":
+            try:
+                scale = float(self.attn_scale)
+            except (TypeError, ValueError):
+                raise ConfigError(f"attn_scale={self.attn_scale!r}: use a positive number or 'sqrt'") from None
+            if not (scale > 0 and math.isfinite(scale)):
+                raise ConfigError(f"attn_scale={self.attn_scale!r}: use a positive number or 'sqrt'")
+        if self.d_gate % self.heads:
+            raise ConfigError(f"d_gate={self.d_gate} is not divisible by heads={self.heads}")
+        if self.method == "pfedmoap" and self.experts >= self.clients:
+            raise ConfigError(
+                f"experts={self.experts} must be smaller than clients={self.clients} "
+                f"(K counts the other clients' prompts; valid: 0..{self.clients - 1})"
+            )
+        return self
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(valid)}")
+
+
+def _at_least(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
+
+
+# ---------------------------------------------------------------------------------------------- presets
+DEFAULT_PRESET = "synthetic"
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``pfedmoap/presets/``."""
+    folder = resources.files("pfedmoap") / "presets"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The overrides a preset applies on top of :class:`Config` defaults."""
+    presets = list_presets()
+    if name not in presets:
+        raise ConfigError(f"preset={name!r} is not one of: {', '.join(presets)}")
+    text = (resources.files("pfedmoap") / "presets" / f"{name}.json").read_text()
+    data = json.loads(text)
+    data.pop("description", None)
+    return data
+
+
+def preset_description(name: str) -> str:
+    text = (resources.files("pfedmoap") / "presets" / f"{name}.json").read_text()
+    return json.loads(text).get("description", "")
+
+
+def make_config(preset: str | None = DEFAULT_PRESET, **overrides: Any) -> Config:
+    """Build a validated config from a preset (None = bare defaults) and keyword overrides."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        data.update(load_preset(preset))
+        data["preset"] = preset
+    data.update(overrides)
+    return Config.from_dict(data, source=f"preset {preset}" if preset else "config").validate()

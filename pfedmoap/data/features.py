@@ -1,0 +1,64 @@
+"""Image features from the frozen image encoder: computed once per image, or per batch with augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..clip import FrozenCLIP
+from .registry import LabeledImages
+from .synthetic import to_model_input
+
+
+def _gather(images, idx: np.ndarray) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(idx, dtype=torch.long)]
+    return torch.stack([images[int(i)] for i in idx])
+
+
+def encode_images(
+    clip: FrozenCLIP, images: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> normalised features [N, D] (float32, on the CLIP device)."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = to_model_input(images[start : start + batch_size], clip.image_size, clip.mean, clip.std)
+        out.append(clip.encode_images(batch))
+    if not out:
+        return torch.zeros(0, clip.embed_dim, device=clip.device)
+    return torch.cat(out)
+
+
+def encode_subset(
+    clip: FrozenCLIP,
+    data: LabeledImages,
+    indices: np.ndarray,
+    batch_size: int = 512,
+    progress: bool = False,
+    desc: str = "image features",
+) -> torch.Tensor:
+    """Features of ``data`` rows ``indices`` (in that order), encoded once in batches."""
+    chunks = []
+    steps = range(0, len(indices), batch_size)
+    for start in tqdm(steps, desc=desc, disable=not progress, leave=False):
+        imgs = _gather(data.images, indices[start : start + batch_size])
+        chunks.append(encode_images(clip, imgs, batch_size))
+    if not chunks:
+        return torch.zeros(0, clip.embed_dim, device=clip.device)
+    return torch.cat(chunks)
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Per-image random translation (reflect-pad then crop back) and horizontal flip, from ``generator``
+    so that augmented runs stay reproducible per client."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images.float(), (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.empty_like(images, dtype=torch.float32)
+    for i in range(n):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out.round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,14 @@
+"""Errors that mean "the user asked for something invalid" (as opposed to a bug).
+
+The CLI turns a :class:`UserError` into one line on stderr and exit code 2; library callers can catch it.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input: a config value, a path, a run directory. The message is one line naming the value."""
+
+
+class ConfigError(UserError):
+    """A config value is out of range or names something that does not exist."""

@@ -1,0 +1,103 @@
+"""The run directory: ``config.json``, ``metrics.jsonl`` (one object per round), ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write then rename, so a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=_jsonable)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunDir:
+    """A run's output folder. Creating one over another run is refused: nothing is ever overwritten."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def check(cls, path: str | os.PathLike) -> None:
+        """Refuse (UserError) a path that is a file or already holds a run; creates nothing."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise UserError(f"out={str(run.path)!r} exists and is not a directory")
+        held = [name for name in RUN_FILES if (run.path / name).exists()]
+        if held:
+            raise UserError(
+                f"out={str(run.path)!r} already holds a run ({held[0]}); choose a new --out directory"
+            )
+
+    @classmethod
+    def create(cls, path: str | os.PathLike) -> RunDir:
+        cls.check(path)
+        run = cls(path)
+        (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        return run
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "config.json", config)
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    lines = Path(path, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final, best and mean-of-last-5 mean client accuracy (SPEC §2 evaluation)."""
+    accs = [r["mean_acc"] for r in rounds]
+    if not accs:
+        return {}
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    last5 = accs[-5:]
+    return {
+        "final_mean_acc": accs[-1],
+        "final_std_acc": rounds[-1]["std_acc"],
+        "best_mean_acc": accs[best],
+        "best_round": rounds[best]["round"],
+        "last5_mean_acc": sum(last5) / len(last5),
+        "rounds": len(rounds),
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
+        "seconds": sum(r.get("seconds", 0.0) for r in rounds),
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / len(vals)
+    return mean, math.sqrt(var)

@@ -1,0 +1,80 @@
+"""Plain-torch reference implementations of the hot ops (the twins every fused backend is tested against)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gate_attention(
+    query: torch.Tensor,
+    experts: torch.Tensor,
+    wq: torch.Tensor, bq: torch.Tensor,
+    wk: torch.Tensor, bk: torch.Tensor,
+    wv: torch.Tensor, bv: torch.Tensor,
+    wo: torch.Tensor, bo: torch.Tensor,
+    heads: int,
+    scaling: float,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head attention of each query over the E experts of each class.
+
+    query [B, d], experts [E, C, d] -> T_MoE [B, C, d] and head-averaged attention [B, C, E].
+    Keys and values are projected once per (expert, class), not once per (image, class).
+    """
+    batch, dim = query.shape
+    n_exp, n_cls, _ = experts.shape
+    head_dim = dim // heads
+    q = F.linear(query, wq, bq).view(batch, heads, head_dim)
+    k = F.linear(experts, wk, bk).view(n_exp, n_cls, heads, head_dim)
+    v = F.linear(experts, wv, bv).view(n_exp, n_cls, heads, head_dim)
+    scores = torch.einsum("bhx,echx->bche", q, k) * scaling  # [B, C, H, E]
+    attn = scores.softmax(dim=-1)
+    mixed = torch.einsum("bche,echx->bchx", attn, v).reshape(batch, n_cls, dim)
+    out = F.linear(mixed, wo, bo)
+    weights = attn.mean(dim=2) if need_weights else None
+    return out, weights
+
+
+def gate_score(
+    query: torch.Tensor,
+    experts: torch.Tensor,
+    wq: torch.Tensor, bq: torch.Tensor,
+    wk: torch.Tensor, bk: torch.Tensor,
+    wv: torch.Tensor, bv: torch.Tensor,
+    wo: torch.Tensor, bo: torch.Tensor,
+    heads: int,
+    scaling: float,
+    gamma: float,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """l_moe[b, c] = gamma * <query_b, T_MoE[b, c]>, with T_MoE from :func:`gate_attention`."""
+    moe, weights = gate_attention(
+        query, experts, wq, bq, wk, bk, wv, bv, wo, bo, heads=heads, scaling=scaling, need_weights=need_weights
+    )
+    logits = gamma * torch.einsum("bd,bcd->bc", query, moe)
+    return logits, weights
+
+
+def pairwise_sq_dists(pool: torch.Tensor) -> torch.Tensor:
+    """Exact squared L2 distances between the rows of ``pool`` [N, P] (difference-based, no GEMM rounding)."""
+    return torch.cdist(pool, pool, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+
+
+def knn(pool: torch.Tensor, present: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """For each query row id, the ids of its k nearest *other present* rows by L2 distance.
+
+    pool [N, P]; present [N] bool; queries [Q] long. Returns [Q, min(k, present others)], nearest first,
+    ties to the lower id. Absent rows and the query itself are never returned.
+    """
+    n = pool.shape[0]
+    flat = pool.reshape(n, -1).double()
+    dists = torch.cdist(flat[queries], flat, compute_mode="donot_use_mm_for_euclid_dist")
+    invalid = ~present.bool()[None, :].expand(len(queries), n).clone()
+    invalid[torch.arange(len(queries)), queries] = True
+    dists = dists.masked_fill(invalid, float("inf"))
+    available = int((~invalid).sum(dim=1).min().item()) if len(queries) else 0
+    take = min(k, available)
+    # a stable sort keeps equal distances in id order: ties go to the lower id
+    order = torch.sort(dists, dim=1, stable=True).indices
+    return order[:, :take]

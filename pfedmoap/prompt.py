@@ -1,0 +1,72 @@
+"""CoOp prompts: learnable context vectors spliced into every class's token sequence.
+
+Class c's sequence is ``[SOS] ctx_1..ctx_n <tokens of "classname."> [EOS] pad...`` (class token at the
+end, SPEC §1). The prefix (SOS) and suffix (class tokens, '.', EOS, padding) embeddings are frozen buffers
+computed once; a prompt is just the ``[n_ctx, W]`` context tensor, so the same encoder serves the local
+prompt (with grad), the K frozen experts (no grad) and the global prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .clip import FrozenCLIP
+
+
+def init_prompt(n_ctx: int, width: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """A fresh context, N(0, std^2) as CoOp's generic context."""
+    return torch.randn(n_ctx, width, generator=generator) * std
+
+
+class PromptEncoder:
+    """Prompt contexts -> normalised class text features, for a fixed list of class names.
+
+    ``encode(ctx)`` accepts one context ``[n_ctx, W]`` or a stack of E contexts ``[E, n_ctx, W]`` and
+    returns ``[C, D]`` or ``[E, C, D]``. All E x C sequences go through the transformer in one pass.
+    """
+
+    def __init__(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int, truncate: bool = True):
+        self.clip = clip
+        self.classnames = list(classnames)
+        self.n_ctx = n_ctx
+        tower = clip.text
+        placeholder = " ".join(["X"] * n_ctx)
+        texts = [f"{placeholder} {name.replace('_', ' ')}." for name in self.classnames]
+        tokens = clip.tokenize(texts)
+        eot = tower.eot_positions(tokens)
+        if int(eot.min()) <= n_ctx:
+            raise ValueError(f"context_length={tower.context_length} is too short for n_ctx={n_ctx}")
+        length = int(eot.max().item()) + 1 if truncate else tower.context_length
+        with torch.no_grad():
+            embedding = tower.token_embedding(tokens[:, :length]).float()
+        self.prefix = embedding[:, :1].contiguous()  # [C, 1, W]: SOS
+        self.suffix = embedding[:, 1 + n_ctx :].contiguous()  # [C, L - 1 - n_ctx, W]
+        self.eot = eot.to(clip.device)
+        self.length = length
+        self.tokens = tokens
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Contexts [E, n_ctx, W] -> token embeddings [E * C, L, W] (expert-major)."""
+        experts, classes = ctx.shape[0], self.num_classes
+        ctx = ctx.to(self.prefix.dtype)
+        expanded = ctx[:, None].expand(experts, classes, *ctx.shape[1:])
+        prefix = self.prefix[None].expand(experts, *self.prefix.shape)
+        suffix = self.suffix[None].expand(experts, *self.suffix.shape)
+        seq = torch.cat([prefix, expanded, suffix], dim=2)
+        return seq.reshape(experts * classes, self.length, -1)
+
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Context(s) -> L2-normalised text features, ``[C, D]`` or ``[E, C, D]``."""
+        single = ctx.dim() == 2
+        stack = ctx[None] if single else ctx
+        stack = stack.to(self.clip.device)
+        seqs = self.assemble(stack)
+        eot = self.eot.repeat(stack.shape[0])
+        feats = self.clip.text.encode_embeddings(seqs, eot).float()
+        feats = F.normalize(feats, dim=-1).view(stack.shape[0], self.num_classes, -1)
+        return feats[0] if single else feats

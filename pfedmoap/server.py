@@ -1,0 +1,107 @@
+"""The server: the prompt pool, the global prompt, client sampling, expert selection and aggregation.
+
+It never sees a gate: pFedMoAP's gates stay on their clients (SPEC §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from . import ops
+
+
+class Server:
+    """Owns the pool (client id -> that client's last uploaded prompt) and the global prompt P_g."""
+
+    def __init__(
+        self,
+        num_clients: int,
+        init_prompt: torch.Tensor,
+        train_sizes: list[int],
+        frac: float,
+        seed: int,
+        expert_selection: str = "knn",
+    ):
+        self.num_clients = num_clients
+        self.prompt_shape = tuple(init_prompt.shape)
+        self.init_prompt = init_prompt.detach().cpu().float().clone()
+        self.global_prompt = self.init_prompt.clone()
+        self.global_version = 0  # bumped at every aggregation
+        self.pool: dict[int, torch.Tensor] = {}
+        self.train_sizes = list(train_sizes)
+        self.frac = frac
+        self.expert_selection = expert_selection
+        self.sample_rng = np.random.default_rng([seed, 101])
+        self.select_rng = np.random.default_rng([seed, 202])
+        self.rejected: list[tuple[int, str]] = []  # uploads refused this round: (client id, reason)
+
+    # --------------------------------------------------------------------------------- sampling
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, int(self.frac * self.num_clients))
+
+    def sample(self) -> list[int]:
+        """m = max(1, int(frac * N)) clients without replacement, from the server's seeded RNG."""
+        chosen = self.sample_rng.choice(self.num_clients, size=self.clients_per_round, replace=False)
+        return [int(c) for c in chosen]
+
+    # --------------------------------------------------------------------------------- experts
+    def snapshot(self) -> dict[int, torch.Tensor]:
+        """The pool as at the start of the round (pool tensors are never modified in place)."""
+        return dict(self.pool)
+
+    def select_experts(self, cid: int, view: Mapping[int, torch.Tensor], k: int) -> list[int]:
+        """The K experts for client ``cid``: other pool entries, nearest by L2 (knn) or at random.
+
+        A client with no pool entry (first participation) gets none; fewer than K candidates -> all.
+        """
+        if cid not in view or k <= 0:
+            return []
+        others = sorted(j for j in view if j != cid)
+        if not others:
+            return []
+        if self.expert_selection == "random":
+            take = min(k, len(others))
+            return [int(j) for j in self.select_rng.choice(others, size=take, replace=False)]
+        ids = sorted(view)
+        pool = torch.stack([view[j].reshape(-1).float() for j in ids])
+        present = torch.ones(len(ids), dtype=torch.bool)
+        query = torch.tensor([ids.index(cid)])
+        nearest = ops.knn(pool, present, query, k)[0]
+        return [ids[int(i)] for i in nearest]
+
+    # --------------------------------------------------------------------------------- uploads
+    def check_upload(self, prompt: torch.Tensor) -> str | None:
+        """Why an upload is unacceptable (shape, dtype, non-finite values), or None if it is fine."""
+        if not isinstance(prompt, torch.Tensor):
+            return f"not a tensor ({type(prompt).__name__})"
+        if tuple(prompt.shape) != self.prompt_shape:
+            return f"shape {tuple(prompt.shape)} != {self.prompt_shape}"
+        if not prompt.is_floating_point():
+            return f"dtype {prompt.dtype} is not floating point"
+        if not bool(torch.isfinite(prompt).all()):
+            return "non-finite values"
+        return None
+
+    def receive(self, cid: int, prompt: torch.Tensor) -> bool:
+        """Put a client's upload into the pool; a bad upload is refused, recorded, and changes nothing."""
+        reason = self.check_upload(prompt)
+        if reason is not None:
+            self.rejected.append((cid, reason))
+            return False
+        self.pool[cid] = prompt.detach().cpu().float().clone()
+        return True
+
+    def aggregate(self, uploads: Mapping[int, torch.Tensor]) -> None:
+        """P_g := sum_i n_i / sum(n) * P_i over this round's accepted uploads (FedAvg)."""
+        if not uploads:
+            return
+        ids = sorted(uploads)
+        weights = torch.tensor([float(self.train_sizes[i]) for i in ids], dtype=torch.float64)
+        weights = weights / weights.sum()
+        stacked = torch.stack([uploads[i].double() for i in ids])
+        self.global_prompt = (weights.view(-1, 1, 1) * stacked).sum(0).float()
+        self.global_version += 1

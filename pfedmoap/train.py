@@ -1,0 +1,137 @@
+"""CLI: ``python -m pfedmoap.train [--preset NAME] [--method M] [--fused] [overrides]``.
+
+With no arguments: pFedMoAP on the synthetic world (preset "synthetic"). Flags override the preset;
+the resolved config is saved as ``config.json`` in the run directory. Exit codes: 0 success, 2 bad input,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, NoReturn
+
+from .config import (
+    COMM_DTYPES,
+    DEFAULT_PRESET,
+    DEVICES,
+    EXPERT_SELECTIONS,
+    PARTITIONS,
+    POOL_VIEWS,
+    REDUCTIONS,
+    TEXT_ENCODERS,
+    list_presets,
+    make_config,
+    preset_description,
+)
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints the whole usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _attn_scale(text: str) -> float | str:
+    if text == "sqrt":
+        return "sqrt"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number or 'sqrt'") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number or 'sqrt'")
+    return value
+
+
+# flag -> (config field, type, help); flags default to "not given" so the preset's value stands
+_OVERRIDES: list[tuple[str, str, Any, str]] = [
+    ("--method", "method", str, "pfedmoap | promptfl | fedprox | local | zeroshot"),
+    ("--dataset", "dataset", str, "a registered dataset (default: synthetic)"),
+    ("--data-root", "data_root", str, "folder holding real datasets"),
+    ("--model", "model", str, "open_clip architecture, e.g. RN50, ViT-B-16, pfedmoap-tiny"),
+    ("--pretrained", "pretrained", str, "synthetic | none | an open_clip tag (openai) | a weights file"),
+    ("--partition", "partition", str, " | ".join(PARTITIONS)),
+    ("--clients", "clients", int, "number of clients N"),
+    ("--frac", "frac", float, "fraction of clients sampled per round, in (0, 1]"),
+    ("--rounds", "rounds", int, "communication rounds"),
+    ("--local-epochs", "local_epochs", int, "local epochs per round"),
+    ("--batch-size", "batch_size", int, "local batch size"),
+    ("--shots", "shots", int, "train images per class (pathological split; 0 = all)"),
+    ("--dirichlet-alpha", "dirichlet_alpha", float, "Dirichlet concentration for label-shift splits"),
+    ("--min-client-size", "min_client_size", int, "minimum train images per client (Dirichlet splits)"),
+    ("--domains", "domains", lambda s: [d for d in s.split(",") if d], "comma-separated dataset domains"),
+    ("--train-per-class", "train_per_class", int, "synthetic world: train images per class and domain"),
+    ("--test-per-class", "test_per_class", int, "synthetic world: test images per class and domain"),
+    ("--data-seed", "data_seed", int, "seed of the generated data"),
+    ("--n-ctx", "n_ctx", int, "learnable context vectors"),
+    ("--text-encoder", "text_encoder", str, " | ".join(TEXT_ENCODERS)),
+    ("--experts", "experts", int, "K non-local experts per client"),
+    ("--lambda", "lam", float, "weight of the local logits: logits = l_moe + lambda * l_loc"),
+    ("--d-gate", "d_gate", int, "gate width d (features reduced from D to d)"),
+    ("--heads", "heads", int, "gate attention heads"),
+    ("--attn-scale", "attn_scale", _attn_scale, "score scaling: a number (reference: 10) or sqrt"),
+    ("--reduction", "reduction", str, " | ".join(REDUCTIONS)),
+    ("--expert-selection", "expert_selection", str, " | ".join(EXPERT_SELECTIONS)),
+    ("--pool-view", "pool_view", str, " | ".join(POOL_VIEWS) + " (snapshot = paper)"),
+    ("--lr-prompt", "lr_prompt", float, "prompt learning rate"),
+    ("--lr-gate", "lr_gate", float, "gate learning rate"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    ("--weight-decay", "weight_decay", float, "SGD weight decay"),
+    ("--fedprox-mu", "fedprox_mu", float, "FedProx proximal weight"),
+    ("--seed", "seed", int, "run seed (partition, init, sampling, batches)"),
+    ("--device", "device", str, " | ".join(DEVICES)),
+    ("--threads", "threads", int, "torch CPU threads"),
+    ("--comm-dtype", "comm_dtype", str, " | ".join(COMM_DTYPES) + " (prompts on the wire)"),
+    ("--eval-batch-size", "eval_batch_size", int, "evaluation / feature batch size"),
+    ("--out", "out", str, "run directory (must not hold another run)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m pfedmoap.train",
+        description="Run a simulated federation of CLIP prompt learners (pFedMoAP and baselines).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--preset", help=f"named settings (default: {DEFAULT_PRESET}); see --list-presets")
+    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    for flag, dest, kind, text in _OVERRIDES:
+        parser.add_argument(flag, dest=dest, type=kind, help=text)
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + flip")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    if args.pop("list_presets", False):
+        for name in list_presets():
+            print(f"{name:24s} {preset_description(name)}")
+        return 0
+    preset = args.pop("preset", DEFAULT_PRESET)
+    try:
+        cfg = make_config(preset, **args)
+        from .federation import default_run_dir, run
+
+        out = cfg.out or str(default_run_dir(cfg))
+        cfg = cfg.replace(out=out)
+        history = run(cfg)
+    except UserError as exc:
+        print(f"pfedmoap.train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pfedmoap.train: interrupted", file=sys.stderr)
+        return 130
+    s = history.summary
+    print(
+        f"done: final {s['final_mean_acc']:.2f}%  best {s['best_mean_acc']:.2f}% (round {s['best_round']})  "
+        f"last-5 mean {s['last5_mean_acc']:.2f}%  -> {history.run_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny random-weight CLIP and a small synthetic world, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pfedmoap.clip import load_clip  # noqa: E402
+from pfedmoap.config import make_config  # noqa: E402
+from pfedmoap.data import DatasetOptions, create_dataset  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The tiny architecture with fixed random weights (no pretraining needed)."""
+    return load_clip("pfedmoap-tiny", "none", torch.device("cpu"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_world():
+    return create_dataset("synthetic", DatasetOptions(domains=["outline"], train_per_class=20, test_per_class=6))
+
+
+def small_config(**overrides):
+    """A fast config on the tiny random CLIP: few rounds, one local epoch, a small world."""
+    base = dict(
+        pretrained="none",
+        rounds=2,
+        local_epochs=1,
+        train_per_class=20,
+        test_per_class=6,
+        shots=8,
+        progress=False,
+        d_gate=32,
+    )
+    base.update(overrides)
+    return make_config("synthetic", **base)
