@@ -56,7 +56,13 @@ def split_clients(cfg: Config, bundle: DatasetBundle) -> list[partition.ClientSp
         if bundle.train.domains is None:
             raise ConfigError(f"partition=domain-dirichlet needs a dataset with domains; {bundle.name} has none")
         return partition.domain_dirichlet(
-            tr, te, bundle.train.domains, bundle.test.domains, cfg.clients, cfg.dirichlet_alpha, rng,
+            tr,
+            te,
+            bundle.train.domains,
+            bundle.test.domains,
+            cfg.clients,
+            cfg.dirichlet_alpha,
+            rng,
             cfg.min_client_size,
         )
     return partition.iid(tr, te, cfg.clients, rng)
@@ -88,7 +94,9 @@ class Federation:
 
         self.clip = clip or load_clip(cfg.model, cfg.pretrained, self.device, progress=cfg.progress)
         if cfg.method == "pfedmoap" and (cfg.d_gate > self.clip.embed_dim or self.clip.embed_dim % cfg.d_gate):
-            divisors = [d for d in range(8, self.clip.embed_dim + 1) if self.clip.embed_dim % d == 0 and d % cfg.heads == 0]
+            divisors = [
+                d for d in range(8, self.clip.embed_dim + 1) if self.clip.embed_dim % d == 0 and d % cfg.heads == 0
+            ]
             raise ConfigError(
                 f"d_gate={cfg.d_gate} does not divide the feature dim {self.clip.embed_dim} of {cfg.model} "
                 f"(valid with heads={cfg.heads}: {', '.join(map(str, divisors))})"
@@ -142,7 +150,9 @@ class Federation:
         # the frozen image encoder runs once per image; with augmentation, train features are per batch
         train_feats = None
         if not cfg.augment:
-            train_feats = encode_subset(self.clip, data.train, train_used, cfg.eval_batch_size, cfg.progress, "train features")
+            train_feats = encode_subset(
+                self.clip, data.train, train_used, cfg.eval_batch_size, cfg.progress, "train features"
+            )
         test_feats = encode_subset(self.clip, data.test, test_used, cfg.eval_batch_size, cfg.progress, "test features")
         train_pos = {int(i): k for k, i in enumerate(train_used)}
         test_pos = {int(i): k for k, i in enumerate(test_used)}
@@ -153,8 +163,10 @@ class Federation:
             images = None
             if cfg.augment:
                 imgs = data.train.images
-                images = imgs[torch.as_tensor(split.train)] if isinstance(imgs, torch.Tensor) else torch.stack(
-                    [imgs[int(i)] for i in split.train]
+                images = (
+                    imgs[torch.as_tensor(split.train)]
+                    if isinstance(imgs, torch.Tensor)
+                    else torch.stack([imgs[int(i)] for i in split.train])
                 )
             cdata = ClientData(
                 train_labels=torch.as_tensor(data.train.labels[split.train], dtype=torch.long),
@@ -298,9 +310,18 @@ class Federation:
                 accs = self.evaluate()
                 mean, std = mean_std(accs)
                 record = {
-                    "round": t, "mean_acc": mean, "std_acc": std, "client_acc": accs, "sampled": [],
-                    "experts": {}, "bytes_down": 0, "bytes_up": 0, "client_bytes_down": {}, "client_bytes_up": {},
-                    "rejected_uploads": [], "seconds": time.perf_counter() - start,
+                    "round": t,
+                    "mean_acc": mean,
+                    "std_acc": std,
+                    "client_acc": accs,
+                    "sampled": [],
+                    "experts": {},
+                    "bytes_down": 0,
+                    "bytes_up": 0,
+                    "client_bytes_down": {},
+                    "client_bytes_up": {},
+                    "rejected_uploads": [],
+                    "seconds": time.perf_counter() - start,
                     "phase_seconds": {"eval": time.perf_counter() - start},
                 }
             self.rounds.append(record)

@@ -46,9 +46,7 @@ class RunDir:
             raise UserError(f"out={str(run.path)!r} exists and is not a directory")
         held = [name for name in RUN_FILES if (run.path / name).exists()]
         if held:
-            raise UserError(
-                f"out={str(run.path)!r} already holds a run ({held[0]}); choose a new --out directory"
-            )
+            raise UserError(f"out={str(run.path)!r} already holds a run ({held[0]}); choose a new --out directory")
 
     @classmethod
     def create(cls, path: str | os.PathLike) -> RunDir:

@@ -9,8 +9,23 @@ import pytest
 
 from pfedmoap.train import main
 
-FAST = ["--pretrained", "none", "--rounds", "2", "--local-epochs", "1", "--train-per-class", "20",
-        "--test-per-class", "5", "--no-progress", "--clients", "4", "--experts", "2"]
+FAST = [
+    "--pretrained",
+    "none",
+    "--rounds",
+    "2",
+    "--local-epochs",
+    "1",
+    "--train-per-class",
+    "20",
+    "--test-per-class",
+    "5",
+    "--no-progress",
+    "--clients",
+    "4",
+    "--experts",
+    "2",
+]
 
 
 def test_cli_smoke_writes_run_dir(tmp_path, capsys):
@@ -92,7 +107,10 @@ def test_module_entry_point_exit_code(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pfedmoap.train", "--frac", "2", "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pfedmoap.train: error: frac=2.0 is outside (0, 1]"

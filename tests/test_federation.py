@@ -38,8 +38,8 @@ def test_pool_snapshot_vs_live(tiny_clip, small_world):
         fed.server.sample = lambda order=order: sorted(order())
         calls = []
         select = fed.server.select_experts
-        fed.server.select_experts = lambda cid, view, k, select=select: calls.append((cid, view[0].clone())) or select(
-            cid, view, k
+        fed.server.select_experts = lambda cid, view, k, select=select, calls=calls: (
+            calls.append((cid, view[0].clone())) or select(cid, view, k)
         )
         fed.run_round(2)
         last_cid, last_view_of_0 = calls[-1]
@@ -114,8 +114,16 @@ def test_hundred_clients_ten_percent(tiny_clip):
     from pfedmoap.data import DatasetOptions, create_dataset
 
     world = create_dataset("synthetic", DatasetOptions(train_per_class=40, test_per_class=10))
-    cfg = small_config(clients=100, frac=0.1, partition="dirichlet", min_client_size=4, rounds=3,
-                       train_per_class=40, test_per_class=10, experts=9)
+    cfg = small_config(
+        clients=100,
+        frac=0.1,
+        partition="dirichlet",
+        min_client_size=4,
+        rounds=3,
+        train_per_class=40,
+        test_per_class=10,
+        experts=9,
+    )
     fed = Federation(cfg, clip=tiny_clip, dataset=world, log=lambda m: None)
     hist = fed.run()
     assert [len(r["sampled"]) for r in hist.rounds] == [10, 10, 10]

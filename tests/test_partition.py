@@ -11,7 +11,13 @@ def labels(classes, per_class):
 
 @pytest.mark.parametrize(
     ("classes", "clients", "expected"),
-    [(102, 10, [10] * 9 + [12]), (47, 10, [5] * 9 + [2]), (37, 10, [4] * 9 + [1]), (40, 10, [4] * 10), (100, 10, [10] * 10)],
+    [
+        (102, 10, [10] * 9 + [12]),
+        (47, 10, [5] * 9 + [2]),
+        (37, 10, [4] * 9 + [1]),
+        (40, 10, [4] * 10),
+        (100, 10, [10] * 10),
+    ],
 )
 def test_pathological_class_counts(classes, clients, expected):
     tr, te = labels(classes, 20), labels(classes, 5)

@@ -17,9 +17,7 @@ def _gather(images, idx: np.ndarray) -> torch.Tensor:
     return torch.stack([images[int(i)] for i in idx])
 
 
-def encode_images(
-    clip: FrozenCLIP, images: torch.Tensor, batch_size: int = 512
-) -> torch.Tensor:
+def encode_images(clip: FrozenCLIP, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """uint8 images [N, 3, H, W] -> normalised features [N, D] (float32, on the CLIP device)."""
     out = []
     for start in range(0, len(images), batch_size):

@@ -51,7 +51,9 @@ def pathological(
                 idx = np.sort(rng.choice(idx, size=shots, replace=False))
             train_idx.append(idx)
         test_idx = np.flatnonzero(np.isin(test_labels, owned))
-        splits.append(ClientSplit(np.concatenate(train_idx).astype(np.int64), test_idx.astype(np.int64), np.sort(owned)))
+        splits.append(
+            ClientSplit(np.concatenate(train_idx).astype(np.int64), test_idx.astype(np.int64), np.sort(owned))
+        )
     return splits
 
 
@@ -136,4 +138,6 @@ def iid(
         raise ConfigError(f"clients={num_clients} exceeds the number of images for an iid split")
     train = np.array_split(rng.permutation(len(train_labels)), num_clients)
     test = np.array_split(rng.permutation(len(test_labels)), num_clients)
-    return [ClientSplit(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in zip(train, test, strict=True)]
+    return [
+        ClientSplit(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in zip(train, test, strict=True)
+    ]

@@ -10,9 +10,7 @@ from .pfedmoap import PFedMoAP
 from .promptfl import FedProx, PromptFL
 from .zeroshot import ZeroShot
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (PFedMoAP, PromptFL, FedProx, LocalOnly, ZeroShot)
-}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (PFedMoAP, PromptFL, FedProx, LocalOnly, ZeroShot)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

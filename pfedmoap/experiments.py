@@ -1,0 +1,155 @@
+"""Run methods x seeds on presets and write a results table (markdown + JSON).
+
+    python -m pfedmoap.experiments --preset synthetic --methods zeroshot,local,promptfl,fedprox,pfedmoap \
+        --seeds 1,2,3 --out runs/table
+
+Each (preset, method, seed) run gets its own run directory under ``--out``; a run whose ``summary.json``
+exists is skipped, so an interrupted sweep resumes where it stopped. "pfedmoap-lambda0" is pFedMoAP with
+lambda = 0 (the paper's ablation row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import make_config
+from .errors import UserError
+
+# table rows: name -> (method, config overrides); labels as in the paper's tables
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "zeroshot": ("zeroshot", {}, "Zero-shot CLIP"),
+    "local": ("local", {}, "CoOp (local only)"),
+    "promptfl": ("promptfl", {}, "PromptFL (FedAvg prompt)"),
+    "fedprox": ("fedprox", {}, "PromptFL + FedProx"),
+    "pfedmoap-lambda0": ("pfedmoap", {"lam": 0.0}, "pFedMoAP, lambda = 0"),
+    "pfedmoap": ("pfedmoap", {}, "pFedMoAP, lambda = 0.5"),
+}
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def run_sweep(
+    presets: list[str],
+    variants: list[str],
+    seeds: list[int],
+    out: Path,
+    overrides: dict[str, Any] | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Run (or reuse) every (preset, variant, seed) and return {preset: {variant: {...stats}}}."""
+    from .federation import run
+
+    results: dict[str, Any] = {}
+    for preset in presets:
+        results[preset] = {}
+        for name in variants:
+            method, extra, label = VARIANTS[name]
+            finals, bests, last5s = [], [], []
+            for seed in seeds:
+                run_dir = out / preset / name / f"seed{seed}"
+                summary_file = run_dir / "summary.json"
+                if not summary_file.exists():
+                    if run_dir.exists():  # an interrupted run: start it again from scratch
+                        for f in ("config.json", "metrics.jsonl"):
+                            (run_dir / f).unlink(missing_ok=True)
+                    cfg = make_config(preset, method=method, seed=seed, **extra, **(overrides or {}))
+                    log(f"== {preset} / {name} / seed {seed}")
+                    run(cfg, out=run_dir, log=log)
+                summary = json.loads(summary_file.read_text())
+                finals.append(summary["final_mean_acc"])
+                bests.append(summary["best_mean_acc"])
+                last5s.append(summary["last5_mean_acc"])
+            results[preset][name] = {
+                "label": label,
+                "seeds": seeds,
+                "final": _stats(finals),
+                "best": _stats(bests),
+                "last5": _stats(last5s),
+                "final_per_seed": finals,
+            }
+    return results
+
+
+def markdown_table(results: dict[str, Any], metric: str = "final") -> str:
+    presets = list(results)
+    variants = list(next(iter(results.values()))) if results else []
+    header = "| Method | " + " | ".join(presets) + " |"
+    lines = [header, "|---|" + "---|" * len(presets)]
+    for name in variants:
+        label = results[presets[0]][name]["label"]
+        cells = []
+        for p in presets:
+            mean, std = results[p][name][metric]
+            cells.append(f"{mean:.2f} ± {std:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m pfedmoap.experiments", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="synthetic", help="comma-separated presets")
+    p.add_argument(
+        "--methods",
+        default="zeroshot,local,promptfl,pfedmoap",
+        help=f"comma-separated rows from: {', '.join(VARIANTS)}",
+    )
+    p.add_argument("--seeds", type=_ints, default=[1, 2, 3])
+    p.add_argument("--rounds", type=int, help="override the presets' rounds (e.g. for a quick check)")
+    p.add_argument("--out", default="runs/experiments")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
+    args = p.parse_args(argv)
+    variants = [v for v in args.methods.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        print(f"pfedmoap.experiments: error: methods={bad[0]!r} is not one of: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if not args.seeds:
+        print("pfedmoap.experiments: error: seeds is empty", file=sys.stderr)
+        return 2
+    overrides: dict[str, Any] = {"progress": args.progress}
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
+    out = Path(args.out)
+    try:
+        results = run_sweep([x for x in args.preset.split(",") if x], variants, args.seeds, out, overrides)
+    except UserError as exc:
+        print(f"pfedmoap.experiments: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pfedmoap.experiments: interrupted (finished runs are kept; rerun to resume)", file=sys.stderr)
+        return 130
+    out.mkdir(parents=True, exist_ok=True)
+    text = []
+    for metric, title in (("final", "final round"), ("best", "best round"), ("last5", "mean of the last 5 rounds")):
+        text.append(f"### Mean client accuracy (%), {title}, mean ± std over seeds {args.seeds}\n")
+        text.append(markdown_table(results, metric) + "\n")
+    report = "\n".join(text)
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
