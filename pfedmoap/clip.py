@@ -99,6 +99,102 @@ class TextTower:
             x = x @ self.text_projection
         return x
 
+    def shared_prefix_blocks(self) -> list[nn.Module] | None:
+        """The transformer's blocks if the shared-prefix encoder can run them exactly, else None.
+
+        Supported: open_clip ``ResidualAttentionBlock`` (pre-LN, ``nn.MultiheadAttention`` with packed
+        in-projection, optional LayerScale), batch-first, no cross-attention.
+        """
+        blocks = getattr(self.transformer, "resblocks", None)
+        if blocks is None or not getattr(self.transformer, "batch_first", True):
+            return None
+        for blk in blocks:
+            attn = getattr(blk, "attn", None)
+            if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
+                return None
+            if not all(hasattr(blk, n) for n in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")) or hasattr(blk, "ln_1_kv"):
+                return None
+        return list(blocks)
+
+    def encode_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Encode E x C prompts whose first P tokens are shared by all C classes of an expert.
+
+        prefix [E, P, W]: token embeddings of [SOS] + context (one copy per expert);
+        suffix [E, C, S, W]: each class's remaining tokens up to its EOT; eot [C]: EOT index in the full
+        sequence (>= P). The prefix positions' hidden states are computed once per expert (causal
+        attention: they never see the suffix) and every suffix token attends to [prefix; its own suffix]
+        with the causal mask. Returns the projected EOT features [E, C, D], unnormalised; equal to
+        :meth:`encode_embeddings` on the concatenated sequences up to float rounding.
+        """
+        blocks = self.shared_prefix_blocks()
+        if blocks is None:
+            raise ValueError("this text tower's blocks are not supported by the shared-prefix encoder")
+        n_exp, n_pre, width = prefix.shape
+        n_cls, n_suf = suffix.shape[1], suffix.shape[2]
+        cast_dtype = _cast_dtype(self.transformer)
+        pos = self.positional_embedding.to(cast_dtype)
+        xp = prefix.to(cast_dtype) + pos[:n_pre]
+        xs = (suffix.to(cast_dtype) + pos[n_pre : n_pre + n_suf]).reshape(n_exp * n_cls, n_suf, width)
+        # additive masks: the prefix is causal in itself; a suffix token sees the whole prefix and the
+        # suffix tokens up to itself
+        full_mask = self.attn_mask[: n_pre + n_suf, : n_pre + n_suf].to(cast_dtype)
+        prefix_mask = full_mask[:n_pre, :n_pre]
+        suffix_mask = full_mask[n_pre:, :]
+        for blk in blocks:
+            xp, xs = _shared_prefix_block(blk, xp, xs, n_cls, prefix_mask, suffix_mask)
+        xs = xs.reshape(n_exp, n_cls, n_suf, width)
+        rows = eot.to(xs.device) - n_pre
+        x = xs[:, torch.arange(n_cls, device=xs.device), rows]  # [E, C, W]
+        x = self.ln_final(x)
+        if isinstance(self.text_projection, nn.Linear):
+            x = self.text_projection(x)
+        elif self.text_projection is not None:
+            x = x @ self.text_projection
+        return x
+
+
+def _mha_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    n, length, width = x.shape
+    return x.view(n, length, heads, width // heads).transpose(1, 2)
+
+
+def _shared_prefix_block(
+    blk: nn.Module,
+    xp: torch.Tensor,
+    xs: torch.Tensor,
+    n_cls: int,
+    prefix_mask: torch.Tensor,
+    suffix_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-LN residual block on (prefix [E, P, W], suffix [E*C, S, W]) with the prefix shared per expert."""
+    attn: nn.MultiheadAttention = blk.attn
+    heads = attn.num_heads
+    n_exp, n_pre, width = xp.shape
+    qp, kp, vp = F.linear(blk.ln_1(xp), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    qs, ks, vs = F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    out_p = F.scaled_dot_product_attention(
+        _mha_heads(qp, heads), _mha_heads(kp, heads), _mha_heads(vp, heads), attn_mask=prefix_mask
+    )
+
+    # each class's suffix attends to its expert's prefix keys/values (a broadcast view, then one concat)
+    def with_prefix(t_pre: torch.Tensor, t_suf: torch.Tensor) -> torch.Tensor:
+        shared = t_pre[:, None].expand(n_exp, n_cls, n_pre, width).reshape(n_exp * n_cls, n_pre, width)
+        return torch.cat([shared, t_suf], dim=1)
+
+    out_s = F.scaled_dot_product_attention(
+        _mha_heads(qs, heads),
+        _mha_heads(with_prefix(kp, ks), heads),
+        _mha_heads(with_prefix(vp, vs), heads),
+        attn_mask=suffix_mask,
+    )
+    out_p = F.linear(out_p.transpose(1, 2).reshape(xp.shape), attn.out_proj.weight, attn.out_proj.bias)
+    out_s = F.linear(out_s.transpose(1, 2).reshape(xs.shape), attn.out_proj.weight, attn.out_proj.bias)
+    xp = xp + blk.ls_1(out_p)
+    xs = xs + blk.ls_1(out_s)
+    xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
+    xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
+    return xp, xs
+
 
 def _cast_dtype(transformer: nn.Module) -> torch.dtype:
     get = getattr(transformer, "get_cast_dtype", None)

@@ -21,7 +21,7 @@ PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "iid")
 REDUCTIONS = ("strided", "avgpool")
 EXPERT_SELECTIONS = ("knn", "random")
 POOL_VIEWS = ("snapshot", "live")
-TEXT_ENCODERS = ("full", "truncated")
+TEXT_ENCODERS = ("full", "truncated", "shared-prefix")
 COMM_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -60,7 +60,9 @@ class Config:
     # --- prompt
     n_ctx: int = 16
     ctx_init_std: float = 0.02
-    text_encoder: str = "truncated"  # "full" runs all context_length tokens (slow, same result)
+    # all three give the same features: "full" runs all context_length tokens, "truncated" stops at the
+    # longest EOT, "shared-prefix" also computes [SOS] + context once per expert instead of once per class
+    text_encoder: str = "shared-prefix"
 
     # --- pFedMoAP
     experts: int = 9  # K non-local experts (the gate sees K + 1)

@@ -112,9 +112,7 @@ class Federation:
             ),
         )
         self.splits = split_clients(cfg, self.dataset)
-        self.encoder = PromptEncoder(
-            self.clip, self.dataset.classnames, cfg.n_ctx, truncate=cfg.text_encoder == "truncated"
-        )
+        self.encoder = PromptEncoder(self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder)
         self.clients = self._build_clients()
         prompt0 = init_prompt(cfg.n_ctx, self.clip.width, cfg.ctx_init_std, torch.Generator().manual_seed(cfg.seed))
         self.server = Server(

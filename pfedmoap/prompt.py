@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import FrozenCLIP
+from .errors import ConfigError
 
 
 def init_prompt(n_ctx: int, width: int, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -24,9 +25,15 @@ class PromptEncoder:
 
     ``encode(ctx)`` accepts one context ``[n_ctx, W]`` or a stack of E contexts ``[E, n_ctx, W]`` and
     returns ``[C, D]`` or ``[E, C, D]``. All E x C sequences go through the transformer in one pass.
+
+    Modes (all give the same features up to float rounding): ``full`` runs all context_length tokens;
+    ``truncated`` stops at the longest EOT; ``shared-prefix`` also computes the [SOS] + context positions
+    once per expert instead of once per class (the causal mask makes them identical for every class).
     """
 
-    def __init__(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int, truncate: bool = True):
+    MODES = ("full", "truncated", "shared-prefix")
+
+    def __init__(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int, mode: str = "shared-prefix"):
         self.clip = clip
         self.classnames = list(classnames)
         self.n_ctx = n_ctx
@@ -37,7 +44,15 @@ class PromptEncoder:
         eot = tower.eot_positions(tokens)
         if int(eot.min()) <= n_ctx:
             raise ValueError(f"context_length={tower.context_length} is too short for n_ctx={n_ctx}")
-        length = int(eot.max().item()) + 1 if truncate else tower.context_length
+        if mode not in self.MODES:
+            raise ConfigError(f"text_encoder={mode!r} is not one of: {', '.join(self.MODES)}")
+        if mode == "shared-prefix" and tower.shared_prefix_blocks() is None:
+            raise ConfigError(
+                f"text_encoder=shared-prefix does not support the text tower of {clip.model_name}; "
+                "use --text-encoder truncated"
+            )
+        self.mode = mode
+        length = tower.context_length if mode == "full" else int(eot.max().item()) + 1
         with torch.no_grad():
             embedding = tower.token_embedding(tokens[:, :length]).float()
         self.prefix = embedding[:, :1].contiguous()  # [C, 1, W]: SOS
@@ -64,9 +79,15 @@ class PromptEncoder:
         """Context(s) -> L2-normalised text features, ``[C, D]`` or ``[E, C, D]``."""
         single = ctx.dim() == 2
         stack = ctx[None] if single else ctx
-        stack = stack.to(self.clip.device)
-        seqs = self.assemble(stack)
-        eot = self.eot.repeat(stack.shape[0])
-        feats = self.clip.text.encode_embeddings(seqs, eot).float()
-        feats = F.normalize(feats, dim=-1).view(stack.shape[0], self.num_classes, -1)
+        stack = stack.to(self.clip.device, self.prefix.dtype)
+        experts = stack.shape[0]
+        if self.mode == "shared-prefix":
+            # [SOS] + context is identical for every class: one copy per expert
+            shared = torch.cat([self.prefix[:1].expand(experts, 1, -1), stack], dim=1)
+            suffix = self.suffix[None].expand(experts, *self.suffix.shape)
+            feats = self.clip.text.encode_shared_prefix(shared, suffix, self.eot).float()
+        else:
+            seqs = self.assemble(stack)
+            feats = self.clip.text.encode_embeddings(seqs, self.eot.repeat(experts)).float()
+        feats = F.normalize(feats, dim=-1).view(experts, self.num_classes, -1)
         return feats[0] if single else feats

@@ -31,7 +31,7 @@ def tiny_clip():
 
 @pytest.fixture(scope="session")
 def small_world():
-    return create_dataset("synthetic", DatasetOptions(domains=["outline"], train_per_class=20, test_per_class=6))
+    return create_dataset("synthetic", DatasetOptions(domains=["faded"], train_per_class=20, test_per_class=6))
 
 
 def small_config(**overrides):

@@ -8,30 +8,44 @@ from pfedmoap.prompt import PromptEncoder, init_prompt
 NAMES = ["red circle", "a_very_long_class_name with several words in it", "x", "yellow crescent moon shape"]
 
 
-def _check_truncation(clip, names, n_ctx=16):
+def _check_modes(clip, names, n_ctx=16):
+    """truncated and shared-prefix give the full 77/32-token encoder's features and context gradients."""
     g = torch.Generator().manual_seed(0)
     ctx = torch.stack([init_prompt(n_ctx, clip.width, 0.02, g) for _ in range(3)])
-    full = PromptEncoder(clip, names, n_ctx, truncate=False)
-    short = PromptEncoder(clip, names, n_ctx, truncate=True)
+    full = PromptEncoder(clip, names, n_ctx, mode="full")
     assert full.length == clip.text.context_length
-    assert short.length == int(short.eot.max()) + 1 < full.length
-    a, b = full.encode(ctx), short.encode(ctx)
-    rel = (a - b).norm() / a.norm()
-    assert rel < 1e-5, rel
-    # gradients w.r.t. the context agree as well
-    c1, c2 = ctx.clone().requires_grad_(), ctx.clone().requires_grad_()
-    w = torch.randn_like(a)
-    (full.encode(c1) * w).sum().backward()
-    (short.encode(c2) * w).sum().backward()
-    assert (c1.grad - c2.grad).norm() / c1.grad.norm() < 1e-5
+    ref = full.encode(ctx)
+    w = torch.randn_like(ref)
+    c_ref = ctx.clone().requires_grad_()
+    (full.encode(c_ref) * w).sum().backward()
+    for mode in ("truncated", "shared-prefix"):
+        enc = PromptEncoder(clip, names, n_ctx, mode=mode)
+        assert enc.length == int(enc.eot.max()) + 1 < full.length
+        got = enc.encode(ctx)
+        rel = (got - ref).norm() / ref.norm()
+        assert rel < 1e-5, (mode, float(rel))
+        c = ctx.clone().requires_grad_()
+        (enc.encode(c) * w).sum().backward()
+        rel_grad = (c.grad - c_ref.grad).norm() / c_ref.grad.norm()
+        assert rel_grad < 1e-5, (mode, float(rel_grad))
 
 
-def test_truncated_equals_full_tiny(tiny_clip):
-    _check_truncation(tiny_clip, NAMES)
+def test_modes_equal_full_tiny(tiny_clip):
+    _check_modes(tiny_clip, NAMES)
 
 
-def test_single_and_stacked_contexts_agree(tiny_clip):
-    enc = PromptEncoder(tiny_clip, NAMES, 16)
+def test_modes_equal_full_random_context_scale(tiny_clip):
+    """Large context vectors (as after many SGD steps) keep the equality."""
+    enc_full = PromptEncoder(tiny_clip, NAMES, 4, mode="full")
+    enc_sp = PromptEncoder(tiny_clip, NAMES, 4, mode="shared-prefix")
+    ctx = torch.randn(2, 4, tiny_clip.width)
+    a, b = enc_full.encode(ctx), enc_sp.encode(ctx)
+    assert (a - b).norm() / a.norm() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["truncated", "shared-prefix"])
+def test_single_and_stacked_contexts_agree(tiny_clip, mode):
+    enc = PromptEncoder(tiny_clip, NAMES, 16, mode=mode)
     ctx = torch.randn(2, 16, tiny_clip.width) * 0.02
     both = enc.encode(ctx)
     assert both.shape == (2, len(NAMES), tiny_clip.embed_dim)
@@ -41,10 +55,14 @@ def test_single_and_stacked_contexts_agree(tiny_clip):
 
 def test_class_name_that_fills_the_context(tiny_clip):
     long_name = " ".join(["purple"] * 40)  # far more tokens than the 32-token context holds
-    enc = PromptEncoder(tiny_clip, ["red circle", long_name], 16)
-    assert int(enc.eot[1]) == tiny_clip.text.context_length - 1
-    assert enc.length == tiny_clip.text.context_length
-    assert torch.isfinite(enc.encode(torch.zeros(16, tiny_clip.width))).all()
+    names = ["red circle", long_name]
+    ctx = torch.randn(16, tiny_clip.width) * 0.02
+    ref = PromptEncoder(tiny_clip, names, 16, mode="full").encode(ctx)
+    for mode in ("truncated", "shared-prefix"):
+        enc = PromptEncoder(tiny_clip, names, 16, mode=mode)
+        assert int(enc.eot[1]) == tiny_clip.text.context_length - 1
+        assert enc.length == tiny_clip.text.context_length
+        torch.testing.assert_close(enc.encode(ctx), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_plain_text_path_matches_open_clip(tiny_clip):
@@ -56,9 +74,9 @@ def test_plain_text_path_matches_open_clip(tiny_clip):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["RN50", "ViT-B-16"])
-def test_truncated_equals_full_real_towers(arch):
+def test_modes_equal_full_real_towers(arch):
     clip = load_clip(arch, "none", torch.device("cpu"), progress=False)
-    _check_truncation(clip, NAMES[:2])
+    _check_modes(clip, NAMES[:2])
 
 
 def test_refuses_unknown_model():
@@ -80,3 +98,10 @@ def test_refuses_tower_without_causal_mask(tiny_clip):
 
     with pytest.raises(ConfigError, match="causal"):
         TextTower.from_model(Fake(), "fake")
+
+
+def test_shared_prefix_refused_for_unsupported_blocks(tiny_clip, monkeypatch):
+    monkeypatch.setattr(type(tiny_clip.text), "shared_prefix_blocks", lambda self: None)
+    with pytest.raises(ConfigError, match="use --text-encoder truncated"):
+        PromptEncoder(tiny_clip, NAMES, 16, mode="shared-prefix")
+    assert PromptEncoder(tiny_clip, NAMES, 16, mode="truncated").encode(torch.zeros(16, tiny_clip.width)).shape[0] == 4

@@ -28,13 +28,13 @@ def _styles(requested: list[str] | None, default: list[str]) -> list[int]:
 
 @register_dataset("synthetic")
 def synthetic_world(opts: DatasetOptions) -> DatasetBundle:
-    """40 classes ("red circle", ...) drawn in the requested styles (default: "outline", a style the tiny
+    """40 classes ("red circle", ...) drawn in the requested styles (default: "faded", a style the tiny
     CLIP never saw in pretraining, so prompt learning has a domain gap to close).
 
     Domain ids are style indices into ``synthetic.STYLES``; ``domain_names`` lists the styles in use, and
     domain-aware partitioners treat each style as one domain.
     """
-    styles = _styles(opts.domains, ["outline"])
+    styles = _styles(opts.domains, ["faded"])
     # separate streams for train and test: changing the test size never changes the train images
     train_rng, test_rng = (np.random.default_rng([opts.seed, k]) for k in (0, 1))
     train = _synthetic_split(opts.train_per_class, styles, train_rng, opts.image_size)

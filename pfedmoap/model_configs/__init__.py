@@ -1,0 +1,22 @@
+"""open_clip model configs shipped with pfedmoap.
+
+open_clip only knows the configs in its own package folder; :func:`register_model_configs` adds this folder
+so that ``open_clip.create_model(TINY_MODEL)`` and ``open_clip.get_tokenizer(TINY_MODEL)`` work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+
+CONFIG_DIR = Path(__file__).resolve().parent
+TINY_MODEL = "pfedmoap-tiny"
+
+
+def register_model_configs() -> None:
+    """Make the configs in this folder known to open_clip (safe to call any number of times)."""
+    # add_model_config appends to a global path list and rescans every time, so only add the folder once.
+    if TINY_MODEL in open_clip.list_models():
+        return
+    open_clip.add_model_config(CONFIG_DIR)
