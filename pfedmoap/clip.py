@@ -153,11 +153,6 @@ class TextTower:
         return x
 
 
-def _mha_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    n, length, width = x.shape
-    return x.view(n, length, heads, width // heads).transpose(1, 2)
-
-
 def _shared_prefix_block(
     blk: nn.Module,
     xp: torch.Tensor,
@@ -170,27 +165,34 @@ def _shared_prefix_block(
     attn: nn.MultiheadAttention = blk.attn
     heads = attn.num_heads
     n_exp, n_pre, width = xp.shape
+    n_suf = xs.shape[1]
+    dh = width // heads
+    scale = dh**-0.5
     qp, kp, vp = F.linear(blk.ln_1(xp), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     qs, ks, vs = F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    out_p = F.scaled_dot_product_attention(
-        _mha_heads(qp, heads), _mha_heads(kp, heads), _mha_heads(vp, heads), attn_mask=prefix_mask
-    )
 
-    # each class's suffix attends to its expert's prefix keys/values (a broadcast view, then one concat)
-    def with_prefix(t_pre: torch.Tensor, t_suf: torch.Tensor) -> torch.Tensor:
-        shared = t_pre[:, None].expand(n_exp, n_cls, n_pre, width).reshape(n_exp * n_cls, n_pre, width)
-        return torch.cat([shared, t_suf], dim=1)
+    def split(t: torch.Tensor, rows: int) -> torch.Tensor:  # [N, L, W] -> [N, H, L, dh]
+        return t.reshape(rows, -1, heads, dh).transpose(1, 2)
 
-    out_s = F.scaled_dot_product_attention(
-        _mha_heads(qs, heads),
-        _mha_heads(with_prefix(kp, ks), heads),
-        _mha_heads(with_prefix(vp, vs), heads),
-        attn_mask=suffix_mask,
-    )
-    out_p = F.linear(out_p.transpose(1, 2).reshape(xp.shape), attn.out_proj.weight, attn.out_proj.bias)
-    out_s = F.linear(out_s.transpose(1, 2).reshape(xs.shape), attn.out_proj.weight, attn.out_proj.bias)
-    xp = xp + blk.ls_1(out_p)
-    xs = xs + blk.ls_1(out_s)
+    # prefix: ordinary causal self-attention, once per expert
+    kph, vph = split(kp, n_exp), split(vp, n_exp)
+    out_p = F.scaled_dot_product_attention(split(qp, n_exp), kph, vph, attn_mask=prefix_mask)
+    # suffix tokens of all C classes of an expert score against that expert's prefix in ONE matmul
+    # ([E, H, C*S, dh] x [E, H, dh, P]) and against their own class's suffix tokens (causal); one softmax
+    # over [prefix; suffix] keys. The prefix keys/values are never copied per class.
+    q_all = split(qs.reshape(n_exp, n_cls * n_suf, width), n_exp) * scale  # [E, H, C*S, dh]
+    s_pre = (q_all @ kph.transpose(-1, -2)).view(n_exp, heads, n_cls, n_suf, n_pre)
+    qsh, ksh = split(qs, n_exp * n_cls) * scale, split(ks, n_exp * n_cls)  # [E*C, H, S, dh]
+    s_suf = (qsh @ ksh.transpose(-1, -2) + suffix_mask[:, n_pre:]).view(n_exp, n_cls, heads, n_suf, n_suf)
+    probs = torch.cat([s_pre, s_suf.transpose(1, 2)], dim=-1).softmax(dim=-1)  # [E, H, C, S, P + S]
+    a_pre, a_suf = probs.split([n_pre, n_suf], dim=-1)
+    out_s = (a_pre.reshape(n_exp, heads, n_cls * n_suf, n_pre) @ vph).view(n_exp, heads, n_cls, n_suf, dh)
+    v_suf = vs.reshape(n_exp, n_cls, n_suf, heads, dh).permute(0, 3, 1, 2, 4)  # [E, H, C, S, dh]
+    out_s = out_s + a_suf @ v_suf
+    out_s = out_s.permute(0, 2, 3, 1, 4).reshape(n_exp * n_cls, n_suf, width)
+    out_p = out_p.transpose(1, 2).reshape(xp.shape)
+    xp = xp + blk.ls_1(F.linear(out_p, attn.out_proj.weight, attn.out_proj.bias))
+    xs = xs + blk.ls_1(F.linear(out_s, attn.out_proj.weight, attn.out_proj.bias))
     xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
     xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
     return xp, xs
