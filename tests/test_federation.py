@@ -149,3 +149,42 @@ def test_rejected_upload_does_not_enter_pool(tiny_clip, small_world):
     assert not fed.server.receive(0, bad)
     assert not fed.server.receive(1, torch.zeros(3, 3))
     assert fed.server.pool == {} and [c for c, _ in fed.server.rejected] == [0, 1]
+
+
+def test_image_encoder_runs_once_per_image_unless_augmenting(tiny_clip, small_world, monkeypatch):
+    fed = build(tiny_clip, small_world, clients=4, experts=2, rounds=1)
+    assert fed.clients[0].data.train_features is not None and fed.clients[0].data.train_images is None
+    calls = []
+    original = tiny_clip.encode_images
+    monkeypatch.setattr(tiny_clip, "encode_images", lambda x: calls.append(len(x)) or original(x))
+    fed.run_round(1)
+    assert calls == []  # training and evaluation use the cached features
+    aug = build(tiny_clip, small_world, clients=4, experts=2, rounds=1, augment=True)
+    assert aug.clients[0].data.train_features is None and aug.clients[0].data.train_images is not None
+    calls.clear()  # building it encoded the test images once
+    aug.run_round(1)
+    n_train = sum(c.data.num_train for c in aug.clients)
+    assert sum(calls) == n_train  # one epoch: every train image re-encoded once, augmented
+
+
+def test_experiments_sweep_writes_table(tmp_path):
+    from pfedmoap.experiments import markdown_table, run_sweep
+
+    overrides = dict(
+        pretrained="none",
+        rounds=1,
+        local_epochs=1,
+        train_per_class=10,
+        test_per_class=4,
+        progress=False,
+        clients=4,
+        experts=2,
+    )
+    results = run_sweep(["synthetic"], ["zeroshot", "pfedmoap"], [1, 2], tmp_path, overrides, log=lambda m: None)
+    table = markdown_table(results)
+    assert "| Zero-shot CLIP |" in table and "| pFedMoAP, lambda = 0.5 |" in table
+    assert (tmp_path / "synthetic" / "pfedmoap" / "seed2" / "summary.json").is_file()
+    # finished runs are reused, not rerun
+    stamp = (tmp_path / "synthetic" / "pfedmoap" / "seed1" / "summary.json").stat().st_mtime_ns
+    run_sweep(["synthetic"], ["pfedmoap"], [1], tmp_path, overrides, log=lambda m: None)
+    assert (tmp_path / "synthetic" / "pfedmoap" / "seed1" / "summary.json").stat().st_mtime_ns == stamp
