@@ -15,8 +15,9 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from .cli import OneLineParser
 from .config import make_config
 from .errors import UserError
 
@@ -94,11 +95,6 @@ def markdown_table(results: dict[str, Any], metric: str = "final") -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -107,7 +103,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m pfedmoap.experiments", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m pfedmoap.experiments", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="synthetic", help="comma-separated presets")
     p.add_argument(
         "--methods",

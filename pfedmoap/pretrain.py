@@ -12,7 +12,6 @@ and, with ``--eval``, the zero-shot accuracy per style.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -25,7 +24,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import open_clip
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from tqdm.auto import tqdm
 
+from .cli import OneLineParser
 from .data.synthetic import CLASSNAMES, PRETRAIN_STYLES, STYLES, render, templates, to_model_input
 from .model_configs import TINY_MODEL, register_model_configs
 
@@ -301,16 +300,10 @@ def ensure_tiny_clip(
     return path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # one line instead of usage + message: the caller sees what was wrong at a glance
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     defaults = PretrainConfig()
-    parser = _Parser(prog="python -m pfedmoap.pretrain", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m pfedmoap.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--steps",
         type=int,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
+from .cli import OneLineParser
 from .config import (
     COMM_DTYPES,
     DEFAULT_PRESET,
@@ -26,11 +27,6 @@ from .config import (
     preset_description,
 )
 from .errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints the whole usage)
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _attn_scale(text: str) -> float | str:
@@ -90,7 +86,7 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m pfedmoap.train",
         description="Run a simulated federation of CLIP prompt learners (pFedMoAP and baselines).",
         argument_default=argparse.SUPPRESS,

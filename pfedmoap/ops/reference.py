@@ -41,27 +41,11 @@ def gate_attention(
 
 
 def gate_score(
-    query: torch.Tensor,
-    experts: torch.Tensor,
-    wq: torch.Tensor,
-    bq: torch.Tensor,
-    wk: torch.Tensor,
-    bk: torch.Tensor,
-    wv: torch.Tensor,
-    bv: torch.Tensor,
-    wo: torch.Tensor,
-    bo: torch.Tensor,
-    heads: int,
-    scaling: float,
-    gamma: float,
-    need_weights: bool = False,
+    query: torch.Tensor, experts: torch.Tensor, *weights: torch.Tensor, gamma: float, **options
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """l_moe[b, c] = gamma * <query_b, T_MoE[b, c]>, with T_MoE from :func:`gate_attention`."""
-    moe, weights = gate_attention(
-        query, experts, wq, bq, wk, bk, wv, bv, wo, bo, heads=heads, scaling=scaling, need_weights=need_weights
-    )
-    logits = gamma * torch.einsum("bd,bcd->bc", query, moe)
-    return logits, weights
+    """l_moe[b, c] = gamma * <query_b, T_MoE[b, c]>; ``weights`` and ``options`` as :func:`gate_attention`."""
+    moe, attn = gate_attention(query, experts, *weights, **options)
+    return gamma * torch.einsum("bd,bcd->bc", query, moe), attn
 
 
 def pairwise_sq_dists(pool: torch.Tensor) -> torch.Tensor:
