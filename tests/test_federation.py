@@ -188,3 +188,17 @@ def test_experiments_sweep_writes_table(tmp_path):
     stamp = (tmp_path / "synthetic" / "pfedmoap" / "seed1" / "summary.json").stat().st_mtime_ns
     run_sweep(["synthetic"], ["pfedmoap"], [1], tmp_path, overrides, log=lambda m: None)
     assert (tmp_path / "synthetic" / "pfedmoap" / "seed1" / "summary.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("preset", ["synthetic", "synthetic-dirichlet", "synthetic-domains"])
+def test_every_preset_builds_and_runs_a_round(tiny_clip, preset):
+    from pfedmoap.config import list_presets, make_config
+
+    assert preset in list_presets()
+    cfg = make_config(preset, pretrained="none", rounds=1, local_epochs=1, progress=False)
+    fed = Federation(cfg, clip=tiny_clip, log=lambda m: None)
+    rec = fed.run_round(1)
+    assert len(rec["sampled"]) == max(1, int(cfg.frac * cfg.clients))
+    assert len(rec["client_acc"]) == cfg.clients
+    if cfg.partition == "domain-dirichlet":
+        assert sorted({s.domain for s in fed.splits}) == sorted(set(fed.dataset.train.domains.tolist()))
