@@ -8,6 +8,8 @@ evaluate every client on its own test split; account bytes; log one JSON line.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -26,11 +28,14 @@ from .clip import FrozenCLIP, load_clip, resolve_device
 from .config import Config
 from .data import DatasetBundle, DatasetOptions, create_dataset, partition
 from .data.features import encode_subset
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .methods import Payload, create_method
 from .metrics import RunDir, mean_std, summarize
 from .prompt import PromptEncoder, init_prompt
 from .server import Server
+
+CHECKPOINT_FORMAT = 1
+LAST_CHECKPOINT = "last.pt"
 
 
 @dataclass
@@ -298,9 +303,17 @@ class Federation:
 
     # ------------------------------------------------------------------------------------ whole run
     def run(self, run_dir: RunDir | None = None) -> History:
+        """Run the remaining rounds (all of them, or those after a restored checkpoint).
+
+        With a run directory, every finished round is appended to ``metrics.jsonl`` and the whole state is
+        checkpointed (``checkpoints/last.pt``, atomically) so that ``--resume`` continues exactly.
+        """
         cfg = self.cfg
         rounds = range(1, cfg.rounds + 1) if self.method.trains else range(0, 1)
+        done = {r["round"] for r in self.rounds}
         for t in rounds:
+            if t in done:
+                continue
             if self.method.trains:
                 record = self.run_round(t)
             else:
@@ -325,26 +338,79 @@ class Federation:
             self.rounds.append(record)
             if run_dir is not None:
                 run_dir.append_round(record)
+                self.save_checkpoint(run_dir.path / "checkpoints" / LAST_CHECKPOINT)
             self.log(_round_line(record, cfg.rounds))
         summary = summarize(self.rounds)
         summary.update({"method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "backends": self.backends})
         if run_dir is not None:
-            self.save_checkpoint(run_dir.path / "checkpoints" / "final.pt")
             run_dir.write_summary(summary)
         return History(cfg, self.rounds, summary, run_dir.path if run_dir else None, self)
 
-    def save_checkpoint(self, path: Path) -> None:
-        """Final state: pool, global prompt, and each client's own prompt and private gate."""
-        state = {
-            "version": __version__,
-            "global_prompt": self.server.global_prompt,
-            "pool": {int(k): v for k, v in self.server.pool.items()},
-            "client_prompts": {c.cid: c.prompt for c in self.clients if c.prompt is not None},
-            "client_gates": {c.cid: c.gate.state_dict() for c in self.clients if c.gate is not None},
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the remaining rounds depend on: server (pool, P_g, RNGs), every client's private state
+        (prompt, gate, RNG, last experts, evaluation cache) and the metrics so far. Plain tensors and
+        Python containers only, so it loads with ``torch.load(weights_only=True)``."""
+        server = self.server
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "pfedmoap_version": __version__,
+            "config": self.cfg.to_dict(),
+            "rounds": self.rounds,
+            "server": {
+                "global_prompt": server.global_prompt,
+                "global_version": server.global_version,
+                "pool": {int(k): v for k, v in server.pool.items()},
+                "sample_rng": server.sample_rng.bit_generator.state,
+                "select_rng": server.select_rng.bit_generator.state,
+            },
+            "clients": [
+                {
+                    "prompt": c.prompt,
+                    "gate": None if c.gate is None else {k: v.cpu() for k, v in c.gate.state_dict().items()},
+                    "generator": c.generator.get_state(),
+                    "expert_ids": list(c.expert_ids),
+                    "expert_prompts": c.expert_prompts,
+                    "rounds_trained": c.rounds_trained,
+                    "version": c.version,
+                    "eval_key": None if c.eval_key is None else list(c.eval_key),
+                    "accuracy": c.accuracy,
+                }
+                for c in self.clients
+            ],
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT} (another version)")
+        if len(state["clients"]) != len(self.clients):
+            raise UserError(f"checkpoint has {len(state['clients'])} clients, the config {len(self.clients)}")
+        server = self.server
+        srv = state["server"]
+        server.global_prompt = srv["global_prompt"]
+        server.global_version = int(srv["global_version"])
+        server.pool = {int(k): v for k, v in srv["pool"].items()}
+        server.sample_rng.bit_generator.state = srv["sample_rng"]
+        server.select_rng.bit_generator.state = srv["select_rng"]
+        for client, cs in zip(self.clients, state["clients"], strict=True):
+            client.prompt = cs["prompt"]
+            client.gate = None
+            if cs["gate"] is not None:
+                client.ensure_gate(self.settings, self.device).load_state_dict(cs["gate"])
+            client.generator.set_state(cs["generator"])
+            client.expert_ids = list(cs["expert_ids"])
+            client.expert_prompts = cs["expert_prompts"]
+            client.rounds_trained = int(cs["rounds_trained"])
+            client.version = int(cs["version"])
+            client.eval_key = None if cs["eval_key"] is None else tuple(cs["eval_key"])
+            client.accuracy = cs["accuracy"]
+        self.rounds = list(state["rounds"])
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write the state atomically: a kill at any moment leaves the previous checkpoint intact."""
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -393,4 +459,46 @@ def run(cfg: Config, out: str | Path | None = None, log: Callable[[str], None] |
             "gamma": fed.clip.gamma,
         }
         run_dir.write_config({**cfg.to_dict(), "_meta": meta})
+    return fed.run(run_dir)
+
+
+def resume(path: str | Path, log: Callable[[str], None] | None = None, progress: bool | None = None) -> History:
+    """Continue a run from its directory: the saved config, the last complete round's checkpoint.
+
+    The metrics of a resumed run equal an uninterrupted run's exactly on CPU (same config, same seed).
+    """
+    run_dir = RunDir(path)
+    config_file = run_dir.path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"resume={str(run_dir.path)!r} holds no run (no config.json)")
+    if (run_dir.path / "summary.json").exists():
+        raise UserError(f"resume={str(run_dir.path)!r} is already finished (summary.json exists)")
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"resume={str(run_dir.path)!r}: config.json is not valid JSON") from None
+    meta = data.pop("_meta", {})
+    if meta.get("pfedmoap_version", __version__) != __version__:
+        raise UserError(
+            f"resume={str(run_dir.path)!r} was written by pfedmoap {meta.get('pfedmoap_version')}, "
+            f"this is {__version__}"
+        )
+    cfg = Config.from_dict(data, source=str(config_file)).validate()
+    if progress is not None:
+        cfg = cfg.replace(progress=progress)
+    fed = Federation(cfg, log=log)
+    ckpt = run_dir.path / "checkpoints" / LAST_CHECKPOINT
+    if ckpt.is_file():
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupted or foreign file: say so in one line
+            raise UserError(f"checkpoint {str(ckpt)!r} cannot be read: {type(exc).__name__}") from None
+        fed.load_state_dict(state)
+    # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
+    (run_dir.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r) + "\n" for r in fed.rounds)
+    tmp = run_dir.path / "metrics.jsonl.tmp"
+    tmp.write_text(lines)
+    os.replace(tmp, run_dir.path / "metrics.jsonl")
+    fed.log(f"resuming {run_dir.path} after round {fed.rounds[-1]['round'] if fed.rounds else 0}")
     return fed.run(run_dir)

@@ -27,6 +27,7 @@ from .config import (
     preset_description,
 )
 from .errors import UserError
+from .federation import default_run_dir, resume, run
 
 
 def _attn_scale(text: str) -> float | str:
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", help=f"named settings (default: {DEFAULT_PRESET}); see --list-presets")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last complete round")
     for flag, dest, kind, text in _OVERRIDES:
         parser.add_argument(flag, dest=dest, type=kind, help=text)
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")
@@ -107,19 +109,35 @@ def main(argv: list[str] | None = None) -> int:
         for name in list_presets():
             print(f"{name:24s} {preset_description(name)}")
         return 0
+    resume_dir = args.pop("resume", None)
+    if resume_dir is not None:
+        others = sorted(k for k in args if k != "progress")
+        if others:
+            flags = {dest: flag for flag, dest, _, _ in _OVERRIDES}
+            flag = flags.get(others[0], "--" + others[0].replace("_", "-"))
+            print(
+                f"pfedmoap.train: error: --resume takes the config saved in {resume_dir}; drop {flag}", file=sys.stderr
+            )
+            return 2
+        return _finish(lambda: resume(resume_dir, progress=args.get("progress")))
     preset = args.pop("preset", DEFAULT_PRESET)
-    try:
-        cfg = make_config(preset, **args)
-        from .federation import default_run_dir, run
 
-        out = cfg.out or str(default_run_dir(cfg))
-        cfg = cfg.replace(out=out)
-        history = run(cfg)
+    def start():
+        cfg = make_config(preset, **args)
+        return run(cfg.replace(out=cfg.out or str(default_run_dir(cfg))))
+
+    return _finish(start)
+
+
+def _finish(job) -> int:
+    """Run the job; user mistakes become one line and exit 2, Ctrl-C exit 130."""
+    try:
+        history = job()
     except UserError as exc:
         print(f"pfedmoap.train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pfedmoap.train: interrupted", file=sys.stderr)
+        print("pfedmoap.train: interrupted (rerun with --resume RUN_DIR to continue)", file=sys.stderr)
         return 130
     s = history.summary
     print(

@@ -42,7 +42,7 @@ def test_cli_smoke_writes_run_dir(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     for key in ("final_mean_acc", "best_mean_acc", "last5_mean_acc"):
         assert key in summary
-    assert (out / "checkpoints" / "final.pt").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file()
 
 
 def test_cli_fused_flag_runs_reference_path(tmp_path, capsys):

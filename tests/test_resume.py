@@ -1,0 +1,128 @@
+"""Exact resume: a run killed mid-way (a real process, SIGKILL) and resumed ends with the same metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import small_config
+
+from pfedmoap.federation import LAST_CHECKPOINT, resume, run
+from pfedmoap.train import main
+
+ARGS = [
+    "--pretrained",
+    "none",
+    "--rounds",
+    "6",
+    "--local-epochs",
+    "2",
+    "--train-per-class",
+    "20",
+    "--test-per-class",
+    "5",
+    "--no-progress",
+    "--clients",
+    "6",
+    "--experts",
+    "2",
+    "--frac",
+    "0.5",
+    "--threads",
+    "1",
+]
+
+
+def _metrics(path):
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [(r["round"], r["client_acc"], r["sampled"], r["experts"], r["bytes_down"]) for r in rows]
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert main([*ARGS, "--out", str(ref)]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pfedmoap.train", *ARGS, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline:  # kill it once two rounds are on disk, wherever it is in round 3
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 2 <= done < 6, "the run must have been killed before it finished"
+    assert not (killed / "summary.json").exists()
+    assert main(["--resume", str(killed), "--no-progress"]) == 0
+    assert _metrics(killed) == _metrics(ref)
+    a = json.loads((ref / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert a["final_mean_acc"] == b["final_mean_acc"] and a["last5_mean_acc"] == b["last5_mean_acc"]
+
+
+def test_resume_after_a_stopped_run_is_exact(tmp_path):
+    """A run stopped after round 2 and resumed to round 4 equals a 4-round run, random expert selection
+    included (the server's RNG state travels in the checkpoint)."""
+    cfg = small_config(clients=5, frac=0.6, experts=2, rounds=4, expert_selection="random")
+    ref = run(cfg, out=tmp_path / "ref", log=lambda m: None)
+    short = run(cfg.replace(rounds=2), out=tmp_path / "short", log=lambda m: None)
+    assert len(short.rounds) == 2
+    state = torch.load(tmp_path / "short" / "checkpoints" / LAST_CHECKPOINT, weights_only=True)
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    cfg_path = tmp_path / "short" / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["rounds"] = 4
+    cfg_path.write_text(json.dumps(data))
+    (tmp_path / "short" / "summary.json").unlink()
+    resumed = resume(tmp_path / "short", log=lambda m: None)
+    assert [r["client_acc"] for r in resumed.rounds] == [r["client_acc"] for r in ref.rounds]
+    assert [r["experts"] for r in resumed.rounds] == [r["experts"] for r in ref.rounds]
+    assert torch.equal(resumed.federation.server.global_prompt, ref.federation.server.global_prompt)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "holds no run"),
+        ("finished", "already finished"),
+        ("bad-json", "not valid JSON"),
+        ("corrupt-ckpt", "cannot be read"),
+        ("other-version", "was written by pfedmoap 0.0.0"),
+    ],
+)
+def test_resume_bad_run_dirs(tmp_path, capsys, setup, message):
+    out = tmp_path / "r"
+    if setup != "missing":
+        assert main([*ARGS, "--rounds", "1", "--out", str(out)]) == 0
+        capsys.readouterr()
+    if setup in ("bad-json", "corrupt-ckpt", "other-version"):
+        (out / "summary.json").unlink()
+    if setup == "bad-json":
+        (out / "config.json").write_text("{not json")
+    if setup == "corrupt-ckpt":
+        (out / "checkpoints" / LAST_CHECKPOINT).write_bytes(b"\x00garbage")
+    if setup == "other-version":
+        data = json.loads((out / "config.json").read_text())
+        data["_meta"]["pfedmoap_version"] = "0.0.0"
+        (out / "config.json").write_text(json.dumps(data))
+    before = {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()} if out.exists() else {}
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    after = {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()} if out.exists() else {}
+    assert before == after
+
+
+def test_resume_refuses_other_flags(tmp_path, capsys):
+    assert main(["--resume", str(tmp_path), "--lambda", "0.2"]) == 2
+    assert "drop --lambda" in capsys.readouterr().err
