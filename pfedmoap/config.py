@@ -57,6 +57,10 @@ class Config:
     local_epochs: int = 5
     batch_size: int = 16
 
+    # --- reliability
+    client_dropout: float = 0.0  # probability that a sampled client fails mid-round (simulated)
+    max_prompt_norm: float | None = None  # uploads with a larger L2 norm are refused (None: no bound)
+
     # --- prompt
     n_ctx: int = 16
     ctx_init_std: float = 0.02
@@ -143,6 +147,10 @@ class Config:
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
+        if not (0.0 <= self.client_dropout < 1.0):
+            raise ConfigError(f"client_dropout={self.client_dropout} is outside [0, 1)")
+        if self.max_prompt_norm is not None and not (self.max_prompt_norm > 0 and math.isfinite(self.max_prompt_norm)):
+            raise ConfigError(f"max_prompt_norm={self.max_prompt_norm} must be a positive number")
         if not (0.0 < self.frac <= 1.0):
             raise ConfigError(f"frac={self.frac} is outside (0, 1]")
         for name in ("lr_prompt", "lr_gate"):

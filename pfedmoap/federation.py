@@ -127,7 +127,10 @@ class Federation:
             cfg.frac,
             cfg.seed,
             cfg.expert_selection,
+            cfg.max_prompt_norm,
         )
+        # simulated client failures draw from their own stream, so turning them on changes nothing else
+        self.dropout_rng = np.random.default_rng([cfg.seed, 303])
         self.method = create_method(cfg)
         self.settings = TrainSettings(
             epochs=cfg.local_epochs,
@@ -207,12 +210,18 @@ class Federation:
         bytes_down: dict[int, int] = {}
         bytes_up: dict[int, int] = {}
         experts: dict[int, list[int]] = {}
+        dropped: list[int] = []
         bar = tqdm(sampled, desc=f"round {round_index}", leave=False, disable=not cfg.progress)
         for cid in bar:
             client = self.clients[cid]
             with _phase(phases, "select"):
                 payload, bytes_down[cid] = self._receive(method.payload(server, view, client))
             experts[cid] = payload.expert_ids
+            if cfg.client_dropout > 0 and self.dropout_rng.random() < cfg.client_dropout:
+                # the client fails after downloading: no training, no upload, its state stays as it was
+                dropped.append(cid)
+                bytes_up[cid] = 0
+                continue
             objective = method.objective(payload)
             expert_text = None
             if objective.use_gate:
@@ -255,6 +264,7 @@ class Federation:
             "client_bytes_down": {str(k): v for k, v in bytes_down.items()},
             "client_bytes_up": {str(k): v for k, v in bytes_up.items()},
             "rejected_uploads": [{"client": c, "reason": r} for c, r in server.rejected],
+            "dropped": dropped,
             "seconds": seconds,
             "phase_seconds": dict(phases),
         }
@@ -332,6 +342,7 @@ class Federation:
                     "client_bytes_down": {},
                     "client_bytes_up": {},
                     "rejected_uploads": [],
+                    "dropped": [],
                     "seconds": time.perf_counter() - start,
                     "phase_seconds": {"eval": time.perf_counter() - start},
                 }
@@ -364,6 +375,7 @@ class Federation:
                 "sample_rng": server.sample_rng.bit_generator.state,
                 "select_rng": server.select_rng.bit_generator.state,
             },
+            "dropout_rng": self.dropout_rng.bit_generator.state,
             "clients": [
                 {
                     "prompt": c.prompt,
@@ -392,6 +404,7 @@ class Federation:
         server.pool = {int(k): v for k, v in srv["pool"].items()}
         server.sample_rng.bit_generator.state = srv["sample_rng"]
         server.select_rng.bit_generator.state = srv["select_rng"]
+        self.dropout_rng.bit_generator.state = state["dropout_rng"]
         for client, cs in zip(self.clients, state["clients"], strict=True):
             client.prompt = cs["prompt"]
             client.gate = None

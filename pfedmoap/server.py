@@ -24,6 +24,7 @@ class Server:
         frac: float,
         seed: int,
         expert_selection: str = "knn",
+        max_norm: float | None = None,
     ):
         self.num_clients = num_clients
         self.prompt_shape = tuple(init_prompt.shape)
@@ -34,6 +35,7 @@ class Server:
         self.train_sizes = list(train_sizes)
         self.frac = frac
         self.expert_selection = expert_selection
+        self.max_norm = max_norm
         self.sample_rng = np.random.default_rng([seed, 101])
         self.select_rng = np.random.default_rng([seed, 202])
         self.rejected: list[tuple[int, str]] = []  # uploads refused this round: (client id, reason)
@@ -75,7 +77,7 @@ class Server:
 
     # --------------------------------------------------------------------------------- uploads
     def check_upload(self, prompt: torch.Tensor) -> str | None:
-        """Why an upload is unacceptable (shape, dtype, non-finite values), or None if it is fine."""
+        """Why an upload is unacceptable (shape, dtype, non-finite values, norm bound), or None if it is fine."""
         if not isinstance(prompt, torch.Tensor):
             return f"not a tensor ({type(prompt).__name__})"
         if tuple(prompt.shape) != self.prompt_shape:
@@ -84,6 +86,10 @@ class Server:
             return f"dtype {prompt.dtype} is not floating point"
         if not bool(torch.isfinite(prompt).all()):
             return "non-finite values"
+        if self.max_norm is not None:
+            norm = float(prompt.double().norm())
+            if norm > self.max_norm:
+                return f"L2 norm {norm:.4g} > max_prompt_norm {self.max_norm:.4g}"
         return None
 
     def receive(self, cid: int, prompt: torch.Tensor) -> bool:

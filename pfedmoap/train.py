@@ -77,6 +77,8 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "SGD weight decay"),
     ("--fedprox-mu", "fedprox_mu", float, "FedProx proximal weight"),
+    ("--client-dropout", "client_dropout", float, "probability a sampled client fails mid-round, in [0, 1)"),
+    ("--max-prompt-norm", "max_prompt_norm", float, "refuse uploaded prompts with a larger L2 norm"),
     ("--seed", "seed", int, "run seed (partition, init, sampling, batches)"),
     ("--device", "device", str, " | ".join(DEVICES)),
     ("--threads", "threads", int, "torch CPU threads"),

@@ -77,6 +77,8 @@ BAD = [
     (["--pretrained", "/no/such/file.pt"], "no such weights file"),
     (["--pretrained", "laion9b"], "pretrained='laion9b' is not a tag"),
     (["--unknown-flag"], "unrecognized arguments"),
+    (["--client-dropout", "1"], "client_dropout=1.0 is outside [0, 1)"),
+    (["--max-prompt-norm", "0"], "max_prompt_norm=0.0 must be a positive number"),
 ]
 
 

@@ -202,3 +202,32 @@ def test_every_preset_builds_and_runs_a_round(tiny_clip, preset):
     assert len(rec["client_acc"]) == cfg.clients
     if cfg.partition == "domain-dirichlet":
         assert sorted({s.domain for s in fed.splits}) == sorted(set(fed.dataset.train.domains.tolist()))
+
+
+def test_client_dropout_round_goes_on(tiny_clip, small_world):
+    fed = build(tiny_clip, small_world, clients=6, experts=2, rounds=4, client_dropout=0.5)
+    hist = fed.run()
+    dropped = [set(r["dropped"]) for r in hist.rounds]
+    assert any(dropped) and not all(d == set(r["sampled"]) for d, r in zip(dropped, hist.rounds, strict=True))
+    for d, r in zip(dropped, hist.rounds, strict=True):
+        assert d <= set(r["sampled"])
+        assert all(r["client_bytes_up"][str(c)] == 0 for c in d)
+        assert len(r["client_acc"]) == 6 and all(np.isfinite(r["client_acc"]))
+    never_ok = set(range(6)) - {
+        c for d, r in zip(dropped, hist.rounds, strict=True) for c in r["sampled"] if c not in d
+    }
+    assert not (never_ok & set(fed.server.pool))
+    # the failures come from their own seeded stream: same config, same failures
+    again = build(tiny_clip, small_world, clients=6, experts=2, rounds=4, client_dropout=0.5).run()
+    assert [r["dropped"] for r in again.rounds] == [r["dropped"] for r in hist.rounds]
+    assert [r["client_acc"] for r in again.rounds] == [r["client_acc"] for r in hist.rounds]
+
+
+def test_upload_norm_bound_rejects_and_leaves_pool_and_global_alone(tiny_clip, small_world):
+    fed = build(tiny_clip, small_world, clients=4, experts=2, rounds=1, max_prompt_norm=1e-6)
+    init = fed.server.global_prompt.clone()
+    rec = fed.run_round(1)
+    assert fed.server.pool == {}
+    assert torch.equal(fed.server.global_prompt, init)
+    assert sorted(r["client"] for r in rec["rejected_uploads"]) == sorted(rec["sampled"])
+    assert all("max_prompt_norm" in r["reason"] for r in rec["rejected_uploads"])
