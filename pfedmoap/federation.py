@@ -422,8 +422,16 @@ class Federation:
     def save_checkpoint(self, path: Path) -> None:
         """Write the state atomically: a kill at any moment leaves the previous checkpoint intact."""
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except OSError as exc:  # disk full, permissions: the previous checkpoint is still intact
+            tmp.unlink(missing_ok=True)
+            reason = exc.strerror or type(exc).__name__
+            raise UserError(
+                f"could not write checkpoint {str(path)!r} ({reason}); the last complete round's checkpoint is "
+                "intact: free space and continue with --resume"
+            ) from None
 
 
 @contextlib.contextmanager

@@ -126,3 +126,53 @@ def test_resume_bad_run_dirs(tmp_path, capsys, setup, message):
 def test_resume_refuses_other_flags(tmp_path, capsys):
     assert main(["--resume", str(tmp_path), "--lambda", "0.2"]) == 2
     assert "drop --lambda" in capsys.readouterr().err
+
+
+def test_disk_full_on_checkpoint_write_keeps_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import pfedmoap.federation as federation
+
+    out = tmp_path / "r"
+    real_save = torch.save
+    calls = []
+
+    def flaky_save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:  # round 2's checkpoint: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(federation.torch, "save", flaky_save)
+    assert main([*ARGS, "--rounds", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0]
+    state = torch.load(out / "checkpoints" / LAST_CHECKPOINT, weights_only=True)
+    assert [r["round"] for r in state["rounds"]] == [1]  # round 1's checkpoint survived
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    monkeypatch.setattr(federation.torch, "save", real_save)
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert [r[0] for r in _metrics(out)] == [1, 2, 3]
+
+
+def test_ctrl_c_mid_round_exits_130_and_resumes(tmp_path):
+    out = tmp_path / "r"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pfedmoap.train", *ARGS, "--rounds", "20", "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("pfedmoap.train: interrupted")
+    assert "Traceback" not in err
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert [r[0] for r in _metrics(out)] == list(range(1, 21))
