@@ -72,6 +72,7 @@ class Client:
         self.expert_ids: list[int] = []  # the experts it received in its last round
         self.expert_prompts: torch.Tensor | None = None  # [K, n_ctx, W] as received
         self.rounds_trained = 0
+        self.dp_releases = 0  # differentially private uploads made so far (for the accountant)
         self.version = 0  # bumped whenever the state that evaluation depends on changes
         self.eval_key: object = None  # what the cached accuracy was computed from
         self.accuracy: float | None = None

@@ -61,6 +61,11 @@ class Config:
     client_dropout: float = 0.0  # probability that a sampled client fails mid-round (simulated)
     max_prompt_norm: float | None = None  # uploads with a larger L2 norm are refused (None: no bound)
 
+    # --- differential privacy on uploads (off when dp_epsilon is None)
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0  # L2 bound on a client's prompt update P_i - P_g before noise
+
     # --- prompt
     n_ctx: int = 16
     ctx_init_std: float = 0.02
@@ -151,6 +156,18 @@ class Config:
             raise ConfigError(f"client_dropout={self.client_dropout} is outside [0, 1)")
         if self.max_prompt_norm is not None and not (self.max_prompt_norm > 0 and math.isfinite(self.max_prompt_norm)):
             raise ConfigError(f"max_prompt_norm={self.max_prompt_norm} must be a positive number")
+        if self.dp_epsilon is not None:
+            if not (self.dp_epsilon > 0 and math.isfinite(self.dp_epsilon)):
+                raise ConfigError(f"dp_epsilon={self.dp_epsilon} must be a positive number")
+            if not (0.0 < self.dp_delta < 1.0):
+                raise ConfigError(f"dp_delta={self.dp_delta} is outside (0, 1)")
+            if not (self.dp_clip > 0 and math.isfinite(self.dp_clip)):
+                raise ConfigError(f"dp_clip={self.dp_clip} must be a positive number")
+            if self.method not in ("pfedmoap", "promptfl", "fedprox"):
+                raise ConfigError(
+                    f"dp_epsilon is set but method={self.method} uploads nothing "
+                    "(DP applies to pfedmoap, promptfl, fedprox)"
+                )
         if not (0.0 < self.frac <= 1.0):
             raise ConfigError(f"frac={self.frac} is outside (0, 1]")
         for name in ("lr_prompt", "lr_gate"):

@@ -131,6 +131,16 @@ class Federation:
         )
         # simulated client failures draw from their own stream, so turning them on changes nothing else
         self.dropout_rng = np.random.default_rng([cfg.seed, 303])
+        self.dp_noise_multiplier: float | None = None
+        if cfg.dp_epsilon is not None:
+            from . import privacy
+
+            # a client uploads at most once per round: R Gaussian releases at most
+            self.dp_noise_multiplier = privacy.noise_multiplier_for(cfg.dp_epsilon, cfg.dp_delta, cfg.rounds)
+            self.log(
+                f"DP: noise multiplier {self.dp_noise_multiplier:.4f} for epsilon {cfg.dp_epsilon} over "
+                f"{cfg.rounds} uploads per client (delta {cfg.dp_delta}, clip {cfg.dp_clip})"
+            )
         self.method = create_method(cfg)
         self.settings = TrainSettings(
             epochs=cfg.local_epochs,
@@ -240,7 +250,17 @@ class Federation:
             else:
                 self._expert_text_cache.pop(cid, None)
             if method.uploads():
-                wire = comm.to_wire(trained, cfg.comm_dtype)
+                upload = trained
+                if self.dp_noise_multiplier is not None:
+                    from .privacy import privatize_update
+
+                    start_prompt = payload.global_prompt.to(trained.device)
+                    noisy = privatize_update(
+                        trained - start_prompt, cfg.dp_clip, self.dp_noise_multiplier, client.generator
+                    )
+                    upload = start_prompt + noisy  # the client keeps its clean prompt; only the upload is noised
+                    client.dp_releases += 1
+                wire = comm.to_wire(upload, cfg.comm_dtype)
                 bytes_up[cid] = comm.nbytes([wire])
                 if server.receive(cid, wire.float()):
                     uploads[cid] = server.pool[cid]
@@ -266,9 +286,20 @@ class Federation:
             "rejected_uploads": [{"client": c, "reason": r} for c, r in server.rejected],
             "dropped": dropped,
             "seconds": seconds,
+            **self._dp_record(),
             "phase_seconds": dict(phases),
         }
         return record
+
+    def _dp_record(self) -> dict[str, Any]:
+        """Noise level and the largest epsilon any client has spent so far (its uploads so far)."""
+        if self.dp_noise_multiplier is None:
+            return {}
+        from .privacy import epsilon
+
+        most = max(c.dp_releases for c in self.clients)
+        spent = epsilon(self.dp_noise_multiplier, most, self.cfg.dp_delta)
+        return {"dp_noise_multiplier": self.dp_noise_multiplier, "dp_epsilon_spent": spent, "dp_max_uploads": most}
 
     # ------------------------------------------------------------------------------------ evaluation
     def _zero_shot(self) -> torch.Tensor:
@@ -384,6 +415,7 @@ class Federation:
                     "expert_ids": list(c.expert_ids),
                     "expert_prompts": c.expert_prompts,
                     "rounds_trained": c.rounds_trained,
+                    "dp_releases": c.dp_releases,
                     "version": c.version,
                     "eval_key": None if c.eval_key is None else list(c.eval_key),
                     "accuracy": c.accuracy,
@@ -414,6 +446,7 @@ class Federation:
             client.expert_ids = list(cs["expert_ids"])
             client.expert_prompts = cs["expert_prompts"]
             client.rounds_trained = int(cs["rounds_trained"])
+            client.dp_releases = int(cs["dp_releases"])
             client.version = int(cs["version"])
             client.eval_key = None if cs["eval_key"] is None else tuple(cs["eval_key"])
             client.accuracy = cs["accuracy"]

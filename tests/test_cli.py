@@ -79,6 +79,9 @@ BAD = [
     (["--unknown-flag"], "unrecognized arguments"),
     (["--client-dropout", "1"], "client_dropout=1.0 is outside [0, 1)"),
     (["--max-prompt-norm", "0"], "max_prompt_norm=0.0 must be a positive number"),
+    (["--dp-epsilon", "0"], "dp_epsilon=0.0 must be a positive number"),
+    (["--dp-epsilon", "5", "--dp-delta", "1"], "dp_delta=1.0 is outside (0, 1)"),
+    (["--dp-epsilon", "5", "--method", "local"], "method=local uploads nothing"),
 ]
 
 
