@@ -8,7 +8,10 @@ positions after the longest EOT never influence the features: sequences can be t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,6 +261,18 @@ class FrozenCLIP:
         return self.encode_text_tokens(self.tokenize(texts))
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """open_clip logs its load failures and random-init warnings on the root logger; the caller reports
+    failures itself in one line, so silence those records while the model is created."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,7 +322,7 @@ def load_clip(model_name: str, pretrained: str, device: torch.device, progress: 
         weights = pretrained
     try:
         # random weights ("none") come from a fixed seed so that runs stay repeatable
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_root_logger():
             torch.manual_seed(0)
             model = open_clip.create_model(model_name, pretrained=weights, device="cpu")
     except (RuntimeError, OSError, ValueError) as exc:  # download refused offline, or a file that is not these weights
