@@ -49,19 +49,13 @@ class AttentionGate(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """query [B, d], experts [E, C, d] -> T_MoE [B, C, d] and head-averaged weights [B, C, E] or None."""
         return ops.gate_attention(
-            query,
-            experts,
-            self.q_proj.weight,
-            self.q_proj.bias,
-            self.k_proj.weight,
-            self.k_proj.bias,
-            self.v_proj.weight,
-            self.v_proj.bias,
-            self.out_proj.weight,
-            self.out_proj.bias,
-            heads=self.heads,
-            scaling=self.scaling,
-            need_weights=need_weights,
+            query, experts, *self.weights(), heads=self.heads, scaling=self.scaling, need_weights=need_weights
+        )
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """(W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O): the argument order of the ops in ``pfedmoap.ops``."""
+        return tuple(
+            t for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj) for t in (lin.weight, lin.bias)
         )
 
 
@@ -76,14 +70,7 @@ def moe_logits(
     return ops.gate_score(
         image_reduced,
         experts_reduced,
-        gate.q_proj.weight,
-        gate.q_proj.bias,
-        gate.k_proj.weight,
-        gate.k_proj.bias,
-        gate.v_proj.weight,
-        gate.v_proj.bias,
-        gate.out_proj.weight,
-        gate.out_proj.bias,
+        *gate.weights(),
         heads=gate.heads,
         scaling=gate.scaling,
         gamma=gamma,
