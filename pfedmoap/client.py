@@ -76,6 +76,7 @@ class Client:
         self.version = 0  # bumped whenever the state that evaluation depends on changes
         self.eval_key: object = None  # what the cached accuracy was computed from
         self.accuracy: float | None = None
+        self.attention: list[float] | None = None  # gate weight per expert at the last evaluation
 
     # ----------------------------------------------------------------------------------- gate
     def ensure_gate(self, settings: TrainSettings, device: torch.device) -> AttentionGate:
@@ -156,14 +157,34 @@ class Client:
         reduction: str,
         batch_size: int = 512,
     ) -> float:
-        """Accuracy (%) on this client's own test split, classifying over all classes."""
+        """Accuracy (%) on this client's own test split, classifying over all classes.
+
+        With a gate, also sets ``self.attention``: the gate's head-averaged weight per expert (local first,
+        then the non-local experts in the order received), averaged over the test images at their true class.
+        """
         feats, labels = self.data.test_features, self.data.test_labels.to(self.data.test_features.device)
+        self.attention = None
         if len(labels) == 0:
             return float("nan")
         correct = 0
+        attention_sum = None
         for start in range(0, len(labels), batch_size):
-            logits, _ = pfedmoap_logits(
-                feats[start : start + batch_size], local_text, expert_text, gate, gamma, lam, d_gate, reduction
+            batch_labels = labels[start : start + batch_size]
+            logits, weights = pfedmoap_logits(
+                feats[start : start + batch_size],
+                local_text,
+                expert_text,
+                gate,
+                gamma,
+                lam,
+                d_gate,
+                reduction,
+                need_weights=gate is not None,
             )
-            correct += int((logits.argmax(dim=-1) == labels[start : start + batch_size]).sum())
+            correct += int((logits.argmax(dim=-1) == batch_labels).sum())
+            if weights is not None:
+                at_true = weights[torch.arange(len(batch_labels), device=weights.device), batch_labels].sum(0)
+                attention_sum = at_true if attention_sum is None else attention_sum + at_true
+        if attention_sum is not None:
+            self.attention = (attention_sum / len(labels)).tolist()
         return 100.0 * correct / len(labels)

@@ -3,9 +3,10 @@
     python -m pfedmoap.experiments --preset synthetic --methods zeroshot,local,promptfl,fedprox,pfedmoap \
         --seeds 1,2,3 --out runs/table
 
-Each (preset, method, seed) run gets its own run directory under ``--out``; a run whose ``summary.json``
-exists is skipped, so an interrupted sweep resumes where it stopped. "pfedmoap-lambda0" is pFedMoAP with
-lambda = 0 (the paper's ablation row).
+Each (preset, method, seed) run gets its own run directory under ``--out``; the table goes to
+``results.md`` / ``results.json`` and the plots to ``plots/<preset>/*.png`` (needs matplotlib). A run
+whose ``summary.json`` exists is skipped, so an interrupted sweep resumes where it stopped.
+"pfedmoap-lambda0" is pFedMoAP with lambda = 0 (the paper's ablation row).
 """
 
 from __future__ import annotations
@@ -80,6 +81,32 @@ def run_sweep(
     return results
 
 
+def write_plots(out: Path, presets: list[str], variants: list[str], seeds: list[int]) -> list[Path]:
+    """PNG plots per preset under ``out/plots/<preset>/``: accuracy per round, gate attention per expert
+    (pFedMoAP), per-client accuracy, bytes per round."""
+    from . import plots
+    from .metrics import read_metrics
+
+    written = []
+    for preset in presets:
+        runs = {
+            VARIANTS[name][2]: [read_metrics(out / preset / name / f"seed{seed}") for seed in seeds]
+            for name in variants
+        }
+        folder = out / "plots" / preset
+        written.append(plots.accuracy_per_round(runs, folder / "accuracy.png"))
+        written.append(plots.client_accuracy(runs, folder / "client_accuracy.png"))
+        written.append(plots.bytes_per_round(runs, folder / "bytes.png"))
+        gated = [name for name in variants if VARIANTS[name][0] == "pfedmoap"]
+        if gated:
+            # the main pFedMoAP row (lambda = 0.5) when present, else the ablation
+            name = "pfedmoap" if "pfedmoap" in gated else gated[0]
+            rounds = read_metrics(out / preset / name / f"seed{seeds[0]}")
+            if any(r.get("client_attention") for r in rounds):
+                written.append(plots.attention_per_expert(rounds, folder / "attention.png"))
+    return written
+
+
 def markdown_table(results: dict[str, Any], metric: str = "final") -> str:
     presets = list(results)
     variants = list(next(iter(results.values()))) if results else []
@@ -114,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="override the presets' rounds (e.g. for a quick check)")
     p.add_argument("--out", default="runs/experiments")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     args = p.parse_args(argv)
     variants = [v for v in args.methods.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
@@ -127,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
     out = Path(args.out)
+    presets = [x for x in args.preset.split(",") if x]
     try:
-        results = run_sweep([x for x in args.preset.split(",") if x], variants, args.seeds, out, overrides)
+        results = run_sweep(presets, variants, args.seeds, out, overrides)
     except UserError as exc:
         print(f"pfedmoap.experiments: error: {exc}", file=sys.stderr)
         return 2
@@ -136,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         print("pfedmoap.experiments: interrupted (finished runs are kept; rerun to resume)", file=sys.stderr)
         return 130
     out.mkdir(parents=True, exist_ok=True)
+    if args.plots:
+        try:
+            for path in write_plots(out, presets, variants, args.seeds):
+                print(f"wrote {path}", file=sys.stderr)
+        except UserError as exc:  # matplotlib missing: the table is still written
+            print(f"pfedmoap.experiments: no plots: {exc}", file=sys.stderr)
     text = []
     for metric, title in (("final", "final round"), ("best", "best round"), ("last5", "mean of the last 5 rounds")):
         text.append(f"### Mean client accuracy (%), {title}, mean ± std over seeds {args.seeds}\n")

@@ -272,6 +272,7 @@ class Federation:
             accs = self.evaluate()
         mean, std = mean_std(accs)
         seconds = time.perf_counter() - start
+        attention = {str(c.cid): c.attention for c in self.clients if c.attention is not None}
         record = {
             "round": round_index,
             "mean_acc": mean,
@@ -279,6 +280,7 @@ class Federation:
             "client_acc": accs,
             "sampled": sampled,
             "experts": {str(k): v for k, v in experts.items()},
+            "client_attention": attention,
             "bytes_down": sum(bytes_down.values()),
             "bytes_up": sum(bytes_up.values()),
             "client_bytes_down": {str(k): v for k, v in bytes_down.items()},
@@ -368,6 +370,7 @@ class Federation:
                     "client_acc": accs,
                     "sampled": [],
                     "experts": {},
+                    "client_attention": {},
                     "bytes_down": 0,
                     "bytes_up": 0,
                     "client_bytes_down": {},
@@ -419,6 +422,7 @@ class Federation:
                     "version": c.version,
                     "eval_key": None if c.eval_key is None else list(c.eval_key),
                     "accuracy": c.accuracy,
+                    "attention": c.attention,
                 }
                 for c in self.clients
             ],
@@ -450,6 +454,7 @@ class Federation:
             client.version = int(cs["version"])
             client.eval_key = None if cs["eval_key"] is None else tuple(cs["eval_key"])
             client.accuracy = cs["accuracy"]
+            client.attention = cs["attention"]
         self.rounds = list(state["rounds"])
 
     def save_checkpoint(self, path: Path) -> None:

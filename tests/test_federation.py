@@ -172,7 +172,7 @@ def test_experiments_sweep_writes_table(tmp_path):
 
     overrides = dict(
         pretrained="none",
-        rounds=1,
+        rounds=2,
         local_epochs=1,
         train_per_class=10,
         test_per_class=4,
@@ -182,6 +182,13 @@ def test_experiments_sweep_writes_table(tmp_path):
     )
     results = run_sweep(["synthetic"], ["zeroshot", "pfedmoap"], [1, 2], tmp_path, overrides, log=lambda m: None)
     table = markdown_table(results)
+    pytest.importorskip("matplotlib")
+    from pfedmoap.experiments import write_plots
+
+    written = write_plots(tmp_path, ["synthetic"], ["zeroshot", "pfedmoap"], [1, 2])
+    names = sorted(p.name for p in written)
+    assert names == ["accuracy.png", "attention.png", "bytes.png", "client_accuracy.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     assert "| Zero-shot CLIP |" in table and "| pFedMoAP, lambda = 0.5 |" in table
     assert (tmp_path / "synthetic" / "pfedmoap" / "seed2" / "summary.json").is_file()
     # finished runs are reused, not rerun
@@ -231,3 +238,13 @@ def test_upload_norm_bound_rejects_and_leaves_pool_and_global_alone(tiny_clip, s
     assert torch.equal(fed.server.global_prompt, init)
     assert sorted(r["client"] for r in rec["rejected_uploads"]) == sorted(rec["sampled"])
     assert all("max_prompt_norm" in r["reason"] for r in rec["rejected_uploads"])
+
+
+def test_gate_attention_is_recorded_per_client(tiny_clip, small_world):
+    fed = build(tiny_clip, small_world, clients=4, experts=2, rounds=2)
+    r1 = fed.run_round(1)
+    assert r1["client_attention"] == {}  # first participation: no experts, no gate
+    r2 = fed.run_round(2)
+    assert sorted(r2["client_attention"]) == ["0", "1", "2", "3"]
+    for weights in r2["client_attention"].values():
+        assert len(weights) == 3 and abs(sum(weights) - 1.0) < 1e-5  # local + K = 2 experts, a distribution

@@ -1,0 +1,104 @@
+"""PNG plots of runs: accuracy per round, gate attention per expert, per-client accuracy, bytes per round.
+
+Needs matplotlib (``pip install 'pfedmoap[plots]'``); everything else in the library works without it.
+Each function takes ``runs``: a mapping from a label (a method) to a list of runs, each run being its
+list of per-round metric records (``metrics.jsonl`` rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+Runs = Mapping[str, Sequence[Sequence[dict[str, Any]]]]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'pfedmoap[plots]'") from None
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def accuracy_per_round(runs: Runs, path: Path) -> Path:
+    """Mean client accuracy per round, averaged over seeds (band: min..max over seeds)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, seeds in runs.items():
+        length = min(len(r) for r in seeds)
+        rounds = [rec["round"] for rec in seeds[0][:length]]
+        accs = np.array([[rec["mean_acc"] for rec in r[:length]] for r in seeds])
+        ax.plot(rounds, accs.mean(0), marker="o" if length < 30 else None, label=label)
+        if len(seeds) > 1:
+            ax.fill_between(rounds, accs.min(0), accs.max(0), alpha=0.2)
+    ax.set(xlabel="round", ylabel="mean client accuracy (%)", title="Accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def attention_per_expert(rounds: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Average gate weight of the local expert and of the non-local experts sorted by weight (as the
+    paper's Fig. 6), over the clients of the last round that has gate weights."""
+    plt = _pyplot()
+    with_gate = [r for r in rounds if r.get("client_attention")]
+    if not with_gate:
+        raise UserError("no gate attention in these metrics (method without a gate, or no round with experts)")
+    rows = [np.asarray(w) for w in with_gate[-1]["client_attention"].values()]
+    width = max(len(w) for w in rows)
+    table = np.full((len(rows), width), np.nan)
+    for i, w in enumerate(rows):
+        table[i, 0] = w[0]
+        table[i, 1 : len(w)] = np.sort(w[1:])[::-1]
+    mean, std = np.nanmean(table, 0), np.nanstd(table, 0)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = ["local"] + [f"non-local {k}" for k in range(1, width)]
+    colors = ["tab:red"] + ["tab:blue"] * (width - 1)
+    ax.bar(range(width), mean, yerr=std, color=colors, capsize=3)
+    ax.set_xticks(range(width), names, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="average attention weight", title=f"Gate attention per expert (round {with_gate[-1]['round']})")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def client_accuracy(runs: Runs, path: Path) -> Path:
+    """Distribution of the per-client accuracy in the final round (all seeds pooled), one box per label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = list(runs)
+    data = [[a for r in runs[k] for a in r[-1]["client_acc"] if a == a] for k in labels]
+    ax.boxplot(data)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="client accuracy (%)", title="Per-client accuracy, final round")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def bytes_per_round(runs: Runs, path: Path) -> Path:
+    """Bytes sent down (server -> clients) and up per round, first seed of each label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, seeds in runs.items():
+        rounds = [rec["round"] for rec in seeds[0]]
+        ax.plot(rounds, [rec["bytes_down"] / 1024 for rec in seeds[0]], label=f"{label} down")
+        ax.plot(rounds, [rec["bytes_up"] / 1024 for rec in seeds[0]], linestyle="--", label=f"{label} up")
+    ax.set(xlabel="round", ylabel="KiB", title="Communication per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
