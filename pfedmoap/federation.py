@@ -97,15 +97,7 @@ class Federation:
             self.log("--fused: no fused backend is built yet; every op runs its reference implementation")
         self.log("op backends: " + ", ".join(f"{op}={b}" for op, b in self.backends.items()))
 
-        self.clip = clip or load_clip(cfg.model, cfg.pretrained, self.device, progress=cfg.progress)
-        if cfg.method == "pfedmoap" and (cfg.d_gate > self.clip.embed_dim or self.clip.embed_dim % cfg.d_gate):
-            divisors = [
-                d for d in range(8, self.clip.embed_dim + 1) if self.clip.embed_dim % d == 0 and d % cfg.heads == 0
-            ]
-            raise ConfigError(
-                f"d_gate={cfg.d_gate} does not divide the feature dim {self.clip.embed_dim} of {cfg.model} "
-                f"(valid with heads={cfg.heads}: {', '.join(map(str, divisors))})"
-            )
+        # the data first: a missing dataset should fail before a model is loaded or pretrained
         self.dataset = dataset or create_dataset(
             cfg.dataset,
             DatasetOptions(
@@ -116,6 +108,15 @@ class Federation:
                 seed=cfg.data_seed,
             ),
         )
+        self.clip = clip or load_clip(cfg.model, cfg.pretrained, self.device, progress=cfg.progress)
+        if cfg.method == "pfedmoap" and (cfg.d_gate > self.clip.embed_dim or self.clip.embed_dim % cfg.d_gate):
+            divisors = [
+                d for d in range(8, self.clip.embed_dim + 1) if self.clip.embed_dim % d == 0 and d % cfg.heads == 0
+            ]
+            raise ConfigError(
+                f"d_gate={cfg.d_gate} does not divide the feature dim {self.clip.embed_dim} of {cfg.model} "
+                f"(valid with heads={cfg.heads}: {', '.join(map(str, divisors))})"
+            )
         self.splits = split_clients(cfg, self.dataset)
         self.encoder = PromptEncoder(self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder)
         self.clients = self._build_clients()

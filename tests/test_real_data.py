@@ -1,0 +1,75 @@
+"""On-disk datasets: tiny fixtures in the real layout, and one clear line when the data is missing."""
+
+import pickle
+
+import numpy as np
+import pytest
+from conftest import small_config
+
+from pfedmoap.data import DatasetOptions, create_dataset
+from pfedmoap.errors import ConfigError
+from pfedmoap.federation import Federation
+from pfedmoap.train import main
+
+
+def _write_cifar10(root, per_batch=40, test=40, seed=0):
+    """The python CIFAR-10 layout: five train batches, a test batch and batches.meta (pickled dicts)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name, n in [*[(f"data_batch_{i}", per_batch) for i in range(1, 6)], ("test_batch", test)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": (np.arange(n) % 10).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return names
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """The fixture files are not the real ones, so skip torchvision's checksum test (and only that)."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+
+
+def test_cifar10_layout_loads_in_label_order(tmp_path, no_md5):
+    names = _write_cifar10(tmp_path)
+    bundle = create_dataset("cifar10", DatasetOptions(root=str(tmp_path)))
+    assert bundle.classnames == names
+    assert bundle.train.images.shape == (200, 3, 32, 32) and bundle.train.images.dtype.is_floating_point is False
+    assert len(bundle.test) == 40 and bundle.train.labels[:3].tolist() == [0, 1, 2]
+
+
+def test_cifar10_federation_round(tmp_path, no_md5, tiny_clip):
+    _write_cifar10(tmp_path)
+    cfg = small_config(
+        dataset="cifar10",
+        data_root=str(tmp_path),
+        partition="dirichlet",
+        clients=4,
+        min_client_size=5,
+        experts=2,
+        rounds=2,
+    )
+    fed = Federation(cfg, clip=tiny_clip, log=lambda m: None)
+    hist = fed.run()
+    assert len(hist.rounds) == 2 and len(hist.rounds[-1]["client_acc"]) == 4
+    assert fed.dataset.num_classes == 10
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_missing_dataset_is_one_line(tmp_path, name):
+    with pytest.raises(ConfigError, match=f"dataset={name}: not found or corrupted under .*download=True"):
+        create_dataset(name, DatasetOptions(root=str(tmp_path)))
+    with pytest.raises(ConfigError, match="needs --data-root"):
+        create_dataset(name, DatasetOptions())
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "cifar100"])
+def test_paper_preset_without_data_fails_in_one_line_before_loading_a_model(tmp_path, capsys, preset):
+    assert main(["--preset", preset, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"dataset={preset}: not found" in err[0]
+    assert not (tmp_path / "run").exists()
