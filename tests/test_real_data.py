@@ -7,6 +7,7 @@ import pytest
 from conftest import small_config
 
 from pfedmoap.data import DatasetOptions, create_dataset
+from pfedmoap.data.real import DEBIAN_FASHION_MNIST
 from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
 from pfedmoap.train import main
@@ -73,3 +74,40 @@ def test_paper_preset_without_data_fails_in_one_line_before_loading_a_model(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"dataset={preset}: not found" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+fashion_available = pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist is not installed (.ci/run installs it)",
+)
+
+
+@fashion_available
+def test_fashion_mnist_from_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("PFEDMOAP_CACHE", str(tmp_path))
+    bundle = create_dataset("fashion-mnist", DatasetOptions())
+    assert bundle.classnames[0] == "T-shirt or top" and bundle.classnames[-1] == "Ankle boot"
+    assert len(bundle.train) == 60000 and len(bundle.test) == 10000
+    assert bundle.train.images.shape == (60000, 3, 28, 28)
+    assert np.bincount(bundle.test.labels).tolist() == [1000] * 10
+    assert (tmp_path / "fashion-mnist" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+
+
+@fashion_available
+def test_fashion_mnist_end_to_end_with_feature_cache(tmp_path, monkeypatch, tiny_clip):
+    """The real-data path: loading, pathological partition, cached features, evaluation over all classes."""
+    monkeypatch.setenv("PFEDMOAP_CACHE", str(tmp_path))
+    cfg = small_config(dataset="fashion-mnist", clients=5, shots=8, experts=2, rounds=2)
+    fed = Federation(cfg, clip=tiny_clip, log=lambda m: None)
+    assert [len(s.classes) for s in fed.splits] == [2] * 5
+    assert all(c.data.num_train == 16 for c in fed.clients)
+    assert sum(int(c.data.test_labels.numel()) for c in fed.clients) == 10000
+    hist = fed.run()
+    assert len(hist.rounds) == 2 and all(0 <= a <= 100 for a in hist.rounds[-1]["client_acc"])
+
+
+def test_fashion_mnist_missing_is_one_line(tmp_path):
+    with pytest.raises(
+        ConfigError, match="dataset=fashion-mnist: not found in .*apt-get install dataset-fashion-mnist"
+    ):
+        create_dataset("fashion-mnist", DatasetOptions(root=str(tmp_path)))
