@@ -1,9 +1,11 @@
 """On-disk datasets: tiny fixtures in the real layout, and one clear line when the data is missing."""
 
+import json
 import pickle
 
 import numpy as np
 import pytest
+import torch
 from conftest import small_config
 
 from pfedmoap.data import DatasetOptions, create_dataset
@@ -68,7 +70,7 @@ def test_missing_dataset_is_one_line(tmp_path, name):
         create_dataset(name, DatasetOptions())
 
 
-@pytest.mark.parametrize("preset", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("preset", ["cifar10", "cifar100", "flowers102", "oxfordpets", "food101", "caltech101", "dtd"])
 def test_paper_preset_without_data_fails_in_one_line_before_loading_a_model(tmp_path, capsys, preset):
     assert main(["--preset", preset, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -111,3 +113,75 @@ def test_fashion_mnist_missing_is_one_line(tmp_path):
         ConfigError, match="dataset=fashion-mnist: not found in .*apt-get install dataset-fashion-mnist"
     ):
         create_dataset("fashion-mnist", DatasetOptions(root=str(tmp_path)))
+
+
+def _write_coop(root, name, train_per_class=2, test_per_class=1):
+    """A tiny dataset in CoOp's layout: images + split_zhou_*.json with [path, label, classname] rows."""
+    from PIL import Image
+
+    from pfedmoap.data.real import COOP_DATASETS
+
+    folder, image_dir, split_file, n_classes = COOP_DATASETS[name]
+    base = root / folder
+    rng = np.random.default_rng(0)
+    splits = {"train": [], "val": [], "test": []}
+    for c in range(n_classes):
+        classname = f"class_{c:03d} name"
+        (base / image_dir / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for key, n in (("train", train_per_class), ("test", test_per_class)):
+            for k in range(n):
+                rel = f"c{c}/{key}_{k}.jpg"
+                pixels = rng.integers(0, 256, (12 + c % 5, 10, 3), dtype=np.uint8)  # sizes differ on purpose
+                Image.fromarray(pixels).save(base / image_dir / rel)
+                splits[key].append([rel, c, classname])
+    (base / split_file).write_text(json.dumps(splits))
+    return n_classes
+
+
+@pytest.mark.parametrize(
+    ("name", "expected_counts"),
+    [
+        ("flowers102", [10] * 9 + [12]),
+        ("oxfordpets", [4] * 9 + [1]),
+        ("food101", [10] * 9 + [11]),
+        ("caltech101", [10] * 10),
+        ("dtd", [5] * 9 + [2]),
+    ],
+)
+def test_coop_layout_datasets_and_pathological_counts(tmp_path, name, expected_counts):
+    from pfedmoap.data import partition
+
+    n_classes = _write_coop(tmp_path, name)
+    bundle = create_dataset(name, DatasetOptions(root=str(tmp_path)))
+    assert bundle.num_classes == n_classes
+    assert bundle.classnames[:2] == ["class_000 name", "class_001 name"]  # label order
+    assert len(bundle.train) == 2 * n_classes and len(bundle.test) == n_classes
+    img = bundle.train.images[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 224, 224)
+    splits = partition.pathological(
+        bundle.train.labels, bundle.test.labels, 10, 16, np.random.default_rng(0), bundle.num_classes
+    )
+    assert [len(s.classes) for s in splits] == expected_counts
+
+
+def test_coop_dataset_federation_round(tmp_path, tiny_clip):
+    _write_coop(tmp_path, "dtd")
+    cfg = small_config(dataset="dtd", data_root=str(tmp_path), clients=10, experts=3, rounds=2)
+    hist = Federation(cfg, clip=tiny_clip, log=lambda m: None).run()
+    assert len(hist.rounds[-1]["client_acc"]) == 10
+
+
+@pytest.mark.parametrize("name", ["flowers102", "oxfordpets", "food101", "caltech101", "dtd"])
+def test_coop_dataset_missing_or_broken_is_one_line(tmp_path, name):
+    with pytest.raises(ConfigError, match=f"dataset={name}: not found under .*DATASETS.md"):
+        create_dataset(name, DatasetOptions(root=str(tmp_path)))
+    _write_coop(tmp_path, name, train_per_class=1, test_per_class=1)
+    from pfedmoap.data.real import COOP_DATASETS
+
+    folder, image_dir, split_file, _ = COOP_DATASETS[name]
+    next((tmp_path / folder / image_dir).rglob("*.jpg")).unlink()
+    with pytest.raises(ConfigError, match="image listed in .* is missing"):
+        create_dataset(name, DatasetOptions(root=str(tmp_path)))
+    (tmp_path / folder / split_file).write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a CoOp split file"):
+        create_dataset(name, DatasetOptions(root=str(tmp_path)))

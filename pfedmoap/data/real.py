@@ -127,3 +127,81 @@ def fashion_mnist(opts: DatasetOptions) -> DatasetBundle:
 
     names = [c.replace("/", " or ") for c in datasets.FashionMNIST.classes]  # "T-shirt/top" reads oddly
     return DatasetBundle(name="fashion-mnist", classnames=names, train=split(train), test=split(test))
+
+
+# ------------------------------------------------------------------------- CoOp-layout datasets (split_zhou)
+# folder under --data-root, image folder inside it, CoOp's split file, number of classes, where to get it
+COOP_DATASETS: dict[str, tuple[str, str, str, int]] = {
+    "flowers102": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102),
+    "oxfordpets": ("oxford_pets", "images", "split_zhou_OxfordPets.json", 37),
+    "food101": ("food-101", "images", "split_zhou_Food101.json", 101),
+    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100),
+    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json", 47),
+}
+COOP_IMAGE_SIZE = 224  # images are decoded to this square size (resize shorter side, centre crop) once read
+
+
+class ImageFiles:
+    """Images read lazily from disk: ``files[i]`` is a uint8 tensor [3, S, S] (RGB, resized, centre-cropped)."""
+
+    def __init__(self, paths: list[Path], size: int = COOP_IMAGE_SIZE):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        with Image.open(self.paths[i]) as img:
+            t = TF.pil_to_tensor(img.convert("RGB"))
+        t = TF.resize(t, self.size, antialias=True)
+        return TF.center_crop(t, [self.size, self.size])
+
+
+def _coop(opts: DatasetOptions, name: str) -> DatasetBundle:
+    import json
+
+    folder, image_dir, split_file, n_classes = COOP_DATASETS[name]
+    layout = f"{folder}/{image_dir}/ and {folder}/{split_file} (CoOp's DATASETS.md layout)"
+    base = _root(opts, name, layout) / folder
+    if not (base / split_file).is_file() or not (base / image_dir).is_dir():
+        raise ConfigError(
+            f"dataset={name}: not found under {base.parent} (expected {layout}); download the images and "
+            f"{split_file} as CoOp's DATASETS.md describes"
+        )
+    try:
+        splits = json.loads((base / split_file).read_text())
+        names: dict[int, str] = {}
+        parts = {}
+        for key in ("train", "test"):
+            rows = splits[key]
+            for _, label, classname in rows:
+                names.setdefault(int(label), classname)
+            parts[key] = (
+                [base / image_dir / path for path, _, _ in rows],
+                np.asarray([int(label) for _, label, _ in rows], dtype=np.int64),
+            )
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"dataset={name}: {base / split_file} is not a CoOp split file") from None
+    if sorted(names) != list(range(len(names))):
+        raise ConfigError(f"dataset={name}: labels in {split_file} are not 0..C-1")
+    if len(names) != n_classes:
+        raise ConfigError(f"dataset={name}: {split_file} has {len(names)} classes, expected {n_classes}")
+    missing = next((p for p in parts["train"][0] + parts["test"][0] if not p.is_file()), None)
+    if missing is not None:
+        raise ConfigError(f"dataset={name}: image listed in {split_file} is missing: {missing}")
+    # class names in label order, as the split file gives them (underscores become spaces in prompts)
+    classnames = [names[i] for i in range(len(names))]
+    train = LabeledImages(ImageFiles(parts["train"][0]), parts["train"][1])
+    test = LabeledImages(ImageFiles(parts["test"][0]), parts["test"][1])
+    return DatasetBundle(name=name, classnames=classnames, train=train, test=test)
+
+
+def _register_coop(name: str) -> None:
+    register_dataset(name)(lambda opts: _coop(opts, name))
+
+
+for _name in COOP_DATASETS:
+    _register_coop(_name)
