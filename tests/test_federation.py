@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,33 @@ def test_gate_attention_is_recorded_per_client(tiny_clip, small_world):
     assert sorted(r2["client_attention"]) == ["0", "1", "2", "3"]
     for weights in r2["client_attention"].values():
         assert len(weights) == 3 and abs(sum(weights) - 1.0) < 1e-5  # local + K = 2 experts, a distribution
+
+
+def test_experiments_command_end_to_end(tmp_path, capsys):
+    """The CLI itself: table (markdown + JSON) and plots on the synthetic world, tiny sizes."""
+    from pfedmoap.experiments import main as experiments_main
+
+    sets = [
+        "pretrained=none",
+        "rounds=2",
+        "local_epochs=1",
+        "train_per_class=10",
+        "test_per_class=4",
+        "clients=4",
+        "experts=2",
+    ]
+    argv = ["--methods", "zeroshot,promptfl,pfedmoap", "--seeds", "1,2", "--out", str(tmp_path)]
+    for item in sets:
+        argv += ["--set", item]
+    assert experiments_main(argv) == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "| pFedMoAP, lambda = 0.5 |" in report and "| PromptFL (FedAvg prompt) |" in report
+    assert json.loads((tmp_path / "results.json").read_text())["synthetic"]["pfedmoap"]["seeds"] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "plots" / "synthetic").iterdir()) == [
+        "accuracy.png",
+        "attention.png",
+        "bytes.png",
+        "client_accuracy.png",
+    ]
+    assert experiments_main([*argv[:6], "--set", "nonsense"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err

@@ -70,7 +70,20 @@ def test_missing_dataset_is_one_line(tmp_path, name):
         create_dataset(name, DatasetOptions())
 
 
-@pytest.mark.parametrize("preset", ["cifar10", "cifar100", "flowers102", "oxfordpets", "food101", "caltech101", "dtd"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "cifar10",
+        "cifar100",
+        "flowers102",
+        "oxfordpets",
+        "food101",
+        "caltech101",
+        "dtd",
+        "domainnet",
+        "office-caltech10",
+    ],
+)
 def test_paper_preset_without_data_fails_in_one_line_before_loading_a_model(tmp_path, capsys, preset):
     assert main(["--preset", preset, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -185,3 +198,65 @@ def test_coop_dataset_missing_or_broken_is_one_line(tmp_path, name):
     (tmp_path / folder / split_file).write_text("{not json")
     with pytest.raises(ConfigError, match="is not a CoOp split file"):
         create_dataset(name, DatasetOptions(root=str(tmp_path)))
+
+
+def _write_domains(root, name, per_class=6):
+    from PIL import Image
+
+    from pfedmoap.data.real import DOMAIN_DATASETS
+
+    folder, domains, classes = DOMAIN_DATASETS[name]
+    rng = np.random.default_rng(1)
+    for domain in domains:
+        for cls in classes:
+            (root / folder / domain / cls).mkdir(parents=True)
+            for k in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(
+                    root / folder / domain / cls / f"{k}.jpg"
+                )
+    return domains, classes
+
+
+@pytest.mark.parametrize(("name", "clients"), [("domainnet", 30), ("office-caltech10", 20)])
+def test_domain_datasets_and_per_domain_client_counts(tmp_path, name, clients):
+    from pfedmoap.data import partition
+
+    domains, classes = _write_domains(tmp_path, name)
+    bundle = create_dataset(name, DatasetOptions(root=str(tmp_path)))
+    assert bundle.classnames == list(classes) == sorted(classes)  # label order, never a set's order
+    assert bundle.domain_names == list(domains)
+    assert len(bundle.train) + len(bundle.test) == 6 * len(domains) * len(classes)
+    assert set(bundle.test.domains.tolist()) == set(range(len(domains)))
+    splits = partition.domain_dirichlet(
+        bundle.train.labels,
+        bundle.test.labels,
+        bundle.train.domains,
+        bundle.test.domains,
+        clients,
+        0.3,
+        np.random.default_rng(0),
+        min_size=1,
+    )
+    per_domain = np.bincount([s.domain for s in splits]).tolist()
+    assert per_domain == [5] * len(domains)
+    # the same data seed gives the same split; another seed another one
+    again = create_dataset(name, DatasetOptions(root=str(tmp_path)))
+    other = create_dataset(name, DatasetOptions(root=str(tmp_path), seed=5))
+    assert again.test.images.paths == bundle.test.images.paths != other.test.images.paths
+
+
+@pytest.mark.parametrize("name", ["domainnet", "office-caltech10"])
+def test_domain_dataset_missing_is_one_line(tmp_path, name):
+    with pytest.raises(ConfigError, match=f"dataset={name}: not found under .*missing"):
+        create_dataset(name, DatasetOptions(root=str(tmp_path)))
+
+
+def test_paper_table_puts_ours_next_to_the_paper():
+    from pfedmoap.experiments import PAPER_RESULTS, paper_table
+
+    assert PAPER_RESULTS["flowers102"]["pfedmoap"] == 98.41 and PAPER_RESULTS["office-caltech10"]["zeroshot"] == 9.40
+    assert "pfedmoap-lambda0" not in PAPER_RESULTS["cifar10"]
+    stats = {"label": "pFedMoAP, lambda = 0.5", "final": (97.0, 0.5)}
+    table = paper_table({"flowers102": {"pfedmoap": stats}, "synthetic": {"pfedmoap": stats}})
+    assert "flowers102 (ours / paper)" in table and "97.00 ± 0.50 / 98.41" in table and "synthetic" not in table
+    assert paper_table({"synthetic": {"pfedmoap": stats}}) is None

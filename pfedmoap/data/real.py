@@ -205,3 +205,73 @@ def _register_coop(name: str) -> None:
 
 for _name in COOP_DATASETS:
     _register_coop(_name)
+
+
+# ------------------------------------------------------------------------------ domain folders (feature shift)
+# folder under --data-root, its domains (domain id = position), its classes (label = position, sorted)
+DOMAIN_DATASETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    # the FedBN 10-class subset of DomainNet
+    "domainnet": (
+        "domainnet",
+        ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+        ("bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale", "windmill", "wine_glass", "zebra"),
+    ),
+    "office-caltech10": (
+        "office_caltech_10",
+        ("amazon", "caltech", "dslr", "webcam"),
+        (
+            "back_pack",
+            "bike",
+            "calculator",
+            "headphones",
+            "keyboard",
+            "laptop_computer",
+            "monitor",
+            "mouse",
+            "mug",
+            "projector",
+        ),
+    ),
+}
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+TEST_FRACTION = 0.2  # per (domain, class), drawn with the data seed when no split files are given
+
+
+def _domain_folders(opts: DatasetOptions, name: str) -> DatasetBundle:
+    folder, domains, classes = DOMAIN_DATASETS[name]
+    layout = f"{folder}/<domain>/<class>/*.jpg for domains {', '.join(domains)}"
+    base = _root(opts, name, layout) / folder
+    missing = [d for d in domains if not (base / d).is_dir()]
+    if missing:
+        raise ConfigError(f"dataset={name}: not found under {base.parent} (expected {layout}; missing {missing[0]})")
+    rng = np.random.default_rng([opts.seed, 17])
+    parts: dict[str, tuple[list[Path], list[int], list[int]]] = {"train": ([], [], []), "test": ([], [], [])}
+    for d, domain in enumerate(domains):
+        for c, cls in enumerate(classes):
+            files = sorted(p for p in (base / domain / cls).glob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+            if not files:
+                raise ConfigError(f"dataset={name}: no images in {base / domain / cls}")
+            order = rng.permutation(len(files))
+            n_test = max(1, int(round(TEST_FRACTION * len(files)))) if len(files) > 1 else 0
+            for key, idx in (("test", order[:n_test]), ("train", order[n_test:])):
+                for i in sorted(idx):
+                    parts[key][0].append(files[i])
+                    parts[key][1].append(c)
+                    parts[key][2].append(d)
+
+    def split(key: str) -> LabeledImages:
+        paths, labels, doms = parts[key]
+        return LabeledImages(ImageFiles(paths), np.asarray(labels, np.int64), np.asarray(doms, np.int64))
+
+    # class names in label order; the reference code built them from a Python set, which scrambled them
+    return DatasetBundle(
+        name=name, classnames=list(classes), train=split("train"), test=split("test"), domain_names=list(domains)
+    )
+
+
+def _register_domains(name: str) -> None:
+    register_dataset(name)(lambda opts: _domain_folders(opts, name))
+
+
+for _name in DOMAIN_DATASETS:
+    _register_domains(_name)
