@@ -150,7 +150,7 @@ def write_plots(out: Path, presets: list[str], variants: list[str], seeds: list[
         if gated:
             # the main pFedMoAP row (lambda = 0.5) when present, else the ablation
             name = "pfedmoap" if "pfedmoap" in gated else gated[0]
-            rounds = read_metrics(out / preset / name / f"seed{seeds[0]}")
+            rounds = runs[VARIANTS[name][2]][0]  # its first seed, already read above
             if any(r.get("client_attention") for r in rounds):
                 written.append(plots.attention_per_expert(rounds, folder / "attention.png"))
     return written

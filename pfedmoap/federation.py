@@ -214,7 +214,8 @@ class Federation:
         phases: dict[str, float] = defaultdict(float)
         start = time.perf_counter()
         server.rejected = []
-        sampled = server.sample()
+        # a method that does not train (zero-shot) samples nobody: the round is just an evaluation
+        sampled = server.sample() if method.trains else []
         # the paper uses the pool as it was at the start of the round; "live" is the reference code's view
         view = server.snapshot() if cfg.pool_view == "snapshot" else server.pool
         uploads: dict[int, torch.Tensor] = {}
@@ -358,29 +359,7 @@ class Federation:
         for t in rounds:
             if t in done:
                 continue
-            if self.method.trains:
-                record = self.run_round(t)
-            else:
-                start = time.perf_counter()
-                accs = self.evaluate()
-                mean, std = mean_std(accs)
-                record = {
-                    "round": t,
-                    "mean_acc": mean,
-                    "std_acc": std,
-                    "client_acc": accs,
-                    "sampled": [],
-                    "experts": {},
-                    "client_attention": {},
-                    "bytes_down": 0,
-                    "bytes_up": 0,
-                    "client_bytes_down": {},
-                    "client_bytes_up": {},
-                    "rejected_uploads": [],
-                    "dropped": [],
-                    "seconds": time.perf_counter() - start,
-                    "phase_seconds": {"eval": time.perf_counter() - start},
-                }
+            record = self.run_round(t)
             self.rounds.append(record)
             if run_dir is not None:
                 run_dir.append_round(record)
@@ -556,9 +535,6 @@ def resume(path: str | Path, log: Callable[[str], None] | None = None, progress:
         fed.load_state_dict(state)
     # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
     (run_dir.path / "checkpoints").mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(r) + "\n" for r in fed.rounds)
-    tmp = run_dir.path / "metrics.jsonl.tmp"
-    tmp.write_text(lines)
-    os.replace(tmp, run_dir.path / "metrics.jsonl")
+    run_dir.write_rounds(fed.rounds)
     fed.log(f"resuming {run_dir.path} after round {fed.rounds[-1]['round'] if fed.rounds else 0}")
     return fed.run(run_dir)

@@ -63,6 +63,13 @@ class RunDir:
             f.write(json.dumps(record, default=_jsonable) + "\n")
             f.flush()
 
+    def write_rounds(self, records: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with exactly these rounds, atomically (used when resuming)."""
+        path = self.path / "metrics.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
+        os.replace(tmp, path)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)
 
