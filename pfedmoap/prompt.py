@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .clip import FrozenCLIP
 from .errors import ConfigError
 
@@ -66,14 +67,8 @@ class PromptEncoder:
         return len(self.classnames)
 
     def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Contexts [E, n_ctx, W] -> token embeddings [E * C, L, W] (expert-major)."""
-        experts, classes = ctx.shape[0], self.num_classes
-        ctx = ctx.to(self.prefix.dtype)
-        expanded = ctx[:, None].expand(experts, classes, *ctx.shape[1:])
-        prefix = self.prefix[None].expand(experts, *self.prefix.shape)
-        suffix = self.suffix[None].expand(experts, *self.suffix.shape)
-        seq = torch.cat([prefix, expanded, suffix], dim=2)
-        return seq.reshape(experts * classes, self.length, -1)
+        """Contexts [E, n_ctx, W] -> token embeddings [E * C, L, W] (expert-major), via ``ops.assemble_prompts``."""
+        return ops.assemble_prompts(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
 
     def encode(self, ctx: torch.Tensor) -> torch.Tensor:
         """Context(s) -> L2-normalised text features, ``[C, D]`` or ``[E, C, D]``."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from . import reference
 
-OPS = ("gate_attention", "gate_score", "knn")
+OPS = ("gate_attention", "gate_score", "knn", "assemble_prompts")
 
 _IMPLS: dict[str, dict[str, Callable]] = {
     "reference": {name: getattr(reference, name) for name in OPS},
@@ -50,3 +50,7 @@ def gate_score(*args, **kwargs):
 
 def knn(*args, **kwargs):
     return _IMPLS[_ACTIVE["knn"]]["knn"](*args, **kwargs)
+
+
+def assemble_prompts(*args, **kwargs):
+    return _IMPLS[_ACTIVE["assemble_prompts"]]["assemble_prompts"](*args, **kwargs)

@@ -48,6 +48,21 @@ def gate_score(
     return gamma * torch.einsum("bd,bcd->bc", query, moe), attn
 
 
+def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of every (expert, class) prompt, expert-major.
+
+    prefix [C, 1, W] (SOS), suffix [C, S, W] (class tokens, '.', EOT, already truncated past the longest
+    EOT) and contexts [E, n_ctx, W] -> [E * C, 1 + n_ctx + S, W]. Gradients flow to ``ctx`` only.
+    """
+    experts, classes = ctx.shape[0], prefix.shape[0]
+    ctx = ctx.to(prefix.dtype)
+    expanded = ctx[:, None].expand(experts, classes, *ctx.shape[1:])
+    seq = torch.cat(
+        [prefix[None].expand(experts, *prefix.shape), expanded, suffix[None].expand(experts, *suffix.shape)], dim=2
+    )
+    return seq.reshape(experts * classes, seq.shape[2], -1)
+
+
 def pairwise_sq_dists(pool: torch.Tensor) -> torch.Tensor:
     """Exact squared L2 distances between the rows of ``pool`` [N, P] (difference-based, no GEMM rounding)."""
     return torch.cdist(pool, pool, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
