@@ -93,9 +93,10 @@ class Federation:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.backends = ops.select_backends(cfg.fused)
-        if cfg.fused and not ops.fused_available():
-            self.log("--fused: no fused backend is built yet; every op runs its reference implementation")
-        self.log("op backends: " + ", ".join(f"{op}={b}" for op, b in self.backends.items()))
+        if cfg.fused:
+            for backend, reason in ops.unavailable_backends().items():
+                self.log(f"--fused: the {backend} backend cannot run here ({reason})")
+        self.log(ops.describe(self.backends))
 
         # the data first: a missing dataset should fail before a model is loaded or pretrained
         self.dataset = dataset or create_dataset(
