@@ -65,8 +65,13 @@ def moe_logits(
     experts_reduced: torch.Tensor,
     gamma: float,
     need_weights: bool = False,
+    local_logits: torch.Tensor | None = None,
+    lam: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """l_moe[b, c] = gamma * <reduce(i_b), T_MoE[b, c]> (a raw dot product: T_MoE is not normalised)."""
+    """l_moe[b, c] = gamma * <reduce(i_b), T_MoE[b, c]> (a raw dot product: T_MoE is not normalised).
+
+    With ``local_logits`` the result is l_moe + lam * local_logits, computed inside the same (fused) op.
+    """
     return ops.gate_score(
         image_reduced,
         experts_reduced,
@@ -75,6 +80,8 @@ def moe_logits(
         scaling=gate.scaling,
         gamma=gamma,
         need_weights=need_weights,
+        local=local_logits,
+        lam=lam,
     )
 
 
@@ -100,5 +107,4 @@ def pfedmoap_logits(
     experts = torch.cat([local_text[None], expert_text.to(local_text.dtype)], dim=0)
     query = reduce_features(image, d_gate, reduction)
     keys = reduce_features(experts, d_gate, reduction)
-    moe, weights = moe_logits(gate, query, keys, gamma, need_weights=need_weights)
-    return moe + lam * local_logits, weights
+    return moe_logits(gate, query, keys, gamma, need_weights=need_weights, local_logits=local_logits, lam=lam)

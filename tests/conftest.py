@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # without a GPU the Triton kernels run on CPU tensors in the interpreter, chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pfedmoap.clip import load_clip  # noqa: E402
 from pfedmoap.config import make_config  # noqa: E402
 from pfedmoap.data import DatasetOptions, create_dataset  # noqa: E402

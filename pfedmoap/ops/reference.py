@@ -41,11 +41,23 @@ def gate_attention(
 
 
 def gate_score(
-    query: torch.Tensor, experts: torch.Tensor, *weights: torch.Tensor, gamma: float, **options
+    query: torch.Tensor,
+    experts: torch.Tensor,
+    *weights: torch.Tensor,
+    gamma: float,
+    local: torch.Tensor | None = None,
+    lam: float = 0.0,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """l_moe[b, c] = gamma * <query_b, T_MoE[b, c]>; ``weights`` and ``options`` as :func:`gate_attention`."""
+    """gamma * <query_b, T_MoE[b, c]> (+ lam * local[b, c] when ``local`` logits are given).
+
+    ``weights`` and ``options`` are those of :func:`gate_attention`; returns (logits [B, C], attention or None).
+    """
     moe, attn = gate_attention(query, experts, *weights, **options)
-    return gamma * torch.einsum("bd,bcd->bc", query, moe), attn
+    logits = gamma * torch.einsum("bd,bcd->bc", query, moe)
+    if local is not None:
+        logits = logits + lam * local
+    return logits, attn
 
 
 def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""The ``triton`` backend: the fused gate-and-score op (kernels in ``pfedmoap.kernels.gate``).
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton
+is imported; slow, for tests). Tensors it cannot run on go to the reference implementation, so a run never
+fails because of where a tensor lives.
+
+``gate_score`` has the reference signature. The four d x d projections run as ordinary GEMMs; the kernels
+do the per-(image, class) attention over experts and the scoring without building T_MoE [B, C, d]; one
+``torch.autograd.Function`` gives the gradients of the queries, the expert features and every gate
+parameter (the head-averaged attention weights are returned for logging and carry no gradient).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_KERNELS: ModuleType | None = None
+_REASON = ""
+
+
+def _load_kernels() -> ModuleType | None:
+    """``pfedmoap.kernels.gate``: installed with the package, or read from ``kernels/`` in a source checkout."""
+    global _KERNELS, _REASON
+    if _KERNELS is not None or _REASON:
+        return _KERNELS
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        _REASON = f"triton is not installed ({exc})"
+        return None
+    try:
+        _KERNELS = importlib.import_module("pfedmoap.kernels.gate")
+    except ModuleNotFoundError:
+        # a source checkout: the top-level kernels/ folder is what installs as pfedmoap.kernels
+        root = Path(__file__).resolve().parents[2] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "pfedmoap.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        if spec is None or not (root / "gate.py").is_file():
+            _REASON = f"pfedmoap.kernels is not installed and {root} has no gate.py"
+            return None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["pfedmoap.kernels"] = package
+        spec.loader.exec_module(package)
+        _KERNELS = importlib.import_module("pfedmoap.kernels.gate")
+    return _KERNELS
+
+
+def available() -> bool:
+    """Triton and its kernels import, and there is a device to run them: CUDA, or the interpreter."""
+    if _load_kernels() is None:
+        return False
+    return torch.cuda.is_available() or INTERPRET
+
+
+def unavailable_reason() -> str:
+    if _load_kernels() is None:
+        return _REASON
+    return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 set before import, for tests)"
+
+
+def _runs_here(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")
+
+
+def _launch_config(batch: int, dim: int, heads: int) -> tuple[int, int, int]:
+    kernels = _load_kernels()
+    d_pad = kernels.padded(dim)
+    h_pad = kernels.padded(heads)
+    # keep the two [BLOCK_B, d] fp32 tiles of a program within ~16K values
+    block_b = max(16, min(64, 8192 // d_pad, kernels.padded(batch)))
+    return block_b, d_pad, h_pad
+
+
+class _GateScore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, experts, wq, bq, wk, bk, wv, bv, wo, bo, local, heads, scaling, gamma, lam, need_weights):
+        kernels = _load_kernels()
+        batch, dim = query.shape
+        n_exp, n_cls, _ = experts.shape
+        flat = experts.reshape(n_exp * n_cls, dim)
+        q = (torch.nn.functional.linear(query, wq, bq) * scaling).contiguous()
+        u = (query @ wo).contiguous()  # u_b = W_O^T q_b
+        k = torch.nn.functional.linear(flat, wk, bk).contiguous()
+        v = torch.nn.functional.linear(flat, wv, bv).contiguous()
+        qb = (query.float() @ bo.float()).contiguous()
+        block_b, d_pad, h_pad = _launch_config(batch, dim, heads)
+        dev = query.device
+        out = torch.empty(batch, n_cls, device=dev, dtype=torch.float32)
+        lse = torch.empty(batch, n_cls, h_pad, device=dev, dtype=torch.float32)
+        mix = torch.empty(batch, n_cls, h_pad, device=dev, dtype=torch.float32)
+        weights = torch.empty(batch, n_cls, n_exp, device=dev, dtype=torch.float32) if need_weights else out
+        has_local = local is not None
+        grid = (triton_cdiv(batch, block_b), n_cls)
+        kernels.gate_score_fwd_kernel[grid](
+            q, u, k, v, qb, local.contiguous() if has_local else out, out, lse, mix, weights,
+            batch, n_cls, n_exp, dim, heads, dim // heads, float(gamma), float(lam),
+            BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, HAS_LOCAL=has_local, NEED_WEIGHTS=need_weights,
+        )  # fmt: skip
+        ctx.save_for_backward(query, flat, wq, wk, wv, wo, bo, q, u, k, v, lse, mix)
+        ctx.shape = (batch, n_exp, n_cls, dim, heads)
+        ctx.consts = (float(scaling), float(gamma), float(lam), block_b, d_pad, h_pad, has_local)
+        ctx.dtypes = (query.dtype, experts.dtype, wq.dtype, None if local is None else local.dtype)
+        if need_weights:
+            ctx.mark_non_differentiable(weights)
+            return out.to(query.dtype), weights.to(query.dtype)
+        return out.to(query.dtype), None
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_weights):
+        kernels = _load_kernels()
+        query, flat, wq, wk, wv, wo, bo, q, u, k, v, lse, mix = ctx.saved_tensors
+        batch, n_exp, n_cls, dim, heads = ctx.shape
+        scaling, gamma, lam, block_b, d_pad, h_pad, has_local = ctx.consts
+        q_dtype, x_dtype, w_dtype, local_dtype = ctx.dtypes
+        g = grad_out.float().contiguous()
+        g_mix = (gamma * g).contiguous()
+        dev = g.device
+
+        per_group = triton_cdiv(n_cls, min(n_cls, 64))
+        groups = triton_cdiv(n_cls, per_group)
+        dq = torch.empty(groups, batch, dim, device=dev, dtype=torch.float32)
+        du = torch.empty(groups, batch, dim, device=dev, dtype=torch.float32)
+        kernels.gate_score_bwd_query_kernel[(triton_cdiv(batch, block_b), groups)](
+            q, u, k, v, lse, mix, g_mix, dq, du, batch, n_cls, n_exp, dim, dim // heads, per_group,
+            BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad,
+        )  # fmt: skip
+        dk = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
+        dv = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
+        kernels.gate_score_bwd_expert_kernel[(n_cls, n_exp)](
+            q, u, k, v, lse, mix, g_mix, dk, dv, batch, n_cls, n_exp, dim, dim // heads,
+            BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad,
+        )  # fmt: skip
+        dq = dq.sum(0) * scaling  # the kernels saw the scaled queries
+        du = du.sum(0)
+
+        x32, q32 = flat.float(), query.float()
+        row_sums = g.sum(1)  # d logit / d <q, b_O> summed over classes, per image
+        d_query = dq @ wq.float() + du @ wo.float().t() + gamma * row_sums[:, None] * bo.float()[None, :]
+        d_experts = (dk @ wk.float() + dv @ wv.float()).view(n_exp, n_cls, dim)
+        grads = (
+            d_query.to(q_dtype),
+            d_experts.to(x_dtype),
+            (dq.t() @ q32).to(w_dtype),  # W_Q
+            dq.sum(0).to(w_dtype),
+            (dk.t() @ x32).to(w_dtype),  # W_K
+            dk.sum(0).to(w_dtype),
+            (dv.t() @ x32).to(w_dtype),  # W_V
+            dv.sum(0).to(w_dtype),
+            (q32.t() @ du).to(w_dtype),  # W_O (u = q W_O)
+            (gamma * row_sums @ q32).to(w_dtype),  # b_O
+            (lam * g).to(local_dtype) if has_local else None,
+        )
+        return (*grads, None, None, None, None, None)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gate_score(
+    query: torch.Tensor,
+    experts: torch.Tensor,
+    *weights: torch.Tensor,
+    gamma: float,
+    heads: int,
+    scaling: float,
+    need_weights: bool = False,
+    local: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused twin of :func:`pfedmoap.ops.reference.gate_score` (same arguments, same results)."""
+    if not _runs_here(query):
+        return reference.gate_score(
+            query, experts, *weights, gamma=gamma, heads=heads, scaling=scaling, need_weights=need_weights,
+            local=local, lam=lam,
+        )  # fmt: skip
+    dim = query.shape[-1]
+    if dim % heads:
+        raise ValueError(f"d_gate={dim} is not divisible by heads={heads}")
+    experts = experts.to(query.dtype)
+    return _GateScore.apply(
+        query.contiguous(), experts.contiguous(), *weights, local, heads, scaling, gamma, lam, need_weights
+    )
