@@ -1,0 +1,194 @@
+"""The Triton gate-and-score op against its plain-torch twin: forward, backward, every dtype, odd shapes.
+
+Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest sets TRITON_INTERPRET=1
+before anything imports triton), so shapes stay small; the `cuda` tests run paper-size shapes on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from pfedmoap import ops  # noqa: E402
+from pfedmoap.gate import AttentionGate, pfedmoap_logits  # noqa: E402
+from pfedmoap.ops import reference, triton_gate  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_runner = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# (B, C, E, d, H): E = 1 (local expert only), B = C = 1, head width 2, 3 and 4 (below tl.dot's 16), a
+# width that is not a power of two, 32 heads (more than the 16 padded head slots), odd batch remainders
+SHAPES = [
+    (3, 5, 4, 32, 8),
+    (1, 1, 1, 32, 1),
+    (17, 3, 2, 32, 16),
+    (2, 4, 3, 48, 3),
+    (5, 2, 6, 64, 32),
+    (20, 6, 10, 128, 8),
+]
+# relative-error bounds for fp32 results; low-precision inputs are judged against their own reference error
+FP32_TOL = {"out": 2e-6, "grad": 2e-5}
+
+
+def make_inputs(batch, classes, experts, dim, dtype, device, seed, with_local=True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_()
+
+    query = rand(batch, dim)
+    feats = rand(experts, classes, dim)
+    weights = []
+    for _ in range(4):
+        weights += [rand(dim, dim, scale=dim**-0.5), rand(dim, scale=0.1)]
+    local = rand(batch, classes) if with_local else None
+    return query, feats, weights, local
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def both(query, feats, weights, local, heads, need_weights=True, gamma=3.0, scaling=0.7, lam=0.5):
+    """(outputs, weights, grads) of the fused op and of the reference on the same inputs and upstream grad."""
+    inputs = [query, feats, *weights] + ([local] if local is not None else [])
+    results = []
+    upstream = None
+    for impl in (triton_gate.gate_score, reference.gate_score):
+        out, attn = impl(
+            query, feats, *weights, gamma=gamma, heads=heads, scaling=scaling, need_weights=need_weights,
+            local=local, lam=lam,
+        )  # fmt: skip
+        if upstream is None:
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
+        grads = torch.autograd.grad(out, inputs, upstream)
+        results.append((out, attn, grads))
+    return results
+
+
+def check_bk(grads_fused, grads_ref, tol):
+    """b_K shifts every expert's key alike, so the scores' softmax ignores it: its true gradient is zero.
+    Both implementations must agree it is negligible next to the W_K gradient (relative error is noise)."""
+    scale = grads_ref[4].float().norm()
+    assert grads_fused[5].float().norm() <= tol * scale
+    assert grads_ref[5].float().norm() <= tol * scale
+
+
+@needs_runner
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}-E{}-d{}-H{}".format(*s))
+def test_fp32_forward_and_backward_match_reference(shape):
+    batch, classes, experts, dim, heads = shape
+    query, feats, weights, local = make_inputs(batch, classes, experts, dim, torch.float32, DEVICE, seed=sum(shape))
+    (out, attn, grads), (out_r, attn_r, grads_r) = both(query, feats, weights, local, heads)
+    assert out.dtype == torch.float32 and out.shape == (batch, classes)
+    assert rel(out, out_r) < FP32_TOL["out"]
+    assert rel(attn, attn_r) < FP32_TOL["out"]
+    assert torch.allclose(attn.sum(-1), torch.ones(batch, classes, device=DEVICE), atol=1e-5)
+    names = ["query", "experts", "W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "local"]
+    for name, g, g_r in zip(names, grads, grads_r, strict=True):
+        if name == "b_K":
+            continue
+        assert g.shape == g_r.shape and g.dtype == g_r.dtype, name
+        assert rel(g, g_r) < FP32_TOL["grad"], name
+    check_bk(grads, grads_r, 1e-4)
+
+
+def check_low_precision(batch, classes, experts, dim, heads, dtype, device, seed):
+    """Both ops run on the same bf16/fp16 inputs; against an fp32 evaluation of those very values, the fused
+    op (fp32 accumulation) must be at least about as accurate as the plain-torch op in that dtype."""
+    query, feats, weights, local = make_inputs(batch, classes, experts, dim, dtype, device, seed)
+    exact = [t.detach().float().requires_grad_() for t in (query, feats, *weights, local)]
+    (out, attn, grads), (out_r, attn_r, grads_r) = both(query, feats, weights, local, heads)
+    (out_x, _, grads_x), _ = both(exact[0], exact[1], exact[2:10], exact[10], heads)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    bound = {torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]  # a few ulps of the storage precision
+    assert rel(out, out_x) < max(2 * rel(out_r, out_x), bound)
+    for i, (g, g_r, g_x) in enumerate(zip(grads, grads_r, grads_x, strict=True)):
+        if i == 5:  # b_K: zero in exact arithmetic
+            continue
+        assert rel(g, g_x) < max(2 * rel(g_r, g_x), 2 * bound), i
+
+
+@needs_runner
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_no_worse_than_the_reference(dtype):
+    check_low_precision(6, 5, 6, 64, 8, dtype, DEVICE, seed=11)
+
+
+@needs_runner
+def test_without_local_logits_and_weights():
+    query, feats, weights, _ = make_inputs(4, 3, 5, 32, torch.float32, DEVICE, seed=3, with_local=False)
+    (out, attn, grads), (out_r, attn_r, grads_r) = both(query, feats, weights, None, 4, need_weights=False)
+    assert attn is None and attn_r is None
+    assert rel(out, out_r) < FP32_TOL["out"]
+    assert max(rel(g, g_r) for i, (g, g_r) in enumerate(zip(grads, grads_r, strict=True)) if i != 5) < FP32_TOL["grad"]
+
+
+@needs_runner
+def test_through_the_gate_module_with_the_dispatch():
+    """pfedmoap_logits with the triton backend pinned gives the reference's logits and parameter grads."""
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(7, 64), dim=-1).to(DEVICE)
+    local = F.normalize(torch.randn(9, 64), dim=-1).to(DEVICE).requires_grad_()
+    experts = F.normalize(torch.randn(3, 9, 64), dim=-1).to(DEVICE)
+    gate = AttentionGate(32, heads=8).to(DEVICE)
+    results = []
+    try:
+        for backend in ("triton", "reference"):
+            ops.use_backend("gate_score", backend)
+            logits, attn = pfedmoap_logits(image, local, experts, gate, 100.0, 0.5, 32, need_weights=True)
+            # not cross-entropy: its gradient sums to zero over classes, which makes b_V's and b_O's zero
+            loss = (logits * torch.linspace(-1, 2, 63, device=DEVICE).view(7, 9)).sum()
+            grads = torch.autograd.grad(loss, [local, *gate.parameters()])
+            results.append((logits, attn, grads))
+    finally:
+        ops.select_backends(False)
+    (lf, af, gf), (lr, ar, gr) = results
+    assert rel(lf, lr) < 1e-5 and rel(af, ar) < 1e-5
+    for i, (a, b) in enumerate(zip(gf, gr, strict=True)):
+        if i == 4:  # b_K (local, W_Q, b_Q, W_K, b_K, ...): zero in exact arithmetic
+            assert a.norm() <= 1e-4 * gr[3].norm()
+            continue
+        assert rel(a, b) < 5e-5, i
+
+
+def test_cpu_tensors_without_the_interpreter_use_the_reference(monkeypatch):
+    """Outside CUDA and the interpreter the op quietly runs the reference (same numbers, no kernel launch)."""
+    monkeypatch.setattr(triton_gate, "INTERPRET", False)
+    query, feats, weights, local = make_inputs(2, 3, 2, 32, torch.float32, "cpu", seed=5)
+    out, _ = triton_gate.gate_score(query, feats, *weights, gamma=2.0, heads=4, scaling=1.0, local=local, lam=0.5)
+    want, _ = reference.gate_score(query, feats, *weights, gamma=2.0, heads=4, scaling=1.0, local=local, lam=0.5)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("batch", "classes", "experts", "dim", "heads", "dtype"),
+    [
+        (16, 10, 10, 128, 8, torch.float32),
+        (256, 1000, 40, 128, 8, torch.float32),
+        (64, 102, 64, 1024, 8, torch.float32),
+        (33, 37, 20, 96, 12, torch.float32),
+        (128, 102, 10, 128, 8, torch.bfloat16),
+        (128, 102, 10, 256, 8, torch.float16),
+    ],
+)
+def test_cuda_paper_shapes(batch, classes, experts, dim, heads, dtype):
+    if dtype != torch.float32:
+        check_low_precision(batch, classes, experts, dim, heads, dtype, "cuda", seed=batch + classes)
+        return
+    query, feats, weights, local = make_inputs(batch, classes, experts, dim, dtype, "cuda", seed=batch + classes)
+    (out, attn, grads), (out_r, attn_r, grads_r) = both(query, feats, weights, local, heads)
+    assert rel(out, out_r) < 1e-5
+    assert rel(attn, attn_r) < 1e-5
+    for i, (g, g_r) in enumerate(zip(grads, grads_r, strict=True)):
+        if i != 5:
+            assert rel(g, g_r) < 1e-4, i
+    check_bk(grads, grads_r, 1e-3)
