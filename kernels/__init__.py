@@ -1,0 +1,1 @@
+"""Triton kernels of pfedmoap (installed as ``pfedmoap.kernels``); see gate.py."""
