@@ -192,3 +192,24 @@ def test_cuda_paper_shapes(batch, classes, experts, dim, heads, dtype):
         if i != 5:
             assert rel(g, g_r) < 1e-4, i
     check_bk(grads, grads_r, 1e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}-E{}-d{}-H{}".format(*s))
+def test_factored_torch_backend_matches_reference(shape):
+    """The CPU backend (same algebra as the kernels, in torch) against the reference, forward and backward."""
+    from pfedmoap.ops import factored
+
+    batch, classes, experts, dim, heads = shape
+    query, feats, weights, local = make_inputs(batch, classes, experts, dim, torch.float64, "cpu", seed=sum(shape))
+    inputs = [query, feats, *weights, local]
+    outs = []
+    for impl in (factored.gate_score, reference.gate_score):
+        out, attn = impl(query, feats, *weights, gamma=3.0, heads=heads, scaling=0.7, need_weights=True,
+                         local=local, lam=0.5)  # fmt: skip
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out).double()).sum(), inputs)
+        outs.append((out, attn, grads))
+    (out, attn, grads), (out_r, attn_r, grads_r) = outs
+    assert rel(out, out_r) < 1e-12 and rel(attn, attn_r) < 1e-12
+    for i, (g, g_r) in enumerate(zip(grads, grads_r, strict=True)):
+        if i != 5:  # b_K: zero in exact arithmetic
+            assert rel(g, g_r) < 1e-10, i

@@ -6,6 +6,8 @@ Backends, in order of preference for ``--fused``:
   set before import, which runs them on CPU tensors, slowly: for tests);
 - ``cpp``: the compiled extension ``pfedmoap._C`` (batched expert prompt assembly and KNN; CPU with OpenMP,
   and CUDA when it was built with nvcc);
+- ``factored``: the Triton kernels' algebra in plain torch (the gate's logits without building T_MoE), for
+  CPUs and wherever Triton cannot run;
 - ``reference``: plain torch (``reference.py``), always present; what every fused op is tested against.
 
 A backend module exposes ``available() -> bool``, ``unavailable_reason() -> str`` and one function per op
@@ -24,7 +26,11 @@ from . import reference
 OPS = ("gate_attention", "gate_score", "knn", "assemble_prompts")
 
 # backend name -> module path, in order of preference
-_FUSED_MODULES = {"triton": "pfedmoap.ops.triton_gate", "cpp": "pfedmoap.ops.cpp"}
+_FUSED_MODULES = {
+    "triton": "pfedmoap.ops.triton_gate",
+    "cpp": "pfedmoap.ops.cpp",
+    "factored": "pfedmoap.ops.factored",
+}
 
 _IMPLS: dict[str, dict[str, Callable]] = {"reference": {name: getattr(reference, name) for name in OPS}}
 _UNAVAILABLE: dict[str, str] = {}
