@@ -1,4 +1,4 @@
-"""CLI: ``python -m pfedmoap.train [--preset NAME] [--method M] [--fused] [overrides]``.
+"""CLI: ``python -m pfedmoap.train [--preset NAME] [--method M] [--fused] [--engine E] [overrides]``.
 
 With no arguments: pFedMoAP on the synthetic world (preset "synthetic"). Flags override the preset;
 the resolved config is saved as ``config.json`` in the run directory. Exit codes: 0 success, 2 bad input,
@@ -8,10 +8,12 @@ the resolved config is saved as ``config.json`` in the run directory. Exit codes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from typing import Any
 
+from . import profiling
 from .cli import OneLineParser
 from .config import (
     COMM_DTYPES,
@@ -28,6 +30,8 @@ from .config import (
 )
 from .errors import UserError
 from .federation import default_run_dir, resume, run
+
+ENGINES = ("local", "flower")
 
 
 def _attn_scale(text: str) -> float | str:
@@ -100,21 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", help=f"named settings (default: {DEFAULT_PRESET}); see --list-presets")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last complete round")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="local: in-process simulation (default); flower: Flower's Ray simulation, one SuperNode per client",
+    )
     for flag, dest, kind, text in _OVERRIDES:
         parser.add_argument(flag, dest=dest, type=kind, help=text)
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + flip")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    parser.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight Systems (PFEDMOAP_NVTX=1)")
+    parser.add_argument(
+        "--profile", metavar="TRACE", help="run under torch.profiler: write a Chrome trace, print the time per range"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    if args.pop("nvtx", False):
+        profiling.enable()
+    trace = args.pop("profile", None)
     if args.pop("list_presets", False):
         for name in list_presets():
             print(f"{name:24s} {preset_description(name)}")
         return 0
     resume_dir = args.pop("resume", None)
+    engine = args.pop("engine", "local")
+    if engine == "flower":
+        return _flower(args, resume_dir)
     if resume_dir is not None:
         others = sorted(k for k in args if k != "progress")
         if others:
@@ -124,20 +143,44 @@ def main(argv: list[str] | None = None) -> int:
                 f"pfedmoap.train: error: --resume takes the config saved in {resume_dir}; drop {flag}", file=sys.stderr
             )
             return 2
-        return _finish(lambda: resume(resume_dir, progress=args.get("progress")))
+        return _finish(lambda: resume(resume_dir, progress=args.get("progress")), trace)
     preset = args.pop("preset", DEFAULT_PRESET)
 
     def start():
         cfg = make_config(preset, **args)
         return run(cfg.replace(out=cfg.out or str(default_run_dir(cfg))))
 
+    return _finish(start, trace)
+
+
+def _flower(args: dict[str, Any], resume_dir: str | None) -> int:
+    """``--engine flower``: the same run on Flower's simulation engine (needs the optional extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
+        print("pfedmoap.train: error: --engine flower needs Flower: pip install 'pfedmoap[flower]'", file=sys.stderr)
+        return 2
+    if resume_dir is not None:
+        print("pfedmoap.train: error: --resume works with --engine local only", file=sys.stderr)
+        return 2
+    preset = args.pop("preset", DEFAULT_PRESET)
+
+    def start():
+        from .flower import run_simulation
+        from .flower.server_app import flower_run_dir
+
+        cfg = make_config(preset, **args)
+        return run_simulation(cfg, out=flower_run_dir(cfg, cfg.out), log=print)
+
     return _finish(start)
 
 
-def _finish(job) -> int:
-    """Run the job; user mistakes become one line and exit 2, Ctrl-C exit 130."""
+def _finish(job, trace: str | None = None) -> int:
+    """Run the job (under torch.profiler with ``trace``); user mistakes become one line and exit 2, Ctrl-C 130."""
+    profiler = profiling.torch_profile(trace, nvtx=profiling.is_enabled()) if trace else contextlib.nullcontext()
     try:
-        history = job()
+        with profiler:
+            history = job()
     except UserError as exc:
         print(f"pfedmoap.train: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,65 @@
+"""The pFedMoAP ServerApp: builds the config, the run directory and the strategy, then runs every round.
+
+Under ``flwr run`` the config comes from the run config (``[tool.flwr.app.config]`` in pyproject.toml plus
+``--run-config`` overrides, see :func:`~pfedmoap.flower.task.config_from_run_config`); the simulation entry
+(:func:`pfedmoap.flower.run_simulation`) builds the app with the config in hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import Config
+from ..federation import default_run_dir
+from ..metrics import RunDir
+from .strategy import FlowerHistory, PFedMoAPStrategy
+from .task import FlowerOptions, check_flower_config, config_from_run_config
+
+
+def flower_run_dir(cfg: Config, out: str | None) -> str:
+    """``out`` if given, else ``runs/flower-<preset>-<method>-s<seed>-<time>``."""
+    if out:
+        return out
+    default = default_run_dir(cfg)
+    return str(default.with_name("flower-" + default.name))
+
+
+def make_server_app(
+    cfg: Config | None = None,
+    options: FlowerOptions | None = None,
+    results: list[FlowerHistory] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ServerApp:
+    """A ServerApp for one run. ``cfg`` / ``options`` default to the run config; the finished
+    :class:`FlowerHistory` is appended to ``results`` (the simulation entry reads it from there)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if cfg is None:
+            config, opts = config_from_run_config(context.run_config)
+        else:
+            config, opts = cfg, options or FlowerOptions()
+        config = check_flower_config(config.validate())
+        run_dir = RunDir.create(flower_run_dir(config, opts.out))
+        say = log or logging.getLogger("flwr").info
+        say(f"flower: writing the run to {run_dir.path.resolve()}")
+        strategy = PFedMoAPStrategy(
+            config,
+            run_dir=run_dir,
+            log=say,
+            round_timeout=opts.round_timeout,
+            connect_timeout=opts.connect_timeout,
+        )
+        history = strategy.run(grid)
+        if results is not None:
+            results.append(history)
+
+    return app
+
+
+app = make_server_app()

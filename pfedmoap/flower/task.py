@@ -1,0 +1,269 @@
+"""What the Flower ServerApp and ClientApp share: run config, wire codec, node worlds and node-private state.
+
+Nothing here is a second copy of the method. A node builds the library's own
+:class:`~pfedmoap.federation.Federation` (data, partition, frozen CLIP, prompt encoder, one
+:class:`~pfedmoap.client.Client` per partition) from the config the server sends, and trains / evaluates its own
+partition's ``Client`` with the library's method object, exactly as the in-process loop does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from .. import comm
+from ..client import Client
+from ..config import DEFAULT_PRESET, Config, make_config
+from ..errors import ConfigError
+from ..federation import Federation
+from ..methods import Payload
+
+# record names inside messages
+PAYLOAD = "payload"  # ArrayRecord: global-prompt, expert-prompts (train); global-prompt (evaluate)
+CONFIG = "config"  # ConfigRecord: round, partition-id, expert-ids, wire-dtype, config-json, ...
+UPLOAD = "upload"  # ArrayRecord: prompt (train reply)
+METRICS = "metrics"  # MetricRecord (every reply)
+
+# records inside a node's context.state: they never leave the node
+STATE_ARRAYS = "pfedmoap.client"  # prompt, expert-prompts, generator
+STATE_GATE = "pfedmoap.gate"  # the private gate's state_dict
+STATE_META = "pfedmoap.meta"  # scalars and lists as one JSON string
+
+# run-config keys that are not Config fields
+RUN_CONFIG_KEYS = ("preset", "config-json", "out", "round-timeout", "connect-timeout")
+# node-config keys a node may set for itself (where its data lives, which device, how many threads)
+NODE_OVERRIDES = {"data-root": "data_root", "device": "device", "threads": "threads"}
+
+
+@dataclass
+class FlowerOptions:
+    """ServerApp settings that are not part of the method's config."""
+
+    out: str | None = None  # run directory ("" / None: runs/flower-<preset>-<method>-s<seed>-<time>)
+    round_timeout: float = 3600.0  # seconds to wait for a phase's replies; late nodes count as failed
+    connect_timeout: float = 600.0  # seconds to wait for `clients` nodes to connect
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOptions]:
+    """A validated :class:`Config` and the Flower options from a Flower run config (``[tool.flwr.app.config]``
+    plus ``flwr run --run-config`` overrides).
+
+    ``preset`` names the starting point; ``config-json`` is a JSON object of Config fields; every other key is
+    a Config field in kebab case (``local-epochs``, ``lambda``). A value of ``""`` keeps the preset's value
+    (TOML has no null, and Flower only accepts overrides of keys declared in pyproject.toml).
+    """
+    preset = str(run_config.get("preset", DEFAULT_PRESET)) or None
+    try:
+        overrides = json.loads(str(run_config.get("config-json", "") or "{}"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"run config config-json is not valid JSON ({exc.msg})") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError("run config config-json must be a JSON object of config fields")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for key, value in run_config.items():
+        if key in RUN_CONFIG_KEYS or value == "":
+            continue
+        name = "lam" if key == "lambda" else key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"run config key {key!r} is not a pfedmoap config field")
+        overrides[name] = value
+    cfg = make_config(preset, **overrides)
+    opts = FlowerOptions(
+        out=str(run_config.get("out", "")) or None,
+        round_timeout=float(run_config.get("round-timeout", FlowerOptions.round_timeout)),
+        connect_timeout=float(run_config.get("connect-timeout", FlowerOptions.connect_timeout)),
+    )
+    return cfg, opts
+
+
+def check_flower_config(cfg: Config) -> Config:
+    """Refuse the settings that cannot run on Flower (one line, exit 2 from the CLI)."""
+    if cfg.pool_view == "live":
+        raise ConfigError(
+            "pool_view='live' needs the clients of a round to run one after another; Flower runs them in "
+            "parallel: use --pool-view snapshot (the paper) or --engine local"
+        )
+    return cfg
+
+
+def config_json(cfg: Config) -> str:
+    """The config as the server sends it to every node (canonical, so nodes can cache their world by it)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------ wire codec
+def encode_tensor(t: torch.Tensor) -> Array:
+    """A tensor as a Flower Array in its own dtype (bfloat16 travels as its int16 bit pattern)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return Array(t.view(torch.int16).numpy())
+    return Array(t.numpy())
+
+
+def decode_tensor(array: Array, wire_dtype: str | None = None) -> torch.Tensor:
+    """A Flower Array back to a tensor (a private copy). Raises on anything numpy cannot load without pickle."""
+    data = np.array(array.numpy(), copy=True)
+    t = torch.from_numpy(data)
+    if wire_dtype == "bfloat16" and t.dtype == torch.int16:
+        t = t.view(torch.bfloat16)
+    return t
+
+
+# ------------------------------------------------------------------------------------------ node worlds
+_WORLDS: dict[str, Federation] = {}
+
+
+def node_config_overrides(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Config fields a node sets for itself through its node config (data-root, device, threads)."""
+    return {field: node_config[key] for key, field in NODE_OVERRIDES.items() if key in node_config}
+
+
+def node_federation(cfg_json: str, node_config: Mapping[str, Any]) -> Federation:
+    """The world a node runs in: the library's Federation built from the server's config (cached per process).
+
+    Built deterministically from the config alone (dataset, data seed, partition seed, model), so every node
+    and the in-process engine see the same partitions, features and initial prompt.
+    """
+    try:
+        data = json.loads(cfg_json)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the server sent a config that is not JSON ({exc.msg})") from None
+    data.update(node_config_overrides(node_config))
+    cfg = check_flower_config(Config.from_dict(data, source="server config").validate())
+    cfg = cfg.replace(progress=False, out=None)
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    fed = _WORLDS.get(key)
+    if fed is None:
+        _WORLDS.clear()  # one run's world per process bounds memory
+        fed = Federation(cfg, log=lambda msg: None)
+        _WORLDS[key] = fed
+    return fed
+
+
+def partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
+    """This node's partition id (from its node config), checked against the number of clients."""
+    if "partition-id" not in node_config:
+        raise ConfigError("this node has no partition-id: start it with --node-config 'partition-id=K'")
+    pid = int(node_config["partition-id"])
+    if not 0 <= pid < num_clients:
+        raise ConfigError(f"partition-id={pid} is outside 0..{num_clients - 1} (the run has {num_clients} clients)")
+    return pid
+
+
+# ------------------------------------------------------------------------------------------ node state
+def save_client_state(client: Client, state: RecordDict) -> None:
+    """Write a client's private state into the node's ``context.state`` (which never leaves the node)."""
+    arrays = ArrayRecord()
+    arrays["generator"] = Array(client.generator.get_state().numpy())
+    if client.prompt is not None:
+        arrays["prompt"] = encode_tensor(client.prompt)
+    if client.expert_prompts is not None:
+        arrays["expert-prompts"] = encode_tensor(client.expert_prompts)
+    state[STATE_ARRAYS] = arrays
+    if client.gate is not None:
+        state[STATE_GATE] = ArrayRecord.from_torch_state_dict({k: v.cpu() for k, v in client.gate.state_dict().items()})
+    meta = {
+        "cid": client.cid,
+        "expert_ids": list(client.expert_ids),
+        "rounds_trained": client.rounds_trained,
+        "dp_releases": client.dp_releases,
+        "version": client.version,
+        "eval_key": None if client.eval_key is None else list(client.eval_key),
+        "accuracy": client.accuracy,
+        "attention": client.attention,
+    }
+    state[STATE_META] = ConfigRecord({"json": json.dumps(meta)})
+
+
+def load_client(fed: Federation, pid: int, state: RecordDict) -> Client:
+    """The partition's Client with the private state this node saved before (a fresh one on first contact).
+
+    The process-wide world is shared by every node an actor serves, so the state always comes from the
+    node's own ``context.state``, never from what the cached object last held.
+    """
+    old = fed.clients[pid]
+    client = Client(old.cid, old.data, old.seed)  # exactly a fresh client, as the in-process run starts
+    fed.clients[pid] = client
+    if STATE_META not in state:
+        return client
+    meta = json.loads(str(state[STATE_META]["json"]))
+    if int(meta["cid"]) != pid:
+        raise ConfigError(f"this node's saved state belongs to partition {meta['cid']}, not {pid}")
+    arrays = state[STATE_ARRAYS]
+    client.generator.set_state(decode_tensor(arrays["generator"]))
+    client.prompt = decode_tensor(arrays["prompt"]) if "prompt" in arrays else None
+    client.expert_prompts = decode_tensor(arrays["expert-prompts"]) if "expert-prompts" in arrays else None
+    if STATE_GATE in state:
+        gate = client.ensure_gate(fed.settings, fed.device)
+        gate.load_state_dict(state[STATE_GATE].to_torch_state_dict())
+        gate.eval()
+    client.expert_ids = [int(j) for j in meta["expert_ids"]]
+    client.rounds_trained = int(meta["rounds_trained"])
+    client.dp_releases = int(meta["dp_releases"])
+    client.version = int(meta["version"])
+    client.eval_key = None if meta["eval_key"] is None else tuple(meta["eval_key"])
+    client.accuracy = meta["accuracy"]
+    client.attention = meta["attention"]
+    return client
+
+
+# ------------------------------------------------------------------------------------------ node work
+def local_update(fed: Federation, client: Client, payload: Payload) -> torch.Tensor | None:
+    """One sampled client's round after its download, as ``Federation.run_round`` does it: the method's
+    objective and start prompt, the K experts encoded once (no grad), ``Client.train``, the new local state,
+    optional DP noise on the upload. Returns the upload as it goes on the wire (None: the method uploads
+    nothing)."""
+    cfg, method = fed.cfg, fed.method
+    objective = method.objective(payload)
+    expert_text = None
+    if objective.use_gate:
+        with torch.no_grad():
+            expert_text = fed.encoder.encode(payload.expert_prompts)
+    trained = client.train(
+        fed.encoder, method.start_prompt(fed.server, client, payload), expert_text, objective, fed.settings
+    )
+    client.prompt = trained.cpu()
+    client.expert_ids = payload.expert_ids
+    client.expert_prompts = payload.expert_prompts
+    if not method.uploads():
+        return None
+    upload = trained
+    if fed.dp_noise_multiplier is not None:
+        from ..privacy import privatize_update
+
+        start_prompt = payload.global_prompt.to(trained.device)
+        noisy = privatize_update(trained - start_prompt, cfg.dp_clip, fed.dp_noise_multiplier, client.generator)
+        upload = start_prompt + noisy  # the client keeps its clean prompt; only the upload is noised
+        client.dp_releases += 1
+    return comm.to_wire(upload, cfg.comm_dtype)
+
+
+@torch.no_grad()
+def evaluate_client(fed: Federation, client: Client) -> float:
+    """Accuracy (%) of one client on its own test split, with the state the method evaluates it with (as
+    ``Federation.evaluate`` does for each client, including the reuse of an unchanged state's accuracy).
+    ``fed.server`` must hold the round's global prompt and version."""
+    cfg = fed.cfg
+    state = fed.method.eval_state(fed.server, client)
+    if client.eval_key == state.key and client.accuracy is not None:
+        return client.accuracy
+    if state.prompt is None:
+        local_text = fed.clip.zero_shot_text_features(fed.dataset.classnames)
+    else:
+        local_text = fed.encoder.encode(state.prompt)
+    expert_text, gate = None, None
+    if state.use_gate:
+        expert_text = fed.encoder.encode(state.expert_prompts)
+        gate = client.gate
+    acc = client.evaluate(
+        fed.clip.gamma, local_text, expert_text, gate, cfg.lam, cfg.d_gate, cfg.reduction, cfg.eval_batch_size
+    )
+    client.eval_key, client.accuracy = state.key, acc
+    return acc
