@@ -16,6 +16,7 @@ from torch import nn
 from .clip import FrozenCLIP
 from .data.features import encode_images, random_crop_flip
 from .gate import AttentionGate, pfedmoap_logits
+from .profiling import nvtx_range
 from .prompt import PromptEncoder
 
 
@@ -94,6 +95,7 @@ class Client:
         images = random_crop_flip(self.data.train_images[idx], self.generator)
         return encode_images(clip, images)
 
+    @nvtx_range("local_train")
     def train(
         self,
         encoder: PromptEncoder,
@@ -127,17 +129,30 @@ class Client:
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, settings.batch_size):
                 idx = order[start : start + settings.batch_size]
-                feats = self._batch_features(clip, idx.to(device) if device.type != "cpu" else idx)
-                text = encoder.encode(ctx)
-                logits, _ = pfedmoap_logits(
-                    feats, text, expert_text, gate, clip.gamma, objective.lam, settings.d_gate, settings.reduction
-                )
-                loss = F.cross_entropy(logits, labels[idx.to(labels.device)])
-                if objective.prox_mu > 0 and anchor is not None:
-                    loss = loss + 0.5 * objective.prox_mu * (ctx - anchor).pow(2).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                with nvtx_range("step"):
+                    with nvtx_range("step.features"):
+                        feats = self._batch_features(clip, idx.to(device) if device.type != "cpu" else idx)
+                    with nvtx_range("step.text_encode"):
+                        text = encoder.encode(ctx)
+                    with nvtx_range("step.gate"):
+                        logits, _ = pfedmoap_logits(
+                            feats,
+                            text,
+                            expert_text,
+                            gate,
+                            clip.gamma,
+                            objective.lam,
+                            settings.d_gate,
+                            settings.reduction,
+                        )
+                        loss = F.cross_entropy(logits, labels[idx.to(labels.device)])
+                        if objective.prox_mu > 0 and anchor is not None:
+                            loss = loss + 0.5 * objective.prox_mu * (ctx - anchor).pow(2).sum()
+                    with nvtx_range("step.backward"):
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    with nvtx_range("step.optimizer"):
+                        opt.step()
         if gate is not None:
             gate.eval()
         self.rounds_trained += 1

@@ -31,6 +31,7 @@ from .data.features import encode_subset
 from .errors import ConfigError, UserError
 from .methods import Payload, create_method
 from .metrics import RunDir, mean_std, summarize
+from .profiling import nvtx_range, ranged
 from .prompt import PromptEncoder, init_prompt
 from .server import Server
 
@@ -210,6 +211,7 @@ class Federation:
         )
         return received, nbytes
 
+    @nvtx_range("round")
     def run_round(self, round_index: int) -> dict[str, Any]:
         cfg, server, method = self.cfg, self.server, self.method
         phases: dict[str, float] = defaultdict(float)
@@ -225,7 +227,7 @@ class Federation:
         experts: dict[int, list[int]] = {}
         dropped: list[int] = []
         bar = tqdm(sampled, desc=f"round {round_index}", leave=False, disable=not cfg.progress)
-        for cid in bar:
+        for cid in ranged(bar, "client_update"):
             client = self.clients[cid]
             with _phase(phases, "select"):
                 payload, bytes_down[cid] = self._receive(method.payload(server, view, client))
@@ -238,7 +240,7 @@ class Federation:
             objective = method.objective(payload)
             expert_text = None
             if objective.use_gate:
-                with _phase(phases, "encode_experts"), torch.no_grad():
+                with _phase(phases, "encode_experts"), nvtx_range("encode_experts"), torch.no_grad():
                     # the K frozen experts: encoded once per round, in one batched pass
                     expert_text = self.encoder.encode(payload.expert_prompts)
             with _phase(phases, "train"):
@@ -312,6 +314,7 @@ class Federation:
             self._zero_shot_text = self.clip.zero_shot_text_features(self.dataset.classnames)
         return self._zero_shot_text
 
+    @nvtx_range("evaluate")
     @torch.no_grad()
     def evaluate(self) -> list[float]:
         """Accuracy (%) of every client on its own test split. A client whose evaluated state did not change

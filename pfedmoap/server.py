@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .profiling import nvtx_range
 
 
 class Server:
@@ -55,6 +56,7 @@ class Server:
         """The pool as at the start of the round (pool tensors are never modified in place)."""
         return dict(self.pool)
 
+    @nvtx_range("server.select_experts")
     def select_experts(self, cid: int, view: Mapping[int, torch.Tensor], k: int) -> list[int]:
         """The K experts for client ``cid``: other pool entries, nearest by L2 (knn) or at random.
 
@@ -101,6 +103,7 @@ class Server:
         self.pool[cid] = prompt.detach().cpu().float().clone()
         return True
 
+    @nvtx_range("server.aggregate")
     def aggregate(self, uploads: Mapping[int, torch.Tensor]) -> None:
         """P_g := sum_i n_i / sum(n) * P_i over this round's accepted uploads (FedAvg)."""
         if not uploads:
