@@ -1,0 +1,177 @@
+// CUDA parts of the KNN: row norms, and the top-k kernel that merges one block of GEMM distances into the running
+// best list of every query (the blocked loop itself, and the GEMM, are in knn.cpp).
+#include "../pfedmoap.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace pfedmoap {
+
+namespace {
+
+constexpr int kThreads = 256;  // >= kKnnKernelMaxTake: each thread reloads at most one previous best entry
+constexpr int64_t kNoId = std::numeric_limits<int64_t>::max();
+static_assert(kThreads >= kKnnKernelMaxTake, "one previous best entry per thread");
+
+template <typename acc_t>
+__global__ void row_sq_norms_kernel(const acc_t* __restrict__ rows, acc_t* __restrict__ out, int64_t n, int64_t p) {
+  // one warp per row, a fixed lane order and shuffle tree: equal rows get bit-equal norms
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; r < n; r += warps) {
+    acc_t sum = 0;
+    for (int64_t j = lane; j < p; j += 32) {
+      const acc_t v = rows[r * p + j];
+      sum += v * v;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0) out[r] = sum;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ bool before(acc_t d1, int64_t i1, acc_t d2, int64_t i2) {
+  return d1 < d2 || (d1 == d2 && i1 < i2);  // ties to the lower id
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void argmin_warp(acc_t& d, int64_t& id) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const acc_t od = __shfl_down_sync(0xffffffffu, d, offset);
+    const int64_t oi = static_cast<int64_t>(__shfl_down_sync(0xffffffffu, static_cast<long long>(id), offset));
+    if (before(od, oi, d, id)) {
+      d = od;
+      id = oi;
+    }
+  }
+}
+
+// One block per query. Each thread keeps a sorted list of its best `take` candidates among the block's columns it
+// strides over (plus at most one entry of the previous best list); then `take` rounds of a block-wide argmin over
+// the list heads write the merged best list back in order. MAXT bounds `take` at compile time (local arrays).
+template <typename acc_t, int MAXT>
+__global__ void __launch_bounds__(kThreads) knn_merge_kernel(
+    const acc_t* __restrict__ gram, const acc_t* __restrict__ qnorm, const acc_t* __restrict__ pnorm,
+    const bool* __restrict__ present, const int64_t* __restrict__ qids, int64_t col0, int64_t cols,
+    acc_t* __restrict__ best_d, int64_t* __restrict__ best_i, int take) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const int64_t q = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  acc_t* row_d = best_d + q * take;
+  int64_t* row_i = best_i + q * take;
+
+  acc_t list_d[MAXT];
+  int64_t list_i[MAXT];
+  int count = 0;
+  auto insert = [&](acc_t d, int64_t id) {
+    int pos = count < take ? count : take - 1;
+    while (pos > 0 && before(d, id, list_d[pos - 1], list_i[pos - 1])) {
+      list_d[pos] = list_d[pos - 1];
+      list_i[pos] = list_i[pos - 1];
+      --pos;
+    }
+    list_d[pos] = d;
+    list_i[pos] = id;
+    if (count < take) ++count;
+  };
+
+  if (tid < take && row_i[tid] != kNoId) insert(row_d[tid], row_i[tid]);
+  const acc_t qsq = qnorm[q];
+  const int64_t self = qids[q];
+  const acc_t* g = gram + q * cols;
+  for (int64_t j = tid; j < cols; j += blockDim.x) {
+    const int64_t id = col0 + j;
+    if (!present[id] || id == self) continue;
+    acc_t d = qsq + pnorm[j] - acc_t(2) * g[j];
+    if (!(d >= acc_t(0))) d = isnan(d) ? inf : acc_t(0);  // GEMM rounding can go below 0; NaN sorts last
+    if (count < take || before(d, id, list_d[take - 1], list_i[take - 1])) insert(d, id);
+  }
+
+  __shared__ acc_t warp_d[kThreads / 32];
+  __shared__ int64_t warp_i[kThreads / 32];
+  __shared__ int64_t winner;
+  int head = 0;
+  for (int r = 0; r < take; ++r) {
+    acc_t d = head < count ? list_d[head] : inf;
+    int64_t id = head < count ? list_i[head] : kNoId;
+    argmin_warp(d, id);
+    if (lane == 0) {
+      warp_d[warp] = d;
+      warp_i[warp] = id;
+    }
+    __syncthreads();  // also orders every thread's read of the previous best before its overwrite below
+    if (warp == 0) {
+      const int warps = blockDim.x / 32;
+      d = lane < warps ? warp_d[lane] : inf;
+      id = lane < warps ? warp_i[lane] : kNoId;
+      argmin_warp(d, id);
+      if (lane == 0) {
+        winner = id;
+        row_d[r] = d;
+        row_i[r] = id;
+      }
+    }
+    __syncthreads();
+    if (head < count && list_i[head] == winner) ++head;  // ids are unique: exactly one thread advances
+  }
+}
+
+template <typename acc_t, int MAXT>
+void launch_merge(const at::Tensor& gram, const at::Tensor& qnorm, const at::Tensor& pnorm, const at::Tensor& present,
+                  const at::Tensor& qids, int64_t col0, at::Tensor& best_d, at::Tensor& best_i, int64_t take) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  knn_merge_kernel<acc_t, MAXT><<<gram.size(0), kThreads, 0, stream>>>(
+      gram.data_ptr<acc_t>(), qnorm.data_ptr<acc_t>(), pnorm.data_ptr<acc_t>(), present.data_ptr<bool>(),
+      qids.data_ptr<int64_t>(), col0, gram.size(1), best_d.data_ptr<acc_t>(), best_i.data_ptr<int64_t>(),
+      static_cast<int>(take));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor row_sq_norms_cuda(const at::Tensor& rows, at::ScalarType acc) {
+  c10::cuda::CUDAGuard guard(rows.device());
+  auto x = rows.to(acc).contiguous();
+  const int64_t n = x.size(0), p = x.size(1);
+  auto out = at::empty({n}, x.options());
+  if (n == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n * 32 + kThreads - 1) / kThreads, 65535));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_sq_norms_cuda", [&] {
+    row_sq_norms_kernel<scalar_t>
+        <<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void knn_merge_block_cuda(const at::Tensor& gram, const at::Tensor& qnorm, const at::Tensor& pnorm,
+                          const at::Tensor& present, const at::Tensor& qids, int64_t col0, at::Tensor& best_d,
+                          at::Tensor& best_i, int64_t take) {
+  TORCH_CHECK(take >= 1 && take <= kKnnKernelMaxTake, "knn_merge_block_cuda: take out of range");
+  TORCH_CHECK(gram.is_contiguous() && best_d.is_contiguous() && best_i.is_contiguous() && present.is_contiguous() &&
+                  qids.is_contiguous(),
+              "knn_merge_block_cuda: contiguous inputs expected");
+  TORCH_CHECK(gram.size(0) <= std::numeric_limits<int32_t>::max(), "knn_merge_block_cuda: too many queries in a block");
+  if (gram.size(0) == 0) return;
+  c10::cuda::CUDAGuard guard(gram.device());
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "knn_merge_block_cuda", [&] {
+    if (take <= 8) {
+      launch_merge<scalar_t, 8>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
+    } else if (take <= 16) {
+      launch_merge<scalar_t, 16>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
+    } else if (take <= 32) {
+      launch_merge<scalar_t, 32>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
+    } else {
+      launch_merge<scalar_t, kKnnKernelMaxTake>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
+    }
+  });
+}
+
+}  // namespace pfedmoap
