@@ -1,0 +1,107 @@
+"""The ``cpp`` backend: ops of the compiled extension ``pfedmoap._C`` (csrc/), with the reference signatures.
+
+- :func:`assemble_prompts`: batched expert prompt assembly, CPU (OpenMP) and CUDA, with a backward that gives
+  the gradient of the contexts (prefix and suffix are frozen).
+- :func:`knn`: nearest pool entries via blocked GEMM distances and a top-k merge, CPU (float64) and CUDA
+  (float32 without TF32, float64 for a float64 pool).
+
+Inputs the extension cannot take (CUDA tensors when it was built without CUDA, other devices, a prefix or suffix
+that needs a gradient) go to the reference implementation, so a call never fails for lack of a kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+_MISSING = "pfedmoap._C is not built: run pip install -e . (needs a C++ compiler)"
+_C: ModuleType | None = None
+_REASON = ""
+_TRIED = False
+
+
+def _load() -> ModuleType | None:
+    """Import the extension once; remember why it failed."""
+    global _C, _REASON, _TRIED
+    if not _TRIED:
+        _TRIED = True
+        try:
+            _C = importlib.import_module("pfedmoap._C")
+        except ModuleNotFoundError as exc:
+            if exc.name != "pfedmoap._C":
+                raise
+            _REASON = _MISSING
+        except ImportError as exc:  # built against another torch, missing shared library, ...
+            _REASON = f"pfedmoap._C is built but cannot be imported ({exc}); rebuild it: pip install -e ."
+    return _C
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def unavailable_reason() -> str:
+    _load()
+    return _REASON
+
+
+def cuda_built() -> bool:
+    """Whether the extension has its CUDA kernels (False when it is missing)."""
+    ext = _load()
+    return bool(ext is not None and ext.cuda_built())
+
+
+def _runs_on(device: torch.device) -> bool:
+    return available() and (device.type == "cpu" or (device.type == "cuda" and cuda_built()))
+
+
+class _AssemblePrompts(torch.autograd.Function):
+    """[prefix; ctx[e]; suffix] for every (expert, class); the gradient goes to ctx only."""
+
+    @staticmethod
+    def forward(ctx, prefix: torch.Tensor, suffix: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        ctx.dims = (contexts.shape[0], prefix.shape[0], prefix.shape[1], contexts.shape[1])
+        return _C.assemble_prompts(prefix, suffix, contexts)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        experts, classes, prefix_len, n_ctx = ctx.dims
+        grad_ctx = None
+        if ctx.needs_input_grad[2]:
+            grad_ctx = _C.assemble_prompts_backward(grad, experts, classes, prefix_len, n_ctx)
+        return None, None, grad_ctx
+
+
+def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of every (expert, class) prompt, expert-major; as :func:`reference.assemble_prompts`."""
+    usable = (
+        _runs_on(prefix.device)
+        and prefix.device == suffix.device == ctx.device
+        and prefix.dim() == suffix.dim() == ctx.dim() == 3
+        and not (prefix.requires_grad or suffix.requires_grad)  # the kernel gives no gradient to frozen parts
+    )
+    if not usable:
+        return reference.assemble_prompts(prefix, suffix, ctx)
+    # the reference casts ctx to the prefix dtype, then torch.cat promotes: the same here, before the kernel
+    dtype = torch.promote_types(prefix.dtype, suffix.dtype)
+    ctx = ctx.to(prefix.dtype).to(dtype)
+    return _AssemblePrompts.apply(prefix.to(dtype), suffix.to(dtype), ctx)
+
+
+def knn(pool: torch.Tensor, present: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """For each query row id, the ids of its k nearest other present rows; as :func:`reference.knn`.
+
+    Distances come from a GEMM (|a|^2 + |b|^2 - 2ab), so rows whose distances to a query differ by less than the
+    GEMM's rounding (float64 on the CPU, float32 on CUDA) may come in a different order than the exact reference.
+    """
+    if not _runs_on(pool.device) or pool.dim() < 1:
+        return reference.knn(pool, present, queries, k)
+    with torch.no_grad():
+        present = torch.as_tensor(present, device=pool.device)
+        queries = torch.as_tensor(queries, device=pool.device)
+        return _C.knn(pool.detach(), present, queries, int(k))
