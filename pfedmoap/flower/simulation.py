@@ -6,6 +6,7 @@ ServerApp runs in this process, so its result comes back as a :class:`FlowerHist
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -54,13 +55,33 @@ def run_simulation(
     RunDir.check(target)  # refuse a used folder before Ray starts
     results: list[FlowerHistory] = []
     server_app = make_server_app(cfg, FlowerOptions(out=target, round_timeout=round_timeout), results, log)
-    flwr_run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.clients,
-        backend_config=backend_config or default_backend_config(cfg),  # type: ignore[arg-type]
-        verbose_logging=verbose,
-    )
+    # Flower deprecates this Python entry point in favour of `flwr run`; here it is the supported path, so its
+    # "use flwr run instead" warning would only mislead
+    quiet = _DropMessages("`run_simulation` function is deprecated")
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(quiet)
+    try:
+        flwr_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.clients,
+            backend_config=backend_config or default_backend_config(cfg),  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        flwr_logger.removeFilter(quiet)
     if not results:
         raise RuntimeError("the Flower simulation ended without a result (see its log above)")
     return results[0]
+
+
+class _DropMessages(logging.Filter):
+    """Drop log records whose message contains any of the given fragments."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(fragment in text for fragment in self.fragments)
