@@ -48,6 +48,7 @@ class FakeGrid(Grid):
                 run_id=7, node_id=node, node_config={"partition-id": pid}, state=RecordDict(), run_config={}
             )
         self.train_tamper: dict[int, Tamper] = {}  # partition id -> what happens to its train reply
+        self.eval_tamper: dict[int, Tamper] = {}  # ... and to its evaluate reply
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -85,8 +86,9 @@ class FakeGrid(Grid):
                 reply = self.app(msg, context)
             except Exception as exc:  # what Flower's runtime turns a raising ClientApp into
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            tamper = self.train_tamper.get(context.node_config["partition-id"])
-            if tamper is not None and msg.metadata.message_type == "train":
+            tampers = {"train": self.train_tamper, "evaluate": self.eval_tamper}.get(msg.metadata.message_type, {})
+            tamper = tampers.get(context.node_config["partition-id"])
+            if tamper is not None:
                 reply = tamper(msg, reply)
             if reply is not None:
                 self.replies.append(reply)
@@ -234,9 +236,10 @@ def test_client_state_lives_in_context_state():
 
 # ---------------------------------------------------------------------------------------------- faults
 def test_failing_nan_and_silent_nodes_leave_the_pool_alone(tmp_path):
-    """Round 2: partition 1's node raises, partition 2's uploads NaNs, partition 3's never answers. The round
-    completes; the pool keeps their round-1 prompts; P_g is the average of the one good upload; the round's
-    metrics count and name them; every node is still evaluated."""
+    """Round 2: partition 1's node raises (in training and evaluation), partition 2's uploads NaNs, partition
+    3's never answers its training message. The round completes; the pool keeps their round-1 prompts; P_g is
+    the average of the one good upload; the round's metrics count and name them; the mean accuracy is over the
+    nodes that were evaluated."""
     cfg = cfg_for(rounds=3, experts=2)
     grid = FakeGrid(cfg.clients, node_seed=4)
     run_dir = RunDir.create(tmp_path / "run")
@@ -246,6 +249,7 @@ def test_failing_nan_and_silent_nodes_leave_the_pool_alone(tmp_path):
     before = {k: v.clone() for k, v in strategy.server.pool.items()}
     nan = Array(np.full((16, 64), np.nan, dtype=np.float32))
     grid.train_tamper = {1: fails, 2: uploads(nan), 3: silent}
+    grid.eval_tamper = {1: fails}
     strategy.start(grid, strategy.initial_arrays(), num_rounds=1, timeout=60)
     rec = strategy.rounds[-1]
     pool = strategy.server.pool
@@ -258,9 +262,11 @@ def test_failing_nan_and_silent_nodes_leave_the_pool_alone(tmp_path):
     failed = {f["client"]: f["reason"] for f in rec["failed"]}
     assert "injected failure" in failed[1] and "timeout" in failed[3]
     assert rec["rejected_uploads"] == [{"client": 2, "reason": "non-finite values"}]
-    assert rec["num_eval_failed"] == 0 and all(np.isfinite(rec["client_acc"]))
+    assert rec["eval_failed"] == [{"client": 1, "reason": "node error: RuntimeError: injected failure"}]
+    accs = rec["client_acc"]
+    assert np.isnan(accs[1]) and rec["mean_acc"] == pytest.approx(np.mean([accs[0], accs[2], accs[3]]))
     # the next round goes on normally and uses the pool as it stands
-    grid.train_tamper = {}
+    grid.train_tamper, grid.eval_tamper = {}, {}
     strategy.start(grid, strategy.initial_arrays(), num_rounds=1, timeout=60)
     assert strategy.rounds[-1]["num_failed"] == strategy.rounds[-1]["num_rejected"] == 0
     lines = read_metrics(run_dir.path)

@@ -38,8 +38,8 @@ STATE_META = "pfedmoap.meta"  # scalars and lists as one JSON string
 
 # run-config keys that are not Config fields
 RUN_CONFIG_KEYS = ("preset", "config-json", "out", "round-timeout", "connect-timeout")
-# node-config keys a node may set for itself (where its data lives, which device, how many threads)
-NODE_OVERRIDES = {"data-root": "data_root", "device": "device", "threads": "threads"}
+# node-config keys a node may set for itself: where its data and weights live, which device, how many threads
+NODE_OVERRIDES = {"data-root": "data_root", "pretrained": "pretrained", "device": "device", "threads": "threads"}
 
 
 @dataclass
@@ -121,7 +121,7 @@ _WORLDS: dict[str, Federation] = {}
 
 
 def node_config_overrides(node_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Config fields a node sets for itself through its node config (data-root, device, threads)."""
+    """Config fields a node sets for itself through its node config (data-root, pretrained, device, threads)."""
     return {field: node_config[key] for key, field in NODE_OVERRIDES.items() if key in node_config}
 
 
