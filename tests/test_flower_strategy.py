@@ -23,11 +23,12 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict  # 
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from pfedmoap.errors import ConfigError  # noqa: E402
+from pfedmoap.errors import ConfigError, UserError  # noqa: E402
 from pfedmoap.federation import Federation  # noqa: E402
 from pfedmoap.flower.client_app import make_client_app  # noqa: E402
+from pfedmoap.flower.server_app import make_server_app  # noqa: E402
 from pfedmoap.flower.strategy import PFedMoAPStrategy  # noqa: E402
-from pfedmoap.flower.task import STATE_GATE, UPLOAD, config_from_run_config  # noqa: E402
+from pfedmoap.flower.task import STATE_GATE, UPLOAD, FlowerOptions, config_from_run_config  # noqa: E402
 from pfedmoap.metrics import RunDir, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,9 +310,17 @@ def test_partition_without_a_node_counts_as_failed():
     assert sorted(history.server.pool) == [0, 1, 2]
 
 
+def _server_context() -> Context:
+    return Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+
 def test_run_directory_has_the_in_process_files_and_keys(tmp_path, tiny_clip, small_world):
+    """Through the ServerApp itself: the run directory has the in-process files, keys and numbers."""
     cfg = cfg_for(rounds=2)
-    flower = run_flower(cfg, FakeGrid(cfg.clients, node_seed=1), RunDir.create(tmp_path / "flower"))
+    results = []
+    app = make_server_app(cfg, FlowerOptions(out=str(tmp_path / "flower")), results, log=lambda m: None)
+    app(FakeGrid(cfg.clients, node_seed=1), _server_context())
+    (flower,) = results
     local = Federation(cfg, clip=tiny_clip, dataset=small_world, log=lambda m: None)
     local.run(RunDir.create(tmp_path / "local"))
     for name in ("config.json", "metrics.jsonl", "summary.json"):
@@ -324,6 +333,14 @@ def test_run_directory_has_the_in_process_files_and_keys(tmp_path, tiny_clip, sm
     meta = json.loads((tmp_path / "flower" / "config.json").read_text())["_meta"]
     assert meta["engine"] == "flower" and meta["client_train_sizes"] == [c.data.num_train for c in local.clients]
     assert flower.run_dir == tmp_path / "flower"
+
+
+def test_a_run_whose_nodes_cannot_start_says_why_and_writes_nothing(tmp_path):
+    cfg = cfg_for(dataset="cifar10", data_root=str(tmp_path / "nodata"), domains=None)
+    app = make_server_app(cfg, FlowerOptions(out=str(tmp_path / "run")), [], log=lambda m: None)
+    with pytest.raises(UserError, match=r"^no node is ready for the run: (ConfigError: )?dataset=cifar10: not found"):
+        app(FakeGrid(cfg.clients, node_seed=1), _server_context())
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------- config

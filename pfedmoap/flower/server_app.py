@@ -45,16 +45,15 @@ def make_server_app(
         else:
             config, opts = cfg, options or FlowerOptions()
         config = check_flower_config(config.validate())
-        run_dir = RunDir.create(flower_run_dir(config, opts.out))
+        target = flower_run_dir(config, opts.out)
+        RunDir.check(target)
         say = log or logging.getLogger("flwr").info
-        say(f"flower: writing the run to {run_dir.path.resolve()}")
         strategy = PFedMoAPStrategy(
-            config,
-            run_dir=run_dir,
-            log=say,
-            round_timeout=opts.round_timeout,
-            connect_timeout=opts.connect_timeout,
+            config, log=say, round_timeout=opts.round_timeout, connect_timeout=opts.connect_timeout
         )
+        strategy.connect(grid)  # nodes build their worlds first: a run that cannot start writes nothing
+        strategy.run_dir = RunDir.create(target)
+        say(f"flower: writing the run to {strategy.run_dir.path.resolve()}")
         history = strategy.run(grid)
         if results is not None:
             results.append(history)

@@ -173,7 +173,7 @@ class PFedMoAPStrategy(Strategy):
         for node in nodes:
             reply = replies.get(node)
             if reply is None or reply.has_error():
-                reason = "no reply" if reply is None else reply.error.reason
+                reason = "no reply" if reply is None else _error_reason(reply.error.reason)
                 errors.append(reason)
                 self.log(f"flower: node {node} failed the handshake: {reason}")
                 continue
@@ -276,7 +276,7 @@ class PFedMoAPStrategy(Strategy):
                 rnd.failed[pid] = f"no reply within the round timeout ({self.round_timeout:g} s)"
                 continue
             if reply.has_error():
-                rnd.failed[pid] = f"node error: {_last_line(reply.error.reason)}"
+                rnd.failed[pid] = f"node error: {_error_reason(reply.error.reason)}"
                 continue
             upload = self._accept(pid, reply, rnd)
             if upload is not None and server.receive(pid, upload):
@@ -362,7 +362,7 @@ class PFedMoAPStrategy(Strategy):
             if reply is None:
                 eval_failed[pid] = f"no reply within the round timeout ({self.round_timeout:g} s)"
             elif reply.has_error():
-                eval_failed[pid] = f"node error: {_last_line(reply.error.reason)}"
+                eval_failed[pid] = f"node error: {_error_reason(reply.error.reason)}"
             else:
                 try:
                     metrics = reply.content[METRICS]
@@ -443,7 +443,8 @@ class PFedMoAPStrategy(Strategy):
         """Handshake, every round (one evaluation-only round 0 for zero-shot), summary. Writes the run
         directory when one was given."""
         cfg = self.cfg
-        self.connect(grid)
+        if not self.node_of:
+            self.connect(grid)
         if self.run_dir is not None:
             self.run_dir.write_config({**cfg.to_dict(), "_meta": self.meta()})
         rounds = cfg.rounds if self.method.trains else 1
@@ -482,9 +483,14 @@ class PFedMoAPStrategy(Strategy):
         }
 
 
-def _last_line(text: str | None) -> str:
-    lines = (text or "").strip().splitlines()
-    return lines[-1][:300] if lines else "unknown"
+def _error_reason(text: str | None) -> str:
+    """The useful line of a node's error: the ClientApp's own message, not the runtime's traceback around it."""
+    text = (text or "").strip()
+    marker = "Message: "  # Flower's runtimes wrap the ClientApp's exception as "... Message: <its text>"
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip().removesuffix("'>")[:500] if lines else "unknown"
 
 
 def _round_line(r: dict[str, Any], total: int) -> str:
