@@ -237,40 +237,13 @@ class Federation:
                 dropped.append(cid)
                 bytes_up[cid] = 0
                 continue
-            objective = method.objective(payload)
-            expert_text = None
-            if objective.use_gate:
-                with _phase(phases, "encode_experts"), nvtx_range("encode_experts"), torch.no_grad():
-                    # the K frozen experts: encoded once per round, in one batched pass
-                    expert_text = self.encoder.encode(payload.expert_prompts)
-            with _phase(phases, "train"):
-                trained = client.train(
-                    self.encoder, method.start_prompt(server, client, payload), expert_text, objective, self.settings
-                )
-            client.prompt = trained.cpu()
-            client.expert_ids = payload.expert_ids
-            client.expert_prompts = payload.expert_prompts
-            if expert_text is not None:
-                self._expert_text_cache[cid] = (client.version, expert_text)
-            else:
-                self._expert_text_cache.pop(cid, None)
-            if method.uploads():
-                upload = trained
-                if self.dp_noise_multiplier is not None:
-                    from .privacy import privatize_update
-
-                    start_prompt = payload.global_prompt.to(trained.device)
-                    noisy = privatize_update(
-                        trained - start_prompt, cfg.dp_clip, self.dp_noise_multiplier, client.generator
-                    )
-                    upload = start_prompt + noisy  # the client keeps its clean prompt; only the upload is noised
-                    client.dp_releases += 1
-                wire = comm.to_wire(upload, cfg.comm_dtype)
-                bytes_up[cid] = comm.nbytes([wire])
-                if server.receive(cid, wire.float()):
-                    uploads[cid] = server.pool[cid]
-            else:
+            wire = self.local_update(client, payload, phases)
+            if wire is None:  # the method uploads nothing
                 bytes_up[cid] = 0
+                continue
+            bytes_up[cid] = comm.nbytes([wire])
+            if server.receive(cid, wire.float()):
+                uploads[cid] = server.pool[cid]
         with _phase(phases, "aggregate"):
             method.aggregate(server, uploads)
         with _phase(phases, "eval"):
@@ -298,6 +271,43 @@ class Federation:
         }
         return record
 
+    def local_update(
+        self, client: Client, payload: Payload, phases: dict[str, float] | None = None
+    ) -> torch.Tensor | None:
+        """One sampled client's work after its download: encode its K experts once (no grad), train from the
+        method's start prompt, keep the new local state, and return the upload as it goes on the wire (DP noise
+        added when on), or None when the method uploads nothing. The Flower ClientApp runs this same step."""
+        cfg, method = self.cfg, self.method
+        phases = phases if phases is not None else defaultdict(float)
+        objective = method.objective(payload)
+        expert_text = None
+        if objective.use_gate:
+            with _phase(phases, "encode_experts"), nvtx_range("encode_experts"), torch.no_grad():
+                # the K frozen experts: encoded once per round, in one batched pass
+                expert_text = self.encoder.encode(payload.expert_prompts)
+        with _phase(phases, "train"):
+            trained = client.train(
+                self.encoder, method.start_prompt(self.server, client, payload), expert_text, objective, self.settings
+            )
+        client.prompt = trained.cpu()
+        client.expert_ids = payload.expert_ids
+        client.expert_prompts = payload.expert_prompts
+        if expert_text is not None:
+            self._expert_text_cache[client.cid] = (client.version, expert_text)
+        else:
+            self._expert_text_cache.pop(client.cid, None)
+        if not method.uploads():
+            return None
+        upload = trained
+        if self.dp_noise_multiplier is not None:
+            from .privacy import privatize_update
+
+            start_prompt = payload.global_prompt.to(trained.device)
+            noisy = privatize_update(trained - start_prompt, cfg.dp_clip, self.dp_noise_multiplier, client.generator)
+            upload = start_prompt + noisy  # the client keeps its clean prompt; only the upload is noised
+            client.dp_releases += 1
+        return comm.to_wire(upload, cfg.comm_dtype)
+
     def _dp_record(self) -> dict[str, Any]:
         """Noise level and the largest epsilon any client has spent so far (its uploads so far)."""
         if self.dp_noise_multiplier is None:
@@ -319,36 +329,41 @@ class Federation:
     def evaluate(self) -> list[float]:
         """Accuracy (%) of every client on its own test split. A client whose evaluated state did not change
         since its last evaluation keeps its accuracy (exact: same state, same data)."""
-        cfg = self.cfg
         shared_text: dict[tuple, torch.Tensor] = {}
-        accs = []
-        for client in self.clients:
-            state = self.method.eval_state(self.server, client)
-            if client.eval_key == state.key and client.accuracy is not None:
-                accs.append(client.accuracy)
-                continue
-            if state.prompt is None:
-                local_text = self._zero_shot()
-            else:
-                if state.key not in shared_text:
-                    shared_text[state.key] = self.encoder.encode(state.prompt)
-                local_text = shared_text[state.key]
-            expert_text, gate = None, None
-            if state.use_gate:
-                cached = self._expert_text_cache.get(client.cid)
-                if cached is not None and cached[0] == client.version:
-                    expert_text = cached[1]
-                else:
-                    expert_text = self.encoder.encode(state.expert_prompts)
-                gate = client.gate
-            acc = client.evaluate(
-                self.clip.gamma, local_text, expert_text, gate, cfg.lam, cfg.d_gate, cfg.reduction, cfg.eval_batch_size
-            )
-            client.eval_key, client.accuracy = state.key, acc
-            accs.append(acc)
+        accs = [self.evaluate_client(client, shared_text) for client in self.clients]
         # expert features were only kept for this evaluation; drop them to bound memory
         self._expert_text_cache.clear()
         return accs
+
+    @torch.no_grad()
+    def evaluate_client(self, client: Client, shared_text: dict[tuple, torch.Tensor] | None = None) -> float:
+        """Accuracy (%) of one client with the state its method evaluates it with; an unchanged state keeps its
+        accuracy. ``shared_text`` shares text features between clients evaluated with the same prompt. The
+        Flower ClientApp evaluates its node's client with this."""
+        cfg = self.cfg
+        shared_text = {} if shared_text is None else shared_text
+        state = self.method.eval_state(self.server, client)
+        if client.eval_key == state.key and client.accuracy is not None:
+            return client.accuracy
+        if state.prompt is None:
+            local_text = self._zero_shot()
+        else:
+            if state.key not in shared_text:
+                shared_text[state.key] = self.encoder.encode(state.prompt)
+            local_text = shared_text[state.key]
+        expert_text, gate = None, None
+        if state.use_gate:
+            cached = self._expert_text_cache.get(client.cid)
+            if cached is not None and cached[0] == client.version:
+                expert_text = cached[1]
+            else:
+                expert_text = self.encoder.encode(state.expert_prompts)
+            gate = client.gate
+        acc = client.evaluate(
+            self.clip.gamma, local_text, expert_text, gate, cfg.lam, cfg.d_gate, cfg.reduction, cfg.eval_batch_size
+        )
+        client.eval_key, client.accuracy = state.key, acc
+        return acc
 
     # ------------------------------------------------------------------------------------ whole run
     def run(self, run_dir: RunDir | None = None) -> History:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from .. import comm
 from ..client import Client
 from ..config import DEFAULT_PRESET, Config, make_config
 from ..errors import ConfigError
@@ -215,55 +214,24 @@ def load_client(fed: Federation, pid: int, state: RecordDict) -> Client:
 
 
 # ------------------------------------------------------------------------------------------ node work
+# Federation keeps a client's expert features between its training and its evaluation; a node process serves
+# many nodes and runs, so on a node they never outlive one message.
+
+
 def local_update(fed: Federation, client: Client, payload: Payload) -> torch.Tensor | None:
-    """One sampled client's round after its download, as ``Federation.run_round`` does it: the method's
-    objective and start prompt, the K experts encoded once (no grad), ``Client.train``, the new local state,
-    optional DP noise on the upload. Returns the upload as it goes on the wire (None: the method uploads
-    nothing)."""
-    cfg, method = fed.cfg, fed.method
-    objective = method.objective(payload)
-    expert_text = None
-    if objective.use_gate:
-        with torch.no_grad():
-            expert_text = fed.encoder.encode(payload.expert_prompts)
-    trained = client.train(
-        fed.encoder, method.start_prompt(fed.server, client, payload), expert_text, objective, fed.settings
-    )
-    client.prompt = trained.cpu()
-    client.expert_ids = payload.expert_ids
-    client.expert_prompts = payload.expert_prompts
-    if not method.uploads():
-        return None
-    upload = trained
-    if fed.dp_noise_multiplier is not None:
-        from ..privacy import privatize_update
-
-        start_prompt = payload.global_prompt.to(trained.device)
-        noisy = privatize_update(trained - start_prompt, cfg.dp_clip, fed.dp_noise_multiplier, client.generator)
-        upload = start_prompt + noisy  # the client keeps its clean prompt; only the upload is noised
-        client.dp_releases += 1
-    return comm.to_wire(upload, cfg.comm_dtype)
+    """The round's local update: exactly ``Federation.local_update``, the step the in-process loop runs for
+    each sampled client. Returns the upload as it goes on the wire, or None."""
+    try:
+        return fed.local_update(client, payload)
+    finally:
+        fed._expert_text_cache.pop(client.cid, None)
 
 
-@torch.no_grad()
 def evaluate_client(fed: Federation, client: Client) -> float:
-    """Accuracy (%) of one client on its own test split, with the state the method evaluates it with (as
-    ``Federation.evaluate`` does for each client, including the reuse of an unchanged state's accuracy).
-    ``fed.server`` must hold the round's global prompt and version."""
-    cfg = fed.cfg
-    state = fed.method.eval_state(fed.server, client)
-    if client.eval_key == state.key and client.accuracy is not None:
-        return client.accuracy
-    if state.prompt is None:
-        local_text = fed.clip.zero_shot_text_features(fed.dataset.classnames)
-    else:
-        local_text = fed.encoder.encode(state.prompt)
-    expert_text, gate = None, None
-    if state.use_gate:
-        expert_text = fed.encoder.encode(state.expert_prompts)
-        gate = client.gate
-    acc = client.evaluate(
-        fed.clip.gamma, local_text, expert_text, gate, cfg.lam, cfg.d_gate, cfg.reduction, cfg.eval_batch_size
-    )
-    client.eval_key, client.accuracy = state.key, acc
-    return acc
+    """Accuracy (%) of the node's client: exactly ``Federation.evaluate_client``. ``fed.server`` must hold the
+    round's global prompt and version."""
+    fed._expert_text_cache.pop(client.cid, None)
+    try:
+        return fed.evaluate_client(client)
+    finally:
+        fed._expert_text_cache.pop(client.cid, None)
