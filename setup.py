@@ -163,7 +163,9 @@ class BuildExt(BuildExtension):
 
 def extension():
     sources = ["csrc/bindings.cpp", "csrc/assemble.cpp", "csrc/knn.cpp"]
-    headers = ["csrc/pfedmoap.h"]
+    cuda_sources = ["csrc/cuda/assemble.cu", "csrc/cuda/knn.cu"]
+    # every csrc file is a dependency, so that an sdist made by a CPU-only build still carries the CUDA sources
+    depends = ["csrc/pfedmoap.h", *cuda_sources]
     cxx = ["-O3", "-g0"]  # no debug info: a 14 MB library becomes a few MB
     link: list[str] = []
     if sys.platform.startswith("linux"):
@@ -172,15 +174,15 @@ def extension():
         link.append("-fopenmp")
     if not USE_CUDA:
         return CppExtension(
-            "pfedmoap._C", sources, depends=headers, extra_compile_args={"cxx": cxx}, extra_link_args=link
+            "pfedmoap._C", sources, depends=depends, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     # after the toolkit's own include directory: only headers it lacks come from the pip packages
     system = [flag for d in CUDA_INCLUDES for flag in ("-isystem", d)]
     flags = ["-DPFEDMOAP_WITH_CUDA"]
     return CUDAExtension(
         "pfedmoap._C",
-        sources + ["csrc/cuda/assemble.cu", "csrc/cuda/knn.cu"],
-        depends=headers,
+        sources + cuda_sources,
+        depends=depends,
         extra_compile_args={"cxx": cxx + flags + system, "nvcc": ["-O3", *flags, *system]},
         extra_link_args=link,
     )
