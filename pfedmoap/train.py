@@ -8,10 +8,12 @@ the resolved config is saved as ``config.json`` in the run directory. Exit codes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from typing import Any
 
+from . import profiling
 from .cli import OneLineParser
 from .config import (
     COMM_DTYPES,
@@ -112,11 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + flip")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    parser.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight Systems (PFEDMOAP_NVTX=1)")
+    parser.add_argument(
+        "--profile", metavar="TRACE", help="run under torch.profiler: write a Chrome trace, print the time per range"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    if args.pop("nvtx", False):
+        profiling.enable()
+    trace = args.pop("profile", None)
     if args.pop("list_presets", False):
         for name in list_presets():
             print(f"{name:24s} {preset_description(name)}")
@@ -134,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"pfedmoap.train: error: --resume takes the config saved in {resume_dir}; drop {flag}", file=sys.stderr
             )
             return 2
-        return _finish(lambda: resume(resume_dir, progress=args.get("progress")))
+        return _finish(lambda: resume(resume_dir, progress=args.get("progress")), trace)
     preset = args.pop("preset", DEFAULT_PRESET)
 
     def start():
         cfg = make_config(preset, **args)
         return run(cfg.replace(out=cfg.out or str(default_run_dir(cfg))))
 
-    return _finish(start)
+    return _finish(start, trace)
 
 
 def _flower(args: dict[str, Any], resume_dir: str | None) -> int:
@@ -166,10 +175,12 @@ def _flower(args: dict[str, Any], resume_dir: str | None) -> int:
     return _finish(start)
 
 
-def _finish(job) -> int:
-    """Run the job; user mistakes become one line and exit 2, Ctrl-C exit 130."""
+def _finish(job, trace: str | None = None) -> int:
+    """Run the job (under torch.profiler with ``trace``); user mistakes become one line and exit 2, Ctrl-C 130."""
+    profiler = profiling.torch_profile(trace, nvtx=profiling.is_enabled()) if trace else contextlib.nullcontext()
     try:
-        history = job()
+        with profiler:
+            history = job()
     except UserError as exc:
         print(f"pfedmoap.train: error: {exc}", file=sys.stderr)
         return 2
