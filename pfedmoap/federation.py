@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, comm, ops
+from . import __version__, comm, ops, profiling
 from .client import Client, ClientData, TrainSettings, client_seed
 from .clip import FrozenCLIP, load_clip, resolve_device
 from .config import Config
@@ -98,6 +98,8 @@ class Federation:
             for backend, reason in ops.unavailable_backends().items():
                 self.log(f"--fused: the {backend} backend cannot run here ({reason})")
         self.log(ops.describe(self.backends))
+        if profiling.is_enabled():
+            self.log(profiling.describe())
 
         # the data first: a missing dataset should fail before a model is loaded or pretrained
         self.dataset = dataset or create_dataset(
