@@ -137,17 +137,25 @@ class TextTower:
         cast_dtype = _cast_dtype(self.transformer)
         pos = self.positional_embedding.to(cast_dtype)
         xp = prefix.to(cast_dtype) + pos[:n_pre]
-        xs = (suffix.to(cast_dtype) + pos[n_pre : n_pre + n_suf]).reshape(n_exp * n_cls, n_suf, width)
+        # Suffix tokens after a class's own EOT never reach its feature (causal mask), but padding every class
+        # to the longest name would run them through every linear layer. So the suffix stream is packed: only
+        # tokens up to each class's EOT, [N, W]. Attention alone uses the padded [E*C, S] layout, where the
+        # causal mask keeps a real token from seeing the padding after it.
+        rows = eot.to(prefix.device) - n_pre  # each class's EOT row within its suffix
+        valid = torch.arange(n_suf, device=prefix.device)[None, :] <= rows[:, None]  # [C, S]
+        packed = valid.expand(n_exp, n_cls, n_suf).reshape(-1).nonzero().squeeze(1)  # flat ids in [E*C*S]
+        xs = (suffix.to(cast_dtype) + pos[n_pre : n_pre + n_suf]).reshape(-1, width).index_select(0, packed)
         # additive masks: the prefix is causal in itself; a suffix token sees the whole prefix and the
         # suffix tokens up to itself
         full_mask = self.attn_mask[: n_pre + n_suf, : n_pre + n_suf].to(cast_dtype)
         prefix_mask = full_mask[:n_pre, :n_pre]
         suffix_mask = full_mask[n_pre:, :]
         for blk in blocks:
-            xp, xs = _shared_prefix_block(blk, xp, xs, n_cls, prefix_mask, suffix_mask)
-        xs = xs.reshape(n_exp, n_cls, n_suf, width)
-        rows = eot.to(xs.device) - n_pre
-        x = xs[:, torch.arange(n_cls, device=xs.device), rows]  # [E, C, W]
+            xp, xs = _shared_prefix_block(blk, xp, xs, packed, n_cls, n_suf, prefix_mask, suffix_mask)
+        # position of each (expert, class) EOT token in the packed stream
+        slot = torch.cumsum(valid.expand(n_exp, n_cls, n_suf).reshape(-1).long(), 0) - 1
+        flat_eot = (torch.arange(n_exp * n_cls, device=xs.device).view(n_exp, n_cls) * n_suf + rows[None, :])
+        x = xs.index_select(0, slot[flat_eot].reshape(-1)).view(n_exp, n_cls, width)  # [E, C, W]
         x = self.ln_final(x)
         if isinstance(self.text_projection, nn.Linear):
             x = self.text_projection(x)
@@ -160,19 +168,24 @@ def _shared_prefix_block(
     blk: nn.Module,
     xp: torch.Tensor,
     xs: torch.Tensor,
+    packed: torch.Tensor,
     n_cls: int,
+    n_suf: int,
     prefix_mask: torch.Tensor,
     suffix_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pre-LN residual block on (prefix [E, P, W], suffix [E*C, S, W]) with the prefix shared per expert."""
+    """One pre-LN residual block on (prefix [E, P, W], packed suffix tokens [N, W]) with the prefix shared
+    per expert; ``packed`` holds the packed tokens' flat positions in the padded [E*C*S] suffix layout."""
     attn: nn.MultiheadAttention = blk.attn
     heads = attn.num_heads
     n_exp, n_pre, width = xp.shape
-    n_suf = xs.shape[1]
     dh = width // heads
     scale = dh**-0.5
     qp, kp, vp = F.linear(blk.ln_1(xp), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    qs, ks, vs = F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    qkv = F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias)  # packed [N, 3W]
+    # to the padded layout for attention; padding rows are zero and only ever seen by padding queries
+    qkv = qkv.new_zeros(n_exp * n_cls * n_suf, 3 * width).index_copy(0, packed, qkv)
+    qs, ks, vs = qkv.view(n_exp * n_cls, n_suf, 3 * width).chunk(3, dim=-1)
 
     def split(t: torch.Tensor, rows: int) -> torch.Tensor:  # [N, L, W] -> [N, H, L, dh]
         return t.reshape(rows, -1, heads, dh).transpose(1, 2)
@@ -192,7 +205,9 @@ def _shared_prefix_block(
     out_s = (a_pre.reshape(n_exp, heads, n_cls * n_suf, n_pre) @ vph).view(n_exp, heads, n_cls, n_suf, dh)
     v_suf = vs.reshape(n_exp, n_cls, n_suf, heads, dh).permute(0, 3, 1, 2, 4)  # [E, H, C, S, dh]
     out_s = out_s + a_suf @ v_suf
-    out_s = out_s.permute(0, 2, 3, 1, 4).reshape(n_exp * n_cls, n_suf, width)
+    # back to tokens, then to the packed stream (index_select: its backward is an index_add, much cheaper
+    # than indexing's index_put)
+    out_s = out_s.permute(0, 2, 3, 1, 4).reshape(n_exp * n_cls * n_suf, width).index_select(0, packed)
     out_p = out_p.transpose(1, 2).reshape(xp.shape)
     xp = xp + blk.ls_1(F.linear(out_p, attn.out_proj.weight, attn.out_proj.bias))
     xs = xs + blk.ls_1(F.linear(out_s, attn.out_proj.weight, attn.out_proj.bias))
