@@ -806,7 +806,8 @@ def text_step_flops(encoder: PromptEncoder) -> dict[str, float]:
     out-projection, MLP); per (query, key) pair: 4 W (QK^T and attention x V). The CLIP weights are frozen, so
     backward needs input gradients only: linear layers cost 1x forward again, attention 2x (dQ, dK, dV, dP).
     ``useful`` counts each class's suffix only up to its EOT and only causally visible keys; ``executed`` counts
-    what the shared-prefix encoder runs (every class padded to the longest EOT, its full P + S score rows).
+    what the shared-prefix encoder runs (linear layers on the packed tokens, attention padded to the longest EOT
+    with full P + S score rows).
     """
     tower = encoder.clip.text
     blocks = tower.shared_prefix_blocks() or []
@@ -831,7 +832,9 @@ def text_step_flops(encoder: PromptEncoder) -> dict[str, float]:
 
     useful_tokens = n_pre + sum(suf_len)
     useful_pairs = pre_pairs + sum(s * n_pre + s * (s + 1) // 2 for s in suf_len)
-    exec_tokens = n_pre + n_cls * n_suf
+    # the linear layers run on the packed suffix stream (each class up to its own EOT); attention runs on
+    # the padded [C, S] layout, with full P + S score rows
+    exec_tokens = useful_tokens
     exec_pairs = n_pre * n_pre + n_cls * n_suf * (n_pre + n_suf)
     return {
         "useful_flops": total(useful_tokens, useful_pairs),
