@@ -6,6 +6,7 @@ CUDA tests run the GPU kernels against the reference and are skipped without a G
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -212,6 +213,166 @@ def test_knn_prompt_sized_rows_match_reference():
     present = torch.ones(60, dtype=torch.bool)
     queries = torch.arange(0, 60, 7)
     assert torch.equal(cpp.knn(pool, present, queries, 59), reference.knn(pool, present, queries, 59))
+
+
+def _exact_order(pool, present, queries, take):
+    """The reference's order restricted to valid rows: float64 cdist without the GEMM, NaN last, ties by id.
+
+    Equal to reference.knn wherever that returns only valid rows; the reference masks the query and absent rows
+    with inf, so next to inf or NaN distances it can return them, which the op never does."""
+    n = pool.shape[0]
+    flat = pool.reshape(n, -1).double()
+    dists = torch.cdist(flat[queries], flat, compute_mode="donot_use_mm_for_euclid_dist")
+    out = []
+    for row, q in zip(dists.tolist(), queries.tolist(), strict=True):
+        valid = [j for j in range(n) if bool(present[j]) and j != q]
+        valid.sort(key=lambda j: (math.isnan(row[j]), 0.0 if math.isnan(row[j]) else row[j], j))
+        out.append(valid[:take])
+    return torch.tensor(out, dtype=torch.long).reshape(len(queries), take)
+
+
+def _gemm_fp32_order(pool, present, queries, k):
+    """What a float32 GEMM alone (|a|^2 + |b|^2 - 2ab) would return: the order this op must not fall back to."""
+    flat = pool.reshape(pool.shape[0], -1).float()
+    sq = (flat * flat).sum(1)
+    d = sq[queries].unsqueeze(1) + sq.unsqueeze(0) - 2 * flat[queries] @ flat.t()
+    d[torch.arange(len(queries)), queries] = float("inf")
+    d = d.masked_fill(~present.bool().unsqueeze(0), float("inf"))
+    return torch.sort(d, dim=1, stable=True).indices[:, :k]
+
+
+def _far_rows(seed, n, p, clusters, spread=1e-3):
+    """Rows 100 away from the origin, 1e-3 from their cluster centre: their distances differ by far less than a
+    float32 GEMM's rounding (~1e-7 x |row|^2). With two clusters at +c and -c the queries' mean is near the origin,
+    so centring cannot help and the error bound alone must keep the order."""
+    g = _gen(seed)
+    c = torch.randn(p, generator=g, dtype=torch.float64)
+    c = c / c.norm() * 100
+    side = torch.ones(n, 1, dtype=torch.float64)
+    if clusters == 2:
+        side[1::2] = -1.0
+    return (side * c + torch.randn(n, p, generator=g, dtype=torch.float64) * spread).float()
+
+
+@pytest.mark.parametrize(("method", "chunk"), METHODS)
+@pytest.mark.parametrize("clusters", [1, 2])
+def test_knn_near_ties_below_float32_resolution(extension, method, chunk, clusters):
+    pool = _far_rows(seed=20 + clusters, n=48, p=64, clusters=clusters)
+    present = torch.ones(48, dtype=torch.bool)
+    present[[5, 30]] = False
+    queries = torch.tensor([0, 1, 7, 12, 30, 47])
+    want = reference.knn(pool, present, queries, 12)
+    # the construction is meaningful: the float32 GEMM's own order is wrong here
+    assert not torch.equal(_gemm_fp32_order(pool, present, queries, 12), want)
+    assert torch.equal(extension.knn(pool, present, queries, 12, chunk, method), want)
+
+
+def test_knn_clustered_prompt_pool_matches_reference():
+    # prompts trained from one initialisation: a tight cluster far from the origin (the centring path)
+    g = _gen(21)
+    init = torch.randn(16, 64, generator=g) * 0.3
+    pool = init + torch.randn(400, 16, 64, generator=g) * 1e-4
+    present = torch.rand(400, generator=g) > 0.1
+    queries = torch.randperm(400, generator=g)[:40]
+    want = reference.knn(pool, present, queries, 9)
+    assert not torch.equal(_gemm_fp32_order(pool, present, queries, 9), want)
+    for method, chunk in [("auto", 0), ("select", 50), ("sort", 0), ("sort", 77)]:
+        assert torch.equal(cpp._C.knn(pool, present, queries, 9, chunk, method), want)
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("auto", 0), ("select", 3000), ("sort", 0)])
+def test_knn_many_candidates_per_query(extension, method, chunk):
+    # two clusters of 10,000 rows each, spread far below the float32 bound: every row of a query's cluster is a
+    # candidate (the CPU lists refine themselves past 4,096 entries; the tensor lists widen up to the pool)
+    pool = _far_rows(seed=29, n=20000, p=256, clusters=2)
+    pool[100:150] = pool[8].clone()  # and exact ties
+    present = torch.ones(20000, dtype=torch.bool)
+    queries = torch.tensor([8, 100, 7, 19999])
+    for k in (9, 60):
+        want = reference.knn(pool, present, queries, k)
+        assert torch.equal(extension.knn(pool, present, queries, k, chunk, method), want)
+
+
+@pytest.mark.parametrize(("method", "chunk"), METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_near_ties_at_float64_resolution(extension, method, chunk, dtype):
+    # Around a zero query, rows that permute one vector's values are at the same distance in exact arithmetic; the
+    # float64 sums differ only in their rounding, which decides the reference's order. Rows one float64 ulp apart
+    # come in, too. 200 rows: the tensor path has to widen its candidate lists twice.
+    g = _gen(22)
+    v = torch.randn(40, generator=g, dtype=torch.float64)
+    rows = [v[torch.randperm(40, generator=g)] for _ in range(199)]
+    pool = torch.stack([torch.zeros(40, dtype=torch.float64)] + rows).to(dtype)
+    if dtype == torch.float64:
+        pool[150] = torch.nextafter(pool[3], torch.full_like(pool[3], 10.0))
+    present = torch.ones(200, dtype=torch.bool)
+    queries = torch.tensor([0, 0, 3])
+    for k in (5, 60, 199):
+        want = reference.knn(pool, present, queries, k)
+        assert torch.equal(extension.knn(pool, present, queries, k, chunk, method), want)
+
+
+@pytest.mark.parametrize(("method", "chunk"), METHODS)
+def test_knn_duplicate_rows_lower_id_first(extension, method, chunk):
+    pool = torch.randn(90, 33, generator=_gen(23))
+    dups = [3, 9, 20, 41, 88]
+    pool[dups] = pool[7].clone()
+    present = torch.ones(90, dtype=torch.bool)
+    queries = torch.tensor([7, 3, 88, 50])
+    got = extension.knn(pool, present, queries, 8, chunk, method)
+    assert torch.equal(got, reference.knn(pool, present, queries, 8))
+    assert got[0, :5].tolist() == dups  # distance 0 to the query: every duplicate, in id order
+    assert got[1, :5].tolist() == [7, 9, 20, 41, 88]
+
+
+@pytest.mark.parametrize("method", ["auto", "sort"])
+@pytest.mark.parametrize("chunk", [0, 1, 7, 64, 299, 1000])
+def test_knn_random_rows_across_chunk_sizes(extension, method, chunk):
+    g = _gen(24)
+    pool = torch.randn(300, 257, generator=g) * 0.02
+    present = torch.rand(300, generator=g) > 0.2
+    queries = torch.cat([torch.randint(0, 300, (40,), generator=g), torch.tensor([0, 0])])
+    for k in (1, 9, 40, 299):
+        want = reference.knn(pool, present, queries, k)
+        assert torch.equal(extension.knn(pool, present, queries, k, chunk, method), want)
+
+
+@pytest.mark.parametrize("method", ["auto", "sort"])
+def test_knn_integer_pools(extension, method):
+    pool = torch.randint(-3, 4, (70, 24), generator=_gen(25))
+    present = torch.rand(70, generator=_gen(26)) > 0.2
+    queries = torch.tensor([1, 7, 69, 7])
+    assert torch.equal(extension.knn(pool, present, queries, 6, 0, method), reference.knn(pool, present, queries, 6))
+
+
+@pytest.mark.parametrize("method", ["auto", "sort"])
+def test_knn_non_finite_rows_come_last(extension, method):
+    pool = torch.randn(30, 8, generator=_gen(27))
+    pool[5, 2] = float("nan")
+    pool[11, 0] = float("inf")
+    pool[17] = 1e30  # finite, but its squared norm overflows float32
+    present = torch.ones(30, dtype=torch.bool)
+    present[2] = False
+    queries = torch.tensor([0, 1, 17])
+    for k in (5, 28):
+        got = extension.knn(pool, present, queries, k, 0, method)
+        assert torch.equal(got, _exact_order(pool, present, queries, got.shape[1]))
+    assert got[0, -2:].tolist() == [11, 5]  # inf, then NaN
+    assert torch.equal(extension.knn(pool, present, queries, 5, 0, method), reference.knn(pool, present, queries, 5))
+
+
+def test_knn_reduced_fp32_matmul_precision_stays_exact():
+    # bf16/tf32 matmuls would void the float32 error bound: the op must notice and stay exact
+    pool = _far_rows(seed=28, n=40, p=64, clusters=2)
+    present = torch.ones(40, dtype=torch.bool)
+    queries = torch.arange(0, 40, 5)
+    want = reference.knn(pool, present, queries, 10)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        assert torch.equal(cpp.knn(pool, present, queries, 10), want)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
 
 
 def test_server_knn_selection_matches_reference(restore_backends):

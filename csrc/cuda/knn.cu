@@ -1,5 +1,6 @@
-// CUDA parts of the KNN: row norms, and the top-k kernel that merges one block of GEMM distances into the running
-// best list of every query (the blocked loop itself, and the GEMM, are in knn.cpp).
+// CUDA parts of the KNN: float64 row norms, and the top-k kernel that merges one block of keys (the lower or upper
+// bounds of knn.cpp's filter) into the running list of every query (the blocked loop, the GEMM, the bounds and the
+// exact re-rank are in knn.cpp).
 #include "../pfedmoap.h"
 
 #include <ATen/Dispatch.h>
@@ -19,15 +20,15 @@ constexpr int kThreads = 256;  // >= kKnnKernelMaxTake: each thread reloads at m
 constexpr int64_t kNoId = std::numeric_limits<int64_t>::max();
 static_assert(kThreads >= kKnnKernelMaxTake, "one previous best entry per thread");
 
-template <typename acc_t>
-__global__ void row_sq_norms_kernel(const acc_t* __restrict__ rows, acc_t* __restrict__ out, int64_t n, int64_t p) {
-  // one warp per row, a fixed lane order and shuffle tree: equal rows get bit-equal norms
+template <typename in_t>
+__global__ void row_sq_norms_kernel(const in_t* __restrict__ rows, double* __restrict__ out, int64_t n, int64_t p) {
+  // one warp per row, accumulated in float64 (knn.cpp's bound allows any summation order)
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; r < n; r += warps) {
-    acc_t sum = 0;
+    double sum = 0;
     for (int64_t j = lane; j < p; j += 32) {
-      const acc_t v = rows[r * p + j];
+      const double v = static_cast<double>(rows[r * p + j]);
       sum += v * v;
     }
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
@@ -52,14 +53,14 @@ __device__ __forceinline__ void argmin_warp(acc_t& d, int64_t& id) {
   }
 }
 
-// One block per query. Each thread keeps a sorted list of its best `take` candidates among the block's columns it
-// strides over (plus at most one entry of the previous best list); then `take` rounds of a block-wide argmin over
-// the list heads write the merged best list back in order. MAXT bounds `take` at compile time (local arrays).
+// One block per query. Each thread keeps a sorted list of its best `take` entries among the block's columns it
+// strides over (plus at most one entry of the previous list); then `take` rounds of a block-wide argmin over the
+// list heads write the merged list back in order. Keys that are not below +inf (invalid rows, NaN) are skipped.
+// MAXT bounds `take` at compile time (local arrays).
 template <typename acc_t, int MAXT>
-__global__ void __launch_bounds__(kThreads) knn_merge_kernel(
-    const acc_t* __restrict__ gram, const acc_t* __restrict__ qnorm, const acc_t* __restrict__ pnorm,
-    const bool* __restrict__ present, const int64_t* __restrict__ qids, int64_t col0, int64_t cols,
-    acc_t* __restrict__ best_d, int64_t* __restrict__ best_i, int take) {
+__global__ void __launch_bounds__(kThreads) knn_merge_kernel(const acc_t* __restrict__ keys, int64_t col0,
+                                                             int64_t cols, acc_t* __restrict__ best_d,
+                                                             int64_t* __restrict__ best_i, int take) {
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t q = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -82,14 +83,11 @@ __global__ void __launch_bounds__(kThreads) knn_merge_kernel(
   };
 
   if (tid < take && row_i[tid] != kNoId) insert(row_d[tid], row_i[tid]);
-  const acc_t qsq = qnorm[q];
-  const int64_t self = qids[q];
-  const acc_t* g = gram + q * cols;
+  const acc_t* key = keys + q * cols;
   for (int64_t j = tid; j < cols; j += blockDim.x) {
+    const acc_t d = key[j];
+    if (!(d < inf)) continue;
     const int64_t id = col0 + j;
-    if (!present[id] || id == self) continue;
-    acc_t d = qsq + pnorm[j] - acc_t(2) * g[j];
-    if (!(d >= acc_t(0))) d = isnan(d) ? inf : acc_t(0);  // GEMM rounding can go below 0; NaN sorts last
     if (count < take || before(d, id, list_d[take - 1], list_i[take - 1])) insert(d, id);
   }
 
@@ -122,56 +120,54 @@ __global__ void __launch_bounds__(kThreads) knn_merge_kernel(
   }
 }
 
-template <typename acc_t, int MAXT>
-void launch_merge(const at::Tensor& gram, const at::Tensor& qnorm, const at::Tensor& pnorm, const at::Tensor& present,
-                  const at::Tensor& qids, int64_t col0, at::Tensor& best_d, at::Tensor& best_i, int64_t take) {
+template <int MAXT>
+void launch_merge(const at::Tensor& keys, int64_t col0, at::Tensor& best_d, at::Tensor& best_i, int64_t take) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  knn_merge_kernel<acc_t, MAXT><<<gram.size(0), kThreads, 0, stream>>>(
-      gram.data_ptr<acc_t>(), qnorm.data_ptr<acc_t>(), pnorm.data_ptr<acc_t>(), present.data_ptr<bool>(),
-      qids.data_ptr<int64_t>(), col0, gram.size(1), best_d.data_ptr<acc_t>(), best_i.data_ptr<int64_t>(),
+  knn_merge_kernel<double, MAXT><<<keys.size(0), kThreads, 0, stream>>>(
+      keys.data_ptr<double>(), col0, keys.size(1), best_d.data_ptr<double>(), best_i.data_ptr<int64_t>(),
       static_cast<int>(take));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-at::Tensor row_sq_norms_cuda(const at::Tensor& rows, at::ScalarType acc) {
+at::Tensor row_sq_norms_cuda(const at::Tensor& rows) {
   c10::cuda::CUDAGuard guard(rows.device());
-  auto x = rows.to(acc).contiguous();
+  auto x = rows.contiguous();
   const int64_t n = x.size(0), p = x.size(1);
-  auto out = at::empty({n}, x.options());
+  auto out = at::empty({n}, x.options().dtype(at::kDouble));
   if (n == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n * 32 + kThreads - 1) / kThreads, 65535));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_sq_norms_cuda", [&] {
     row_sq_norms_kernel<scalar_t>
-        <<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, p);
+        <<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), out.data_ptr<double>(), n, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-void knn_merge_block_cuda(const at::Tensor& gram, const at::Tensor& qnorm, const at::Tensor& pnorm,
-                          const at::Tensor& present, const at::Tensor& qids, int64_t col0, at::Tensor& best_d,
-                          at::Tensor& best_i, int64_t take) {
+void knn_merge_block_cuda(const at::Tensor& keys, int64_t col0, at::Tensor& best_d, at::Tensor& best_i, int64_t take) {
   TORCH_CHECK(take >= 1 && take <= kKnnKernelMaxTake, "knn_merge_block_cuda: take out of range");
-  TORCH_CHECK(gram.is_contiguous() && best_d.is_contiguous() && best_i.is_contiguous() && present.is_contiguous() &&
-                  qids.is_contiguous(),
+  TORCH_CHECK(keys.is_contiguous() && best_d.is_contiguous() && best_i.is_contiguous(),
               "knn_merge_block_cuda: contiguous inputs expected");
-  TORCH_CHECK(gram.size(0) <= std::numeric_limits<int32_t>::max(), "knn_merge_block_cuda: too many queries in a block");
-  if (gram.size(0) == 0) return;
-  c10::cuda::CUDAGuard guard(gram.device());
-  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "knn_merge_block_cuda", [&] {
-    if (take <= 8) {
-      launch_merge<scalar_t, 8>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
-    } else if (take <= 16) {
-      launch_merge<scalar_t, 16>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
-    } else if (take <= 32) {
-      launch_merge<scalar_t, 32>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
-    } else {
-      launch_merge<scalar_t, kKnnKernelMaxTake>(gram, qnorm, pnorm, present, qids, col0, best_d, best_i, take);
-    }
-  });
+  TORCH_CHECK(keys.scalar_type() == at::kDouble && best_d.scalar_type() == at::kDouble &&
+                  best_i.scalar_type() == at::kLong,
+              "knn_merge_block_cuda: float64 keys and lists, long ids expected");
+  TORCH_CHECK(keys.size(0) == best_d.size(0) && best_d.sizes() == best_i.sizes() && best_d.size(1) == take,
+              "knn_merge_block_cuda: shapes do not match");
+  TORCH_CHECK(keys.size(0) <= std::numeric_limits<int32_t>::max(), "knn_merge_block_cuda: too many queries in a block");
+  if (keys.size(0) == 0) return;
+  c10::cuda::CUDAGuard guard(keys.device());
+  if (take <= 8) {
+    launch_merge<8>(keys, col0, best_d, best_i, take);
+  } else if (take <= 16) {
+    launch_merge<16>(keys, col0, best_d, best_i, take);
+  } else if (take <= 32) {
+    launch_merge<32>(keys, col0, best_d, best_i, take);
+  } else {
+    launch_merge<kKnnKernelMaxTake>(keys, col0, best_d, best_i, take);
+  }
 }
 
 }  // namespace pfedmoap
