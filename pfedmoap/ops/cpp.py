@@ -2,8 +2,10 @@
 
 - :func:`assemble_prompts`: batched expert prompt assembly, CPU (OpenMP) and CUDA, with a backward that gives
   the gradient of the contexts (prefix and suffix are frozen).
-- :func:`knn`: nearest pool entries via blocked GEMM distances and a top-k merge, CPU (float64) and CUDA
-  (float32 without TF32, float64 for a float64 pool).
+- :func:`knn`: nearest pool entries: blocked float32 GEMM distances (queries x pool) filter the candidates
+  with a rigorous rounding bound, and the few that could be among the k nearest are re-ranked exactly, so the
+  result equals the reference's, ties and near-ties included (csrc/knn.cpp derives the bound). CPU (OpenMP)
+  and CUDA; a float64 pool keeps a float64 GEMM.
 
 Inputs the extension cannot take (CUDA tensors when it was built without CUDA, other devices, a prefix or suffix
 that needs a gradient) go to the reference implementation, so a call never fails for lack of a kernel.
@@ -96,8 +98,9 @@ def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, ctx: torch.Tens
 def knn(pool: torch.Tensor, present: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
     """For each query row id, the ids of its k nearest other present rows; as :func:`reference.knn`.
 
-    Distances come from a GEMM (|a|^2 + |b|^2 - 2ab), so rows whose distances to a query differ by less than the
-    GEMM's rounding (float64 on the CPU, float32 on CUDA) may come in a different order than the exact reference.
+    A float32 GEMM (|a|^2 + |b|^2 - 2ab) with a proven error bound keeps every row that could be among the k
+    nearest; those are re-ranked with exact distances, so the order equals the reference's (on CUDA, the
+    reference run on CUDA, whose cdist may differ from the CPU's in the last bit).
     """
     if not _runs_on(pool.device) or pool.dim() < 1:
         return reference.knn(pool, present, queries, k)
