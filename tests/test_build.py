@@ -1,0 +1,48 @@
+"""setup.py's one-line errors: a bad PFEDMOAP_CUDA value, and a build without a C++ compiler.
+
+Both fail before anything is compiled, in a copy of the sources, so nothing in the checkout is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("setuptools", reason="setup.py needs setuptools in this environment")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_setup(tmp_path: Path, env_updates: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    env = {**os.environ, **env_updates}
+    return subprocess.run(
+        [sys.executable, "setup.py", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_bad_cuda_switch_is_one_line(tmp_path):
+    result = run_setup(tmp_path, {"PFEDMOAP_CUDA": "2"}, "--name")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "error: building pfedmoap._C: PFEDMOAP_CUDA='2': use 0 (CPU only), 1 (CUDA required) or leave it unset"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_build_without_a_compiler_says_what_is_missing(tmp_path):
+    result = run_setup(tmp_path, {"PFEDMOAP_CUDA": "0", "CXX": "no-such-compiler-xyz"}, "build_ext", "--inplace")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: building pfedmoap._C: no C++ compiler was found ('no-such-compiler-xyz'")
+    assert "apt-get install g++" in last
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("**/*.so"))
