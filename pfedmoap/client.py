@@ -8,6 +8,7 @@ prompt encoder are read-only and shared.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,40 @@ class Client:
                 torch.manual_seed(self.seed)
                 self.gate = AttentionGate(settings.d_gate, settings.heads, settings.attn_scaling)
         return self.gate.to(device)
+
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The private state later rounds depend on (prompt, gate, RNG, last experts, evaluation cache), as
+        plain tensors and Python values. Checkpoints and Flower nodes both keep exactly this."""
+        return {
+            "prompt": self.prompt,
+            "gate": None if self.gate is None else {k: v.cpu() for k, v in self.gate.state_dict().items()},
+            "generator": self.generator.get_state(),
+            "expert_ids": list(self.expert_ids),
+            "expert_prompts": self.expert_prompts,
+            "rounds_trained": self.rounds_trained,
+            "dp_releases": self.dp_releases,
+            "version": self.version,
+            "eval_key": None if self.eval_key is None else list(self.eval_key),
+            "accuracy": self.accuracy,
+            "attention": self.attention,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], settings: TrainSettings, device: torch.device) -> None:
+        """Restore what :meth:`state_dict` returned; the gate is rebuilt on ``device`` when there was one."""
+        self.prompt = state["prompt"]
+        self.gate = None
+        if state["gate"] is not None:
+            self.ensure_gate(settings, device).load_state_dict(state["gate"])
+        self.generator.set_state(state["generator"])
+        self.expert_ids = [int(j) for j in state["expert_ids"]]
+        self.expert_prompts = state["expert_prompts"]
+        self.rounds_trained = int(state["rounds_trained"])
+        self.dp_releases = int(state["dp_releases"])
+        self.version = int(state["version"])
+        self.eval_key = None if state["eval_key"] is None else tuple(state["eval_key"])
+        self.accuracy = state["accuracy"]
+        self.attention = state["attention"]
 
     # ----------------------------------------------------------------------------------- training
     def _batch_features(self, clip: FrozenCLIP, idx: torch.Tensor) -> torch.Tensor:

@@ -411,22 +411,7 @@ class Federation:
                 "select_rng": server.select_rng.bit_generator.state,
             },
             "dropout_rng": self.dropout_rng.bit_generator.state,
-            "clients": [
-                {
-                    "prompt": c.prompt,
-                    "gate": None if c.gate is None else {k: v.cpu() for k, v in c.gate.state_dict().items()},
-                    "generator": c.generator.get_state(),
-                    "expert_ids": list(c.expert_ids),
-                    "expert_prompts": c.expert_prompts,
-                    "rounds_trained": c.rounds_trained,
-                    "dp_releases": c.dp_releases,
-                    "version": c.version,
-                    "eval_key": None if c.eval_key is None else list(c.eval_key),
-                    "accuracy": c.accuracy,
-                    "attention": c.attention,
-                }
-                for c in self.clients
-            ],
+            "clients": [c.state_dict() for c in self.clients],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,19 +428,7 @@ class Federation:
         server.select_rng.bit_generator.state = srv["select_rng"]
         self.dropout_rng.bit_generator.state = state["dropout_rng"]
         for client, cs in zip(self.clients, state["clients"], strict=True):
-            client.prompt = cs["prompt"]
-            client.gate = None
-            if cs["gate"] is not None:
-                client.ensure_gate(self.settings, self.device).load_state_dict(cs["gate"])
-            client.generator.set_state(cs["generator"])
-            client.expert_ids = list(cs["expert_ids"])
-            client.expert_prompts = cs["expert_prompts"]
-            client.rounds_trained = int(cs["rounds_trained"])
-            client.dp_releases = int(cs["dp_releases"])
-            client.version = int(cs["version"])
-            client.eval_key = None if cs["eval_key"] is None else tuple(cs["eval_key"])
-            client.accuracy = cs["accuracy"]
-            client.attention = cs["attention"]
+            client.load_state_dict(cs, self.settings, self.device)
         self.rounds = list(state["rounds"])
 
     def save_checkpoint(self, path: Path) -> None:

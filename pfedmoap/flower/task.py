@@ -157,28 +157,23 @@ def partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ node state
+# the tensors of Client.state_dict(); its other fields are JSON in a ConfigRecord, the gate an ArrayRecord
+_STATE_TENSORS = {"generator": "generator", "prompt": "prompt", "expert_prompts": "expert-prompts"}
+
+
 def save_client_state(client: Client, state: RecordDict) -> None:
     """Write a client's private state into the node's ``context.state`` (which never leaves the node)."""
+    private = client.state_dict()
     arrays = ArrayRecord()
-    arrays["generator"] = Array(client.generator.get_state().numpy())
-    if client.prompt is not None:
-        arrays["prompt"] = encode_tensor(client.prompt)
-    if client.expert_prompts is not None:
-        arrays["expert-prompts"] = encode_tensor(client.expert_prompts)
+    arrays["generator"] = Array(private["generator"].numpy())
+    for field, key in _STATE_TENSORS.items():
+        if field != "generator" and private[field] is not None:
+            arrays[key] = encode_tensor(private[field])
     state[STATE_ARRAYS] = arrays
-    if client.gate is not None:
-        state[STATE_GATE] = ArrayRecord.from_torch_state_dict({k: v.cpu() for k, v in client.gate.state_dict().items()})
-    meta = {
-        "cid": client.cid,
-        "expert_ids": list(client.expert_ids),
-        "rounds_trained": client.rounds_trained,
-        "dp_releases": client.dp_releases,
-        "version": client.version,
-        "eval_key": None if client.eval_key is None else list(client.eval_key),
-        "accuracy": client.accuracy,
-        "attention": client.attention,
-    }
-    state[STATE_META] = ConfigRecord({"json": json.dumps(meta)})
+    if private["gate"] is not None:
+        state[STATE_GATE] = ArrayRecord.from_torch_state_dict(private["gate"])
+    meta = {k: v for k, v in private.items() if k not in _STATE_TENSORS and k != "gate"}
+    state[STATE_META] = ConfigRecord({"json": json.dumps({"cid": client.cid, **meta})})
 
 
 def load_client(fed: Federation, pid: int, state: RecordDict) -> Client:
@@ -196,20 +191,12 @@ def load_client(fed: Federation, pid: int, state: RecordDict) -> Client:
     if int(meta["cid"]) != pid:
         raise ConfigError(f"this node's saved state belongs to partition {meta['cid']}, not {pid}")
     arrays = state[STATE_ARRAYS]
-    client.generator.set_state(decode_tensor(arrays["generator"]))
-    client.prompt = decode_tensor(arrays["prompt"]) if "prompt" in arrays else None
-    client.expert_prompts = decode_tensor(arrays["expert-prompts"]) if "expert-prompts" in arrays else None
-    if STATE_GATE in state:
-        gate = client.ensure_gate(fed.settings, fed.device)
-        gate.load_state_dict(state[STATE_GATE].to_torch_state_dict())
-        gate.eval()
-    client.expert_ids = [int(j) for j in meta["expert_ids"]]
-    client.rounds_trained = int(meta["rounds_trained"])
-    client.dp_releases = int(meta["dp_releases"])
-    client.version = int(meta["version"])
-    client.eval_key = None if meta["eval_key"] is None else tuple(meta["eval_key"])
-    client.accuracy = meta["accuracy"]
-    client.attention = meta["attention"]
+    private = {field: decode_tensor(arrays[key]) if key in arrays else None for field, key in _STATE_TENSORS.items()}
+    private["gate"] = state[STATE_GATE].to_torch_state_dict() if STATE_GATE in state else None
+    private.update({k: v for k, v in meta.items() if k != "cid"})
+    client.load_state_dict(private, fed.settings, fed.device)
+    if client.gate is not None:
+        client.gate.eval()
     return client
 
 
