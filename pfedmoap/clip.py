@@ -143,7 +143,8 @@ class TextTower:
         # causal mask keeps a real token from seeing the padding after it.
         rows = eot.to(prefix.device) - n_pre  # each class's EOT row within its suffix
         valid = torch.arange(n_suf, device=prefix.device)[None, :] <= rows[:, None]  # [C, S]
-        packed = valid.expand(n_exp, n_cls, n_suf).reshape(-1).nonzero().squeeze(1)  # flat ids in [E*C*S]
+        flat_valid = valid.expand(n_exp, n_cls, n_suf).reshape(-1)
+        packed = flat_valid.nonzero().squeeze(1)  # flat ids in [E*C*S]
         xs = (suffix.to(cast_dtype) + pos[n_pre : n_pre + n_suf]).reshape(-1, width).index_select(0, packed)
         # additive masks: the prefix is causal in itself; a suffix token sees the whole prefix and the
         # suffix tokens up to itself
@@ -153,7 +154,7 @@ class TextTower:
         for blk in blocks:
             xp, xs = _shared_prefix_block(blk, xp, xs, packed, n_cls, n_suf, prefix_mask, suffix_mask)
         # position of each (expert, class) EOT token in the packed stream
-        slot = torch.cumsum(valid.expand(n_exp, n_cls, n_suf).reshape(-1).long(), 0) - 1
+        slot = torch.cumsum(flat_valid.long(), 0) - 1
         flat_eot = (torch.arange(n_exp * n_cls, device=xs.device).view(n_exp, n_cls) * n_suf + rows[None, :])
         x = xs.index_select(0, slot[flat_eot].reshape(-1)).view(n_exp, n_cls, width)  # [E, C, W]
         x = self.ln_final(x)

@@ -93,11 +93,6 @@ def active_backends() -> dict[str, str]:
     return dict(_ACTIVE)
 
 
-def fused_available() -> bool:
-    _load_fused()
-    return any(b != "reference" for b in _IMPLS)
-
-
 def describe(backends: dict[str, str]) -> str:
     """One log line: which backend runs each op."""
     return "ops: " + ", ".join(f"{op}={backend}" for op, backend in backends.items())
