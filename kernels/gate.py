@@ -35,6 +35,31 @@ def _head_matrix(D, HEAD_DIM, D_PAD: tl.constexpr, H_PAD: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, B, D):
+    """fp32 [BLOCK_B, D_PAD] tile of a [B, D] tensor; padding rows and columns read as 0."""
+    tile = (rows[:, None] < B) & (cols[None, :] < D)
+    return tl.load(ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_row(ptr, e, c, C, D, cols):
+    """fp32 [D_PAD] feature row (e, c) of an [E, C, D] tensor; padding reads as 0."""
+    return tl.load(ptr + (e * C + c) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_stats(lse_ptr, mix_ptr, g_ptr, rows, c, B, C, H_PAD: tl.constexpr):
+    """The forward's saved (log-sum-exp, mixed value) [BLOCK_B, H_PAD] and the incoming gradient [BLOCK_B] for
+    class c; padding rows read as 0 (so they contribute nothing)."""
+    row_ok = rows < B
+    hb = (rows[:, None] * C + c) * H_PAD + tl.arange(0, H_PAD)[None, :]
+    lse = tl.load(lse_ptr + hb, mask=row_ok[:, None], other=0.0)
+    mix = tl.load(mix_ptr + hb, mask=row_ok[:, None], other=0.0)
+    g = tl.load(g_ptr + rows * C + c, mask=row_ok, other=0.0)
+    return lse, mix, g
+
+
+@triton.jit
 def gate_score_fwd_kernel(
     q_ptr,  # [B, D] scaled queries (W_Q q + b_Q) * scaling
     u_ptr,  # [B, D] W_O^T q
@@ -66,20 +91,17 @@ def gate_score_fwd_kernel(
     cols = tl.arange(0, D_PAD)
     heads = tl.arange(0, H_PAD)
     row_ok = rows < B
-    col_ok = cols < D
     head_ok = heads < H
-    tile = row_ok[:, None] & col_ok[None, :]
-    q = tl.load(q_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+    q = _load_tile(q_ptr, rows, cols, B, D)
+    u = _load_tile(u_ptr, rows, cols, B, D)
     member = _head_matrix(D, HEAD_DIM, D_PAD, H_PAD)
 
     run_max = tl.full((BLOCK_B, H_PAD), float("-inf"), tl.float32)
     run_den = tl.zeros((BLOCK_B, H_PAD), tl.float32)
     run_num = tl.zeros((BLOCK_B, H_PAD), tl.float32)
     for e in range(E):
-        base = (e * C + c) * D
-        k = tl.load(k_ptr + base + cols, mask=col_ok, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        k = _load_row(k_ptr, e, c, C, D, cols)
+        v = _load_row(v_ptr, e, c, C, D, cols)
         score = tl.dot(q * k[None, :], member, input_precision="ieee")  # [BLOCK_B, H_PAD]
         value = tl.dot(u * v[None, :], member, input_precision="ieee")
         new_max = tl.maximum(run_max, score)
@@ -104,8 +126,7 @@ def gate_score_fwd_kernel(
 
     if NEED_WEIGHTS:
         for e in range(E):
-            base = (e * C + c) * D
-            k = tl.load(k_ptr + base + cols, mask=col_ok, other=0.0).to(tl.float32)
+            k = _load_row(k_ptr, e, c, C, D, cols)
             score = tl.dot(q * k[None, :], member, input_precision="ieee")
             attn = tl.where(head_ok[None, :], tl.exp(score - lse), 0.0)
             tl.store(w_ptr + (rows * C + c) * E + e, tl.sum(attn, axis=1) / H, mask=row_ok)
@@ -148,12 +169,9 @@ def gate_score_bwd_query_kernel(
     group = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, D_PAD)
-    heads = tl.arange(0, H_PAD)
-    row_ok = rows < B
-    col_ok = cols < D
-    tile = row_ok[:, None] & col_ok[None, :]
-    q = tl.load(q_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+    tile = (rows[:, None] < B) & (cols[None, :] < D)
+    q = _load_tile(q_ptr, rows, cols, B, D)
+    u = _load_tile(u_ptr, rows, cols, B, D)
     member = _head_matrix(D, HEAD_DIM, D_PAD, H_PAD)
     member_t = tl.trans(member)
 
@@ -162,14 +180,10 @@ def gate_score_bwd_query_kernel(
     c_start = group * CLASSES_PER_GROUP
     c_stop = tl.minimum(c_start + CLASSES_PER_GROUP, C)
     for c in range(c_start, c_stop):
-        hb = (rows[:, None] * C + c) * H_PAD + heads[None, :]
-        lse = tl.load(lse_ptr + hb, mask=row_ok[:, None], other=0.0)
-        mix = tl.load(mix_ptr + hb, mask=row_ok[:, None], other=0.0)
-        g = tl.load(g_ptr + rows * C + c, mask=row_ok, other=0.0)
+        lse, mix, g = _load_stats(lse_ptr, mix_ptr, g_ptr, rows, c, B, C, H_PAD)
         for e in range(E):
-            base = (e * C + c) * D
-            k = tl.load(k_ptr + base + cols, mask=col_ok, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + base + cols, mask=col_ok, other=0.0).to(tl.float32)
+            k = _load_row(k_ptr, e, c, C, D, cols)
+            v = _load_row(v_ptr, e, c, C, D, cols)
             d_score, d_value = _softmax_grads(q, u, k, v, lse, mix, g, member)
             # spread each head's gradient back over its coordinates
             dq += tl.dot(d_score, member_t, input_precision="ieee") * k[None, :]
@@ -203,31 +217,24 @@ def gate_score_bwd_expert_kernel(
     c = tl.program_id(0)
     e = tl.program_id(1)
     cols = tl.arange(0, D_PAD)
-    heads = tl.arange(0, H_PAD)
-    col_ok = cols < D
     member = _head_matrix(D, HEAD_DIM, D_PAD, H_PAD)
     member_t = tl.trans(member)
-    base = (e * C + c) * D
-    k = tl.load(k_ptr + base + cols, mask=col_ok, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + base + cols, mask=col_ok, other=0.0).to(tl.float32)
+    k = _load_row(k_ptr, e, c, C, D, cols)
+    v = _load_row(v_ptr, e, c, C, D, cols)
 
     dk = tl.zeros((D_PAD,), tl.float32)
     dv = tl.zeros((D_PAD,), tl.float32)
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        tile = row_ok[:, None] & col_ok[None, :]
-        q = tl.load(q_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        hb = (rows[:, None] * C + c) * H_PAD + heads[None, :]
-        lse = tl.load(lse_ptr + hb, mask=row_ok[:, None], other=0.0)
-        mix = tl.load(mix_ptr + hb, mask=row_ok[:, None], other=0.0)
-        g = tl.load(g_ptr + rows * C + c, mask=row_ok, other=0.0)  # 0 on padding rows: they add nothing
+        q = _load_tile(q_ptr, rows, cols, B, D)
+        u = _load_tile(u_ptr, rows, cols, B, D)
+        lse, mix, g = _load_stats(lse_ptr, mix_ptr, g_ptr, rows, c, B, C, H_PAD)
         d_score, d_value = _softmax_grads(q, u, k, v, lse, mix, g, member)
         dk += tl.sum(tl.dot(d_score, member_t, input_precision="ieee") * q, axis=0)
         dv += tl.sum(tl.dot(d_value, member_t, input_precision="ieee") * u, axis=0)
-    tl.store(dk_ptr + base + cols, dk, mask=col_ok)
-    tl.store(dv_ptr + base + cols, dv, mask=col_ok)
+    base = (e * C + c) * D
+    tl.store(dk_ptr + base + cols, dk, mask=cols < D)
+    tl.store(dv_ptr + base + cols, dv, mask=cols < D)
 
 
 def padded(n: int) -> int:
