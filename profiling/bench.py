@@ -1019,18 +1019,26 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
     return str(x)
 
 
+def _table_head(header: str) -> list[str]:
+    """A markdown table's header row and its separator (one ``---`` per column of ``header``)."""
+    return [header, "|" + "---|" * (header.count("|") - 1)]
+
+
+def _header(title: str, header: str) -> list[str]:
+    """A titled markdown table's opening lines: title, blank line, header row, separator."""
+    return [title, "", *_table_head(header)]
+
+
 def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
     parts = []
     if results.get("round"):
         r0 = results["round"][0]
-        lines = [
+        lines = _header(
             f"### One client round ({r0['steps'] // max(1, math.ceil(r0['train_images'] / r0['batch']))} local epochs, "
             f"{r0['train_images'] // r0['client_classes']} shots, batch {r0['batch']}, K = {r0['experts']})",
-            "",
             "| model | C | steps | pipeline | op backends that ran | step (ms) | experts (ms) | round (s) | speed-up "
             "| train img/s | eval img/s | step peak MiB | final acc % | Δ prompt |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in results["round"]:
             acc = r.get("final_acc")
             lines.append(
@@ -1042,11 +1050,10 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
         extra = [r for r in results["round"] if r["variant"] != "reference-style"]
         if extra:
             lines.append("")
-            lines.append(
+            lines += _table_head(
                 "| model | C | pipeline | feature cache, once (s) | speed-up incl. cache | ours run end to end (s) "
                 "/ composed from medians | eval img/s incl. image encoder | max abs Δlogit ref-style vs ours |"
             )
-            lines.append("|---|---|---|---|---|---|---|---|")
             for r in extra:
                 measured = f"{_fmt(r.get('round_measured_s'))} / {_fmt(r.get('round_composed_for_measured_s'))}"
                 lines.append(
@@ -1064,12 +1071,10 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
             )
         parts.append("\n".join(lines))
     if results.get("gate"):
-        lines = [
+        lines = _header(
             "### Gate + score op alone (forward + backward = train; forward = eval)",
-            "",
             "| B | C | E | mode | variant | time (ms) | speed-up vs ref-style | peak MiB | max abs Δ |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in results["gate"]:
             lines.append(
                 f"| {r['batch']} | {r['classes']} | {r['experts']} | {r['mode']} | {r['variant']} | "
@@ -1078,12 +1083,10 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
             )
         parts.append("\n".join(lines))
     if results.get("knn"):
-        lines = [
+        lines = _header(
             "### KNN expert selection (prompts of 8,192 values, k = 9, one round's queries)",
-            "",
             "| pool | queries | variant | time (s) | speed-up vs loop | vs cdist+topk | matches loop |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in results["knn"]:
             note = f" (measured on {r['measured_queries']}, scaled)" if r["variant"] == "loop" else ""
             lines.append(
@@ -1100,12 +1103,10 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
             )
         parts.append("\n".join(lines))
     if results.get("bytes"):
-        lines = [
+        lines = _header(
             "### Bytes per client and round",
-            "",
             "| method | K | dtype | prompts down | bytes down | bytes up | paper down / up | matches |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in results["bytes"]:
             lines.append(
                 f"| {r['method']} | {r['experts']} | {r['dtype']} | {r['prompts_down']} | "
@@ -1114,13 +1115,11 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
             )
         parts.append("\n".join(lines))
     if results.get("efficiency"):
-        lines = [
+        lines = _header(
             "### Text-encoder training step efficiency (shared prefix, forward + backward, fp32)",
-            "",
             "| model | C | useful / executed tokens | useful GFLOP | step (ms) | useful GFLOP/s | GEMM (shape) GFLOP/s "
             "| large GEMM GFLOP/s | efficiency |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in results["efficiency"]:
             lines.append(
                 f"| {r['model']} | {r['classes']} | {r['useful_tokens']:,} / {r['executed_tokens']:,} | "
@@ -1130,12 +1129,10 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
             )
         parts.append("\n".join(lines))
     if results.get("text-encoder"):
-        lines = [
+        lines = _header(
             "### Text encoder: one training step per prompt encoder",
-            "",
             "| model | C | text encoder | tokens / prompt | token positions | step (ms) | vs truncated |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in results["text-encoder"]:
             speed = f"{r['speedup_vs_truncated']:.2f}x" if "speedup_vs_truncated" in r else "n/a"
             lines.append(
@@ -1144,7 +1141,7 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
             )
         parts.append("\n".join(lines))
     if target_rows:
-        lines = ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines = _header("### Targets", "| target | measured | met |")
         for t in target_rows:
             lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |")
         parts.append("\n".join(lines))
