@@ -1,0 +1,134 @@
+"""Same numbers before and after a change of structure: run a fixed set of CLI configs on two checkouts and
+compare their ``metrics.jsonl`` round by round.
+
+    python profiling/parity.py run --checkout /path/to/old-clone --out /tmp/parity/old
+    python profiling/parity.py run --checkout . --out /tmp/parity/new
+    python profiling/parity.py compare /tmp/parity/old /tmp/parity/new
+
+``run`` calls ``python -m pfedmoap.train`` exactly as a user would, from the checkout's root (so that checkout's
+``pfedmoap`` is the one imported), one run directory per config. ``compare`` checks every per-round field except
+wall-clock timings for equality and prints one line per config; it exits 1 when any config differs. Run both
+sides on one machine with the same thread count: a seed gives the same numbers on one machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> CLI flags. The first two are the "one house" refactor's acceptance runs; the rest reach every method,
+# DP, the wire dtype, the live pool view and the fused backends.
+CONFIGS: dict[str, list[str]] = {
+    "default": ["--rounds", "3"],
+    "dirichlet": [
+        "--partition", "dirichlet", "--frac", "0.5", "--expert-selection", "random", "--client-dropout", "0.2",
+        "--rounds", "3",
+    ],
+    "synthetic-dirichlet": [
+        "--preset", "synthetic-dirichlet", "--frac", "0.5", "--expert-selection", "random", "--client-dropout",
+        "0.2", "--rounds", "3",
+    ],
+    "promptfl": ["--method", "promptfl", "--rounds", "2"],
+    "fedprox": ["--method", "fedprox", "--rounds", "2", "--fedprox-mu", "0.5"],
+    "local": ["--method", "local", "--rounds", "2"],
+    "zeroshot": ["--method", "zeroshot"],
+    "dp": ["--rounds", "2", "--dp-epsilon", "50", "--dp-delta", "0.05", "--dp-clip", "0.3", "--frac", "0.5"],
+    "wire-live": ["--rounds", "2", "--comm-dtype", "float16", "--pool-view", "live", "--lambda", "0"],
+    "fused": ["--rounds", "2", "--fused"],
+}
+
+# fields that measure time, not results
+TIMING = {"seconds", "phase_seconds"}
+
+
+def run(checkout: Path, out: Path, only: list[str] | None) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    failed = 0
+    for name, flags in CONFIGS.items():
+        if only and name not in only:
+            continue
+        target = out / name
+        if (target / "summary.json").exists():
+            print(f"{name:20s} done before, kept")
+            continue
+        cmd = [sys.executable, "-m", "pfedmoap.train", *flags, "--out", str(target), "--no-progress"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode} (see {name}.log)"
+        failed += proc.returncode != 0
+        print(f"{name:20s} {status}  {seconds:.1f} s")
+    return 1 if failed else 0
+
+
+def _rounds(path: Path) -> list[dict]:
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _equal(a: object, b: object) -> bool:
+    # NaN accuracies (a client without test data) compare equal to themselves here
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def compare(old: Path, new: Path) -> int:
+    """Every config's rounds field by field (timings excluded). A key the old side lacks is reported, not counted
+    as a difference (a new field); a key the new side lost, or any differing value, is."""
+    bad = 0
+    for name in CONFIGS:
+        if not (old / name / "metrics.jsonl").exists() or not (new / name / "metrics.jsonl").exists():
+            print(f"{name:20s} missing on one side")
+            bad += 1
+            continue
+        a, b = _rounds(old / name), _rounds(new / name)
+        problems, added = [], set()
+        if len(a) != len(b):
+            problems.append(f"{len(a)} rounds vs {len(b)}")
+        for ra, rb in zip(a, b, strict=False):  # a length difference is reported above
+            lost = sorted((ra.keys() - rb.keys()) - TIMING)
+            added |= (rb.keys() - ra.keys()) - TIMING
+            if lost:
+                problems.append(f"round {ra.get('round')}: the new side lacks {lost}")
+            common = (ra.keys() & rb.keys()) - TIMING
+            differ = sorted(k for k in common if not _equal(ra[k], rb[k]))
+            if differ:
+                problems.append(f"round {ra.get('round')}: differ in {', '.join(differ)}")
+        bad += bool(problems)
+        fields = len((a[0].keys() & b[0].keys()) - TIMING) if a and b else 0
+        note = f"; new fields {', '.join(sorted(added))}" if added else ""
+        verdict = "; ".join(problems) if problems else f"equal ({len(a)} rounds x {fields} fields)"
+        print(f"{name:20s} {verdict}{note}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run every config on one checkout")
+    p_run.add_argument("--checkout", type=Path, default=Path("."), help="repository root to run from")
+    p_run.add_argument("--out", type=Path, required=True, help="folder for one run directory per config")
+    p_run.add_argument("--only", help="comma-separated config names")
+    p_cmp = sub.add_parser("compare", help="compare two folders written by run")
+    p_cmp.add_argument("old", type=Path)
+    p_cmp.add_argument("new", type=Path)
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        return run(args.checkout.resolve(), args.out.resolve(), args.only.split(",") if args.only else None)
+    return compare(args.old, args.new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
