@@ -18,6 +18,7 @@ kernels) when torch has CUDA and nvcc is found. Environment:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -151,14 +152,37 @@ USE_CUDA, _, CUDA_INCLUDES = cuda_plan()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+# written beside the built library: the torch it was built against, so that a failed import can say so
+BUILD_RECORD = "_C.build.json"
+
+
 class BuildExt(BuildExtension):
-    """torch's BuildExtension, failing first with one clear line when no compiler is installed."""
+    """torch's BuildExtension, failing first with one clear line when no compiler is installed.
+
+    After building it records the torch version beside the library and, in a source checkout, also places the
+    library in the checkout's ``pfedmoap/`` (as an editable install does): ``python -m pfedmoap.train`` run from
+    the checkout root imports the source tree, which would otherwise shadow the installed extension.
+    """
 
     def run(self) -> None:
         problem = missing_compiler()
         if problem:
             fail(problem)
         super().run()
+        record = json.dumps(
+            {"torch": torch.__version__, "cuda": torch.version.cuda if USE_CUDA else None, "python": sys.version}
+        )
+        for ext in self.extensions:
+            built = Path(self.get_ext_fullpath(ext.name))
+            (built.parent / BUILD_RECORD).write_text(record + "\n")
+            source_pkg = ROOT / "pfedmoap"
+            if self.inplace or not (source_pkg / "__init__.py").is_file() or built.parent.resolve() == source_pkg:
+                continue
+            try:
+                shutil.copy2(built, source_pkg / built.name)
+                shutil.copy2(built.parent / BUILD_RECORD, source_pkg / BUILD_RECORD)
+            except OSError as exc:  # a read-only checkout: the installed package still has the library
+                print(f"note: could not place {built.name} in {source_pkg} ({exc.strerror})", file=sys.stderr)
 
 
 def extension():

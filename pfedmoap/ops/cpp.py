@@ -14,16 +14,20 @@ that needs a gradient) go to the reference implementation, so a call never fails
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import json
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from . import reference
 
-_MISSING = "pfedmoap._C is not built: run pip install -e . (needs a C++ compiler)"
 _C: ModuleType | None = None
 _REASON = ""
 _TRIED = False
+BUILD_RECORD = "_C.build.json"  # written by setup.py beside the library: the torch it was built against
 
 
 def _load() -> ModuleType | None:
@@ -36,10 +40,51 @@ def _load() -> ModuleType | None:
         except ModuleNotFoundError as exc:
             if exc.name != "pfedmoap._C":
                 raise
-            _REASON = _MISSING
+            _REASON = _missing_reason()
         except ImportError as exc:  # built against another torch, missing shared library, ...
-            _REASON = f"pfedmoap._C is built but cannot be imported ({exc}); rebuild it: pip install -e ."
+            _REASON = _import_failure_reason(exc)
     return _C
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _libraries(folder: Path) -> list[Path]:
+    return [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in sorted(folder.glob(f"_C{suffix}"))]
+
+
+def _missing_reason() -> str:
+    """Why ``pfedmoap._C`` is not there: never built, or built into an installed copy that this process's source
+    tree shadows (``python -m`` from a checkout imports the checkout first)."""
+    here = _package_dir()
+    for entry in sys.path:
+        other = Path(entry or ".").resolve() / "pfedmoap"
+        if other != here and other.is_dir() and _libraries(other):
+            return (
+                f"pfedmoap._C is built in {other} but this process imports pfedmoap from the source tree at {here}, "
+                "which shadows it: build it in place (pip install -e . or python setup.py build_ext --inplace) "
+                "or run from outside the checkout"
+            )
+    return f"pfedmoap._C is not built (no library in {here}): run pip install . (needs a C++ compiler)"
+
+
+def _import_failure_reason(exc: ImportError) -> str:
+    """Why a library that is there does not import; names the torch it was built for when setup.py recorded it."""
+    found = _libraries(_package_dir())
+    where = str(found[0]) if found else "pfedmoap._C"
+    record = _package_dir() / BUILD_RECORD
+    try:
+        built_for = json.loads(record.read_text()).get("torch")
+    except (OSError, ValueError, AttributeError):
+        built_for = None
+    if built_for and built_for != torch.__version__:
+        return (
+            f"{where} was built for torch {built_for}, this is torch {torch.__version__}: rebuild it against this "
+            "torch (pip install --no-build-isolation ., or pip install -e . in a checkout)"
+        )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{where} is built but cannot be imported ({first}); rebuild it: pip install --no-build-isolation ."
 
 
 def available() -> bool:
