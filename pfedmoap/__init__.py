@@ -3,23 +3,28 @@
     from pfedmoap import make_config, run
     history = run(make_config("synthetic", rounds=3))
 
-The building blocks are public for research code: :class:`PromptEncoder`, :class:`AttentionGate`,
-:class:`Client`, :class:`Server`, the partitioners in :mod:`pfedmoap.data.partition`, the dataset registry
-(:func:`create_dataset`, :func:`register_dataset`) and the methods (:func:`register_method`).
+The building blocks are public for research code: :class:`PromptEncoder`, the gates (:class:`AttentionGate`, :func:`register_gate`), :class:`Client`, :class:`Server`, the round driver
+(:class:`RoundDriver`, :class:`RoundRecord`), the world (:class:`World`), the partitioners in
+:mod:`pfedmoap.data.partition`, the dataset registry (:func:`create_dataset`, :func:`register_dataset`), the
+methods (:class:`Method`, :func:`register_method`) and the op tables (:func:`select_ops`).
 """
 
-__version__ = "0.1.0"
-
-from .client import Client  # noqa: E402
-from .clip import FrozenCLIP, load_clip  # noqa: E402
-from .config import Config, list_presets, make_config  # noqa: E402
-from .data import create_dataset, list_datasets, register_dataset  # noqa: E402
-from .errors import ConfigError, UserError  # noqa: E402
-from .federation import Federation, History, run  # noqa: E402
-from .gate import AttentionGate, pfedmoap_logits, reduce_features  # noqa: E402
-from .methods import Method, create_method, register_method  # noqa: E402
-from .prompt import PromptEncoder  # noqa: E402
-from .server import Server  # noqa: E402
+from ._version import __version__
+from .client import Client
+from .clip import FrozenCLIP, load_clip
+from .config import Config, list_presets, make_config
+from .data import create_dataset, list_datasets, register_dataset
+from .errors import ConfigError, UserError
+from .federation import Federation
+from .gates import AttentionGate, Gate, create_gate, pfedmoap_logits, reduce_features
+from .launch import resume, run
+from .methods import Method, create_method
+from .ops import OpTable, select_ops
+from .prompt import PromptEncoder
+from .registry import register_gate, register_method
+from .rounds import History, RoundDriver, RoundRecord
+from .server import Server
+from .world import World
 
 __all__ = [
     "AttentionGate",
@@ -28,13 +33,19 @@ __all__ = [
     "ConfigError",
     "Federation",
     "FrozenCLIP",
+    "Gate",
     "History",
     "Method",
+    "OpTable",
     "PromptEncoder",
+    "RoundDriver",
+    "RoundRecord",
     "Server",
     "UserError",
+    "World",
     "__version__",
     "create_dataset",
+    "create_gate",
     "create_method",
     "list_datasets",
     "list_presets",
@@ -43,6 +54,9 @@ __all__ = [
     "pfedmoap_logits",
     "reduce_features",
     "register_dataset",
+    "register_gate",
     "register_method",
+    "resume",
     "run",
+    "select_ops",
 ]

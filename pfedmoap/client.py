@@ -1,24 +1,30 @@
-"""One simulated client: its data, its private gate, its RNG, its local update and its evaluation.
+"""One client: its data, its private state (prompt, gate, RNG), the generic local training loop, its evaluation.
 
-Nothing here is shared between clients: each owns its gate (created at first use, never uploaded), its
-generator (batch order, augmentation) and a fresh optimiser per local update. The frozen CLIP and the
-prompt encoder are read-only and shared.
+Nothing here is shared between clients: each owns its gate (created at first use, never uploaded unless the
+method shares it), its generator (batch order, augmentation, DP noise) and a fresh optimiser per local update.
+The frozen CLIP and the prompt encoder are read-only and shared.
+
+What a local update optimises is the method's business (:mod:`pfedmoap.methods`): it hands :meth:`Client.train`
+an :class:`Objective`, i.e. parameter groups with their learning rates and the loss of a batch. The loop itself
+(epochs, batch order, SGD) is the same for every method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .clip import FrozenCLIP
 from .data.features import encode_images, random_crop_flip
-from .gate import AttentionGate, pfedmoap_logits
+from .gates import pfedmoap_logits
 from .profiling import nvtx_range
-from .prompt import PromptEncoder
+
+if TYPE_CHECKING:
+    from .clip import FrozenCLIP
+    from .config import Config
 
 
 @dataclass
@@ -33,34 +39,48 @@ class ClientData:
     def num_train(self) -> int:
         return int(self.train_labels.numel())
 
-
-@dataclass
-class LocalObjective:
-    """What one local update optimises; methods differ only in these fields."""
-
-    use_gate: bool = False  # pFedMoAP with experts: logits = l_moe + lam * l_loc
-    lam: float = 0.5
-    prox_mu: float = 0.0  # FedProx: + mu / 2 * ||ctx - anchor||^2
-    anchor: torch.Tensor | None = None
+    @property
+    def num_test(self) -> int:
+        return int(self.test_labels.numel())
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
+    """The generic loop's settings (learning rates belong to the objective's parameter groups)."""
+
     epochs: int
     batch_size: int
-    lr_prompt: float
-    lr_gate: float
     momentum: float
     weight_decay: float
-    d_gate: int
-    heads: int
-    attn_scaling: float
-    reduction: str
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TrainSettings:
+        return cls(cfg.local_epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay)
 
 
-def client_seed(run_seed: int, cid: int) -> int:
-    """A per-client seed derived from the run seed (independent streams for every client)."""
-    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(run_seed * 1_000_003 + cid)))
+class Objective:
+    """What one local update optimises. Methods build one per sampled client and round (``Method.objective``).
+
+    ``prompt`` is the trained local prompt (kept by the client afterwards); ``expert_text`` the frozen experts'
+    text features the update used, if any (kept until the client's next evaluation, so it need not re-encode).
+    """
+
+    prompt: nn.Parameter
+    expert_text: torch.Tensor | None = None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """torch.optim parameter groups, each with its ``lr``."""
+        raise NotImplementedError
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch of (L2-normalised image features, labels)."""
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        """Called before the first step (e.g. a gate to train mode)."""
+
+    def end(self) -> None:
+        """Called after the last step (e.g. a gate back to eval mode)."""
 
 
 class Client:
@@ -70,23 +90,25 @@ class Client:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.prompt: torch.Tensor | None = None  # the last prompt this client trained (kept locally)
-        self.gate: AttentionGate | None = None  # private: persists across this client's rounds
+        self.gate: nn.Module | None = None  # private: persists across this client's rounds
         self.expert_ids: list[int] = []  # the experts it received in its last round
         self.expert_prompts: torch.Tensor | None = None  # [K, n_ctx, W] as received
         self.rounds_trained = 0
-        self.dp_releases = 0  # differentially private uploads made so far (for the accountant)
         self.version = 0  # bumped whenever the state that evaluation depends on changes
         self.eval_key: object = None  # what the cached accuracy was computed from
         self.accuracy: float | None = None
         self.attention: list[float] | None = None  # gate weight per expert at the last evaluation
+        # transient, never saved: (version, expert text features) of the last update, for the next evaluation
+        self.expert_text: tuple[int, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------- gate
-    def ensure_gate(self, settings: TrainSettings, device: torch.device) -> AttentionGate:
+    def ensure_gate(self, make_gate: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+        """The client's gate, created by ``make_gate`` at first use from the client's own seed."""
         if self.gate is None:
             # initialise from the client's own seed, without touching the global RNG
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                self.gate = AttentionGate(settings.d_gate, settings.heads, settings.attn_scaling)
+                self.gate = make_gate()
         return self.gate.to(device)
 
     # ----------------------------------------------------------------------------------- state
@@ -100,28 +122,30 @@ class Client:
             "expert_ids": list(self.expert_ids),
             "expert_prompts": self.expert_prompts,
             "rounds_trained": self.rounds_trained,
-            "dp_releases": self.dp_releases,
             "version": self.version,
             "eval_key": None if self.eval_key is None else list(self.eval_key),
             "accuracy": self.accuracy,
             "attention": self.attention,
         }
 
-    def load_state_dict(self, state: dict[str, Any], settings: TrainSettings, device: torch.device) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], make_gate: Callable[[], nn.Module], device: torch.device
+    ) -> None:
         """Restore what :meth:`state_dict` returned; the gate is rebuilt on ``device`` when there was one."""
         self.prompt = state["prompt"]
         self.gate = None
         if state["gate"] is not None:
-            self.ensure_gate(settings, device).load_state_dict(state["gate"])
+            self.ensure_gate(make_gate, device).load_state_dict(state["gate"])
+            self.gate.eval()
         self.generator.set_state(state["generator"])
         self.expert_ids = [int(j) for j in state["expert_ids"]]
         self.expert_prompts = state["expert_prompts"]
         self.rounds_trained = int(state["rounds_trained"])
-        self.dp_releases = int(state["dp_releases"])
         self.version = int(state["version"])
         self.eval_key = None if state["eval_key"] is None else tuple(state["eval_key"])
         self.accuracy = state["accuracy"]
         self.attention = state["attention"]
+        self.expert_text = None
 
     # ----------------------------------------------------------------------------------- training
     def _batch_features(self, clip: FrozenCLIP, idx: torch.Tensor) -> torch.Tensor:
@@ -131,35 +155,15 @@ class Client:
         return encode_images(clip, images)
 
     @nvtx_range("local_train")
-    def train(
-        self,
-        encoder: PromptEncoder,
-        start_prompt: torch.Tensor,
-        expert_text: torch.Tensor | None,
-        objective: LocalObjective,
-        settings: TrainSettings,
-    ) -> torch.Tensor:
-        """Local update: ``settings.epochs`` epochs of SGD on the prompt (and the gate when used).
-
-        ``expert_text`` [K, C, D] are the frozen non-local experts' text features, encoded once per round.
-        Returns the trained prompt (detached). A fresh optimiser every call: no state leaks between rounds
-        or clients.
-        """
-        clip = encoder.clip
+    def train(self, objective: Objective, settings: TrainSettings, clip: FrozenCLIP) -> None:
+        """Local update: ``settings.epochs`` epochs of SGD on the objective's parameter groups, batches in the
+        order of this client's own generator. A fresh optimiser every call: no state leaks between rounds or
+        clients."""
         device = clip.device
-        ctx = nn.Parameter(start_prompt.detach().to(device, torch.float32).clone())
-        groups = [{"params": [ctx], "lr": settings.lr_prompt}]
-        gate = None
-        if objective.use_gate and expert_text is not None and expert_text.shape[0] > 0:
-            gate = self.ensure_gate(settings, device)
-            gate.train()
-            groups.append({"params": list(gate.parameters()), "lr": settings.lr_gate})
-        else:
-            expert_text = None
-        opt = torch.optim.SGD(groups, momentum=settings.momentum, weight_decay=settings.weight_decay)
-        anchor = objective.anchor.to(device) if objective.anchor is not None else None
+        opt = torch.optim.SGD(objective.param_groups(), momentum=settings.momentum, weight_decay=settings.weight_decay)
         labels = self.data.train_labels.to(device)
         n = self.data.num_train
+        objective.begin()
         for _ in range(settings.epochs):
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, settings.batch_size):
@@ -167,32 +171,15 @@ class Client:
                 with nvtx_range("step"):
                     with nvtx_range("step.features"):
                         feats = self._batch_features(clip, idx.to(device) if device.type != "cpu" else idx)
-                    with nvtx_range("step.text_encode"):
-                        text = encoder.encode(ctx)
-                    with nvtx_range("step.gate"):
-                        logits, _ = pfedmoap_logits(
-                            feats,
-                            text,
-                            expert_text,
-                            gate,
-                            clip.gamma,
-                            objective.lam,
-                            settings.d_gate,
-                            settings.reduction,
-                        )
-                        loss = F.cross_entropy(logits, labels[idx.to(labels.device)])
-                        if objective.prox_mu > 0 and anchor is not None:
-                            loss = loss + 0.5 * objective.prox_mu * (ctx - anchor).pow(2).sum()
+                    loss = objective.loss(feats, labels[idx.to(labels.device)])
                     with nvtx_range("step.backward"):
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                     with nvtx_range("step.optimizer"):
                         opt.step()
-        if gate is not None:
-            gate.eval()
+        objective.end()
         self.rounds_trained += 1
         self.version += 1
-        return ctx.detach()
 
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -201,16 +188,14 @@ class Client:
         gamma: float,
         local_text: torch.Tensor,
         expert_text: torch.Tensor | None,
-        gate: AttentionGate | None,
+        gate: nn.Module | None,
         lam: float,
-        d_gate: int,
-        reduction: str,
         batch_size: int = 512,
     ) -> float:
         """Accuracy (%) on this client's own test split, classifying over all classes.
 
-        With a gate, also sets ``self.attention``: the gate's head-averaged weight per expert (local first,
-        then the non-local experts in the order received), averaged over the test images at their true class.
+        With a gate, also sets ``self.attention``: the gate's weight per expert (local first, then the non-local
+        experts in the order received), averaged over the test images at their true class.
         """
         feats, labels = self.data.test_features, self.data.test_labels.to(self.data.test_features.device)
         self.attention = None
@@ -227,8 +212,6 @@ class Client:
                 gate,
                 gamma,
                 lam,
-                d_gate,
-                reduction,
                 need_weights=gate is not None,
             )
             correct += int((logits.argmax(dim=-1) == batch_labels).sum())

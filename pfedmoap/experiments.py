@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import OneLineParser
+from .cli import OneLineParser, fail, run_command
 from .config import make_config
 from .errors import UserError
+
+PROG = "pfedmoap.experiments"
 
 # table rows: name -> (method, config overrides); labels as in the paper's tables
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -97,7 +99,7 @@ def run_sweep(
     log=print,
 ) -> dict[str, Any]:
     """Run (or reuse) every (preset, variant, seed) and return {preset: {variant: {...stats}}}."""
-    from .federation import run
+    from .launch import run
 
     results: dict[str, Any] = {}
     for preset in presets:
@@ -134,7 +136,7 @@ def write_plots(out: Path, presets: list[str], variants: list[str], seeds: list[
     """PNG plots per preset under ``out/plots/<preset>/``: accuracy per round, gate attention per expert
     (pFedMoAP), per-client accuracy, bytes per round."""
     from . import plots
-    from .metrics import read_metrics
+    from .rundir import read_metrics
 
     written = []
     for preset in presets:
@@ -203,17 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.methods.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
-        print(f"pfedmoap.experiments: error: methods={bad[0]!r} is not one of: {', '.join(VARIANTS)}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"methods={bad[0]!r} is not one of: {', '.join(VARIANTS)}")
     if not args.seeds:
-        print("pfedmoap.experiments: error: seeds is empty", file=sys.stderr)
-        return 2
+        return fail(PROG, "seeds is empty")
     overrides: dict[str, Any] = {"progress": args.progress}
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            print(f"pfedmoap.experiments: error: --set {item!r} is not KEY=VALUE", file=sys.stderr)
-            return 2
+            return fail(PROG, f"--set {item!r} is not KEY=VALUE")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -222,24 +221,27 @@ def main(argv: list[str] | None = None) -> int:
         overrides["rounds"] = args.rounds
     out = Path(args.out)
     presets = [x for x in args.preset.split(",") if x]
-    try:
-        results = run_sweep(presets, variants, args.seeds, out, overrides)
-    except UserError as exc:
-        print(f"pfedmoap.experiments: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pfedmoap.experiments: interrupted (finished runs are kept; rerun to resume)", file=sys.stderr)
-        return 130
+    return run_command(
+        PROG,
+        lambda: _report(presets, variants, args.seeds, out, overrides, args.plots),
+        "interrupted (finished runs are kept; rerun to resume)",
+    )
+
+
+def _report(
+    presets: list[str], variants: list[str], seeds: list[int], out: Path, overrides: dict[str, Any], plots: bool
+) -> int:
+    results = run_sweep(presets, variants, seeds, out, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    if args.plots:
+    if plots:
         try:
-            for path in write_plots(out, presets, variants, args.seeds):
+            for path in write_plots(out, presets, variants, seeds):
                 print(f"wrote {path}", file=sys.stderr)
         except UserError as exc:  # matplotlib missing: the table is still written
             print(f"pfedmoap.experiments: no plots: {exc}", file=sys.stderr)
     text = []
     for metric, title in (("final", "final round"), ("best", "best round"), ("last5", "mean of the last 5 rounds")):
-        text.append(f"### Mean client accuracy (%), {title}, mean ± std over seeds {args.seeds}\n")
+        text.append(f"### Mean client accuracy (%), {title}, mean ± std over seeds {seeds}\n")
         text.append(markdown_table(results, metric) + "\n")
     comparison = paper_table(results)
     if comparison:

@@ -12,6 +12,7 @@ and, with ``--eval``, the zero-shot accuracy per style.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -29,12 +30,13 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from tqdm.auto import tqdm
 
-from .cli import OneLineParser
+from .cli import OneLineParser, run_command
 from .data.synthetic import CLASSNAMES, PRETRAIN_STYLES, STYLES, render, templates, to_model_input
+from .errors import UserError
 from .model_configs import TINY_MODEL, register_model_configs
+from .text_encoder import TextTower
 
 # Bump when the synthetic world, the model config or the training recipe changes in a way that the config
 # fields do not capture, so that stale cached weights are not reused.
@@ -122,23 +124,6 @@ def _caption_tokens(tokenizer, styles: Sequence[int]) -> torch.Tensor:
     return tokens.view(len(styles), len(CLASSNAMES), counts.pop(), -1)
 
 
-def _encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text(tokens, normalize=True)`` computed only up to the last end-of-text token.
-
-    Captions are far shorter than the context, and with a causal mask the padding after the end-of-text
-    token cannot change the pooled feature, so trimming gives the same features (up to float rounding) at
-    about a third of the text cost.
-    """
-    if model.text_pool_type != "argmax" or not isinstance(model.text_projection, torch.nn.Parameter):
-        return model.encode_text(tokens, normalize=True)
-    length = int(tokens.argmax(dim=-1).max()) + 1  # end-of-text has the largest token id
-    tokens = tokens[:, :length]
-    x = model.token_embedding(tokens) + model.positional_embedding[:length]
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = text_global_pool(model.ln_final(x), tokens, "argmax")
-    return F.normalize(x @ model.text_projection, dim=-1)
-
-
 def _lr_factor(step: int, cfg: PretrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -176,6 +161,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, losses: list[float] | N
         # fused: the 3.2M-entry token embedding makes the per-tensor AdamW loop a large share of each step
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
         targets = torch.arange(cfg.batch_size)
+        # the library's own text pass: captions are far shorter than the context, and with a causal mask the
+        # padding after the end-of-text token cannot change the pooled feature, so it runs only up to it
+        text_tower = TextTower.from_model(model, TINY_MODEL)
 
         bar = tqdm(range(cfg.steps), desc="pretraining tiny CLIP", unit="step", disable=not progress)
         for step in bar:
@@ -189,7 +177,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, losses: list[float] | N
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg)
             image_features = model.encode_image(images, normalize=True)
-            text_features = _encode_text_trimmed(model, tokens)
+            text_features = F.normalize(text_tower.encode_tokens(tokens), dim=-1)
             logits = model.logit_scale.exp() * image_features @ text_features.T
             loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
             opt.zero_grad(set_to_none=True)
@@ -336,16 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    prog = parser.prog
+    return run_command(parser.prog, lambda: _pretrain_command(args, defaults), "interrupted; nothing was saved")
+
+
+def _pretrain_command(args: argparse.Namespace, defaults: PretrainConfig) -> int:
     try:
         cfg = dataclasses.replace(
             defaults, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads
         )
-        if args.eval_per_class < 1:
-            raise ValueError(f"--eval-per-class must be at least 1, got {args.eval_per_class}")
-    except ValueError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # PretrainConfig's own checks
+        raise UserError(str(exc)) from None
+    if args.eval_per_class < 1:
+        raise UserError(f"--eval-per-class must be at least 1, got {args.eval_per_class}")
 
     cache = args.cache_dir if args.cache_dir is not None else cache_dir()
     cached = weights_path(cfg, cache).is_file() and not args.force
@@ -353,11 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = ensure_tiny_clip(cache, progress=not args.no_progress, cfg=cfg, force=args.force)
     except OSError as exc:
-        print(f"{prog}: error: cannot use cache folder {cache}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was saved", file=sys.stderr)
-        return 130
+        raise UserError(f"cannot use cache folder {cache}: {exc.strerror or exc}") from None
     took = "cached" if cached else f"pretrained in {time.perf_counter() - start:.0f} s"
     print(f"weights: {path} ({path.stat().st_size / 1e6:.1f} MB, {took})")
 
@@ -379,7 +365,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = "pretraining style" if style in cfg.styles else "held out"
             print(f"  {style:<10} {value:6.1%}  ({note})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

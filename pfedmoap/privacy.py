@@ -10,11 +10,16 @@ assume. The Rényi-DP accounting comes from Google's ``dp-accounting`` package
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # Rényi orders: the grid TF Privacy and dp-accounting use, plus large orders for small epsilons
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512]
@@ -58,6 +63,7 @@ def epsilon(
     raise ValueError(f"conversion={conversion!r} is not one of: improved, classic")
 
 
+@functools.lru_cache(maxsize=64)  # a pure function, asked for by the server and every client of a run
 def noise_multiplier_for(target_epsilon: float, delta: float, releases: int, tolerance: float = 1e-4) -> float:
     """The smallest noise multiplier (within ``tolerance``) whose ``releases`` uploads stay within the target."""
     low, high = 1e-3, 1.0
@@ -72,6 +78,14 @@ def noise_multiplier_for(target_epsilon: float, delta: float, releases: int, tol
         else:
             high = mid
     return high
+
+
+def run_noise_multiplier(cfg: Config) -> float | None:
+    """The noise multiplier that keeps each client within (dp_epsilon, dp_delta) over its at most ``rounds``
+    uploads (one per round), or None when DP is off. Server and clients derive the same value."""
+    if cfg.dp_epsilon is None:
+        return None
+    return noise_multiplier_for(cfg.dp_epsilon, cfg.dp_delta, cfg.rounds)
 
 
 def privatize_update(

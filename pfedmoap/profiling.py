@@ -30,6 +30,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, Protocol, TypeVar
 
@@ -215,6 +216,16 @@ class nvtx_range:  # noqa: N801 - used like a function: ``with nvtx_range("x")``
                 return fn(*args, **kwargs)
 
         return wrapper
+
+
+@contextlib.contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time the block takes to ``phases[name]`` (a round's ``phase_seconds``)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] += time.perf_counter() - t0
 
 
 def ranged(items: Iterable[T], name: str) -> Iterator[T]:

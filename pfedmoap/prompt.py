@@ -8,17 +8,28 @@ prompt (with grad), the K frozen experts (no grad) and the global prompt.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .clip import FrozenCLIP
 from .errors import ConfigError
+from .ops import REFERENCE, AssemblePromptsFn
+from .seeding import prompt_generator
+
+if TYPE_CHECKING:
+    from .clip import FrozenCLIP
+    from .config import Config
 
 
 def init_prompt(n_ctx: int, width: int, std: float, generator: torch.Generator) -> torch.Tensor:
     """A fresh context, N(0, std^2) as CoOp's generic context."""
     return torch.randn(n_ctx, width, generator=generator) * std
+
+
+def initial_prompt(cfg: Config, width: int) -> torch.Tensor:
+    """P_g^0, the common initial context of a run: from the run seed, so every engine and node derives it alike."""
+    return init_prompt(cfg.n_ctx, width, cfg.ctx_init_std, prompt_generator(cfg.seed))
 
 
 class PromptEncoder:
@@ -34,8 +45,16 @@ class PromptEncoder:
 
     MODES = ("full", "truncated", "shared-prefix")
 
-    def __init__(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int, mode: str = "shared-prefix"):
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: list[str],
+        n_ctx: int,
+        mode: str = "shared-prefix",
+        assemble: AssemblePromptsFn = REFERENCE.assemble_prompts,
+    ):
         self.clip = clip
+        self.assemble_prompts = assemble
         self.classnames = list(classnames)
         self.n_ctx = n_ctx
         tower = clip.text
@@ -67,8 +86,9 @@ class PromptEncoder:
         return len(self.classnames)
 
     def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Contexts [E, n_ctx, W] -> token embeddings [E * C, L, W] (expert-major), via ``ops.assemble_prompts``."""
-        return ops.assemble_prompts(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
+        """Contexts [E, n_ctx, W] -> token embeddings [E * C, L, W] (expert-major), via the run's
+        ``assemble_prompts`` op."""
+        return self.assemble_prompts(self.prefix, self.suffix, ctx.to(self.prefix.dtype))
 
     def encode(self, ctx: torch.Tensor) -> torch.Tensor:
         """Context(s) -> L2-normalised text features, ``[C, D]`` or ``[E, C, D]``."""

@@ -1,9 +1,8 @@
-"""The run directory: ``config.json``, ``metrics.jsonl`` (one object per round), ``summary.json``."""
+"""The run directory: ``config.json``, ``metrics.jsonl`` (one object per round), ``summary.json``, ``checkpoints/``."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -75,34 +74,7 @@ class RunDir:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rounds of a run directory's ``metrics.jsonl``, as the JSON objects written there."""
     lines = Path(path, "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
-
-def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final, best and mean-of-last-5 mean client accuracy (SPEC §2 evaluation)."""
-    accs = [r["mean_acc"] for r in rounds]
-    if not accs:
-        return {}
-    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
-    last5 = accs[-5:]
-    return {
-        "final_mean_acc": accs[-1],
-        "final_std_acc": rounds[-1]["std_acc"],
-        "best_mean_acc": accs[best],
-        "best_round": rounds[best]["round"],
-        "last5_mean_acc": sum(last5) / len(last5),
-        "rounds": len(rounds),
-        "total_bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
-        "total_bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
-        "seconds": sum(r.get("seconds", 0.0) for r in rounds),
-    }
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / len(vals)
-    return mean, math.sqrt(var)

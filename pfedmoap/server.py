@@ -1,17 +1,19 @@
-"""The server: the prompt pool, the global prompt, client sampling, expert selection and aggregation.
+"""The server's state: the prompt pool, the global prompt, client sampling, expert selection, upload checks, FedAvg.
 
-It never sees a gate: pFedMoAP's gates stay on their clients (SPEC §2).
+It never sees a private gate: pFedMoAP's gates stay on their clients (SPEC §2). What happens in a round (who is
+sampled, what each client receives, what is accepted, the round's record) is the round driver's
+(:mod:`pfedmoap.rounds`); this class holds what persists between rounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 
-from . import ops
+from .ops import REFERENCE, KnnFn
 from .profiling import nvtx_range
+from .seeding import Stream, stream
 
 
 class Server:
@@ -26,6 +28,7 @@ class Server:
         seed: int,
         expert_selection: str = "knn",
         max_norm: float | None = None,
+        knn: KnnFn = REFERENCE.knn,
     ):
         self.num_clients = num_clients
         self.prompt_shape = tuple(init_prompt.shape)
@@ -33,12 +36,15 @@ class Server:
         self.global_prompt = self.init_prompt.clone()
         self.global_version = 0  # bumped at every aggregation
         self.pool: dict[int, torch.Tensor] = {}
+        # other tensors a method aggregates on the server (e.g. a shared gate), by wire name
+        self.extras: dict[str, torch.Tensor] = {}
         self.train_sizes = list(train_sizes)
         self.frac = frac
         self.expert_selection = expert_selection
         self.max_norm = max_norm
-        self.sample_rng = np.random.default_rng([seed, 101])
-        self.select_rng = np.random.default_rng([seed, 202])
+        self.knn = knn
+        self.sample_rng = stream(seed, Stream.SAMPLE)
+        self.select_rng = stream(seed, Stream.SELECT)
         self.rejected: list[tuple[int, str]] = []  # uploads refused this round: (client id, reason)
 
     # --------------------------------------------------------------------------------- sampling
@@ -74,7 +80,7 @@ class Server:
         pool = torch.stack([view[j].reshape(-1).float() for j in ids])
         present = torch.ones(len(ids), dtype=torch.bool)
         query = torch.tensor([ids.index(cid)])
-        nearest = ops.knn(pool, present, query, k)[0]
+        nearest = self.knn(pool, present, query, k)[0]
         return [ids[int(i)] for i in nearest]
 
     # --------------------------------------------------------------------------------- uploads
@@ -103,14 +109,39 @@ class Server:
         self.pool[cid] = prompt.detach().cpu().float().clone()
         return True
 
+    # --------------------------------------------------------------------------------- aggregation
+    def fedavg(self, tensors: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """sum_i n_i / sum(n) * T_i over the given clients' tensors (float64 sums, float32 result)."""
+        ids = sorted(tensors)
+        weights = torch.tensor([float(self.train_sizes[i]) for i in ids], dtype=torch.float64)
+        weights = weights / weights.sum()
+        stacked = torch.stack([tensors[i].double() for i in ids])
+        return (weights.view(-1, *([1] * (stacked.dim() - 1))) * stacked).sum(0).float()
+
     @nvtx_range("server.aggregate")
     def aggregate(self, uploads: Mapping[int, torch.Tensor]) -> None:
         """P_g := sum_i n_i / sum(n) * P_i over this round's accepted uploads (FedAvg)."""
         if not uploads:
             return
-        ids = sorted(uploads)
-        weights = torch.tensor([float(self.train_sizes[i]) for i in ids], dtype=torch.float64)
-        weights = weights / weights.sum()
-        stacked = torch.stack([uploads[i].double() for i in ids])
-        self.global_prompt = (weights.view(-1, 1, 1) * stacked).sum(0).float()
+        self.global_prompt = self.fedavg(uploads)
         self.global_version += 1
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """What later rounds depend on: P_g and its version, the pool, the method's extras, both RNG states."""
+        return {
+            "global_prompt": self.global_prompt,
+            "global_version": self.global_version,
+            "pool": {int(k): v for k, v in self.pool.items()},
+            "extras": dict(self.extras),
+            "sample_rng": self.sample_rng.bit_generator.state,
+            "select_rng": self.select_rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_prompt = state["global_prompt"]
+        self.global_version = int(state["global_version"])
+        self.pool = {int(k): v for k, v in state["pool"].items()}
+        self.extras = dict(state["extras"])
+        self.sample_rng.bit_generator.state = state["sample_rng"]
+        self.select_rng.bit_generator.state = state["select_rng"]

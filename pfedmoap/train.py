@@ -1,20 +1,22 @@
 """CLI: ``python -m pfedmoap.train [--preset NAME] [--method M] [--fused] [--engine E] [overrides]``.
 
 With no arguments: pFedMoAP on the synthetic world (preset "synthetic"). Flags override the preset;
-the resolved config is saved as ``config.json`` in the run directory. Exit codes: 0 success, 2 bad input,
-130 interrupted.
+the resolved config is saved as ``config.json`` in the run directory (``--print-config`` prints it and runs
+nothing). Exit codes: 0 success, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from . import profiling
-from .cli import OneLineParser
+from . import profiling, registry
+from .cli import OneLineParser, fail, run_command
 from .config import (
     COMM_DTYPES,
     DEFAULT_PRESET,
@@ -24,12 +26,16 @@ from .config import (
     POOL_VIEWS,
     REDUCTIONS,
     TEXT_ENCODERS,
+    Config,
     list_presets,
     make_config,
     preset_description,
 )
-from .errors import UserError
-from .federation import default_run_dir, resume, run
+from .launch import default_run_dir, resume, run
+from .rounds import History
+from .rundir import RunDir
+
+PROG = "pfedmoap.train"
 
 ENGINES = ("local", "flower")
 
@@ -48,7 +54,7 @@ def _attn_scale(text: str) -> float | str:
 
 # flag -> (config field, type, help); flags default to "not given" so the preset's value stands
 _OVERRIDES: list[tuple[str, str, Any, str]] = [
-    ("--method", "method", str, "pfedmoap | promptfl | fedprox | local | zeroshot"),
+    ("--method", "method", str, " | ".join(registry.methods())),
     ("--dataset", "dataset", str, "a registered dataset (default: synthetic)"),
     ("--data-root", "data_root", str, "folder holding real datasets"),
     ("--model", "model", str, "open_clip architecture, e.g. RN50, ViT-B-16, pfedmoap-tiny"),
@@ -69,6 +75,7 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--n-ctx", "n_ctx", int, "learnable context vectors"),
     ("--text-encoder", "text_encoder", str, " | ".join(TEXT_ENCODERS)),
     ("--experts", "experts", int, "K non-local experts per client"),
+    ("--gate", "gate", str, " | ".join(registry.gates()) + " (how a client mixes its experts)"),
     ("--lambda", "lam", float, "weight of the local logits: logits = l_moe + lambda * l_loc"),
     ("--d-gate", "d_gate", int, "gate width d (features reduced from D to d)"),
     ("--heads", "heads", int, "gate attention heads"),
@@ -103,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", help=f"named settings (default: {DEFAULT_PRESET}); see --list-presets")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    parser.add_argument("--list-methods", action="store_true", help="print the methods and gates and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="check the flags, print the resolved config as JSON, run nothing"
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last complete round")
     parser.add_argument(
         "--engine",
@@ -130,42 +141,51 @@ def main(argv: list[str] | None = None) -> int:
         for name in list_presets():
             print(f"{name:24s} {preset_description(name)}")
         return 0
+    if args.pop("list_methods", False):
+        for kind, table in (("method", registry.methods()), ("gate", registry.gates())):
+            for name, cls in table.items():
+                print(f"{kind:6s} {name:24s} {cls.help}")
+        return 0
+    print_config = args.pop("print_config", False)
     resume_dir = args.pop("resume", None)
     engine = args.pop("engine", "local")
-    if engine == "flower":
-        return _flower(args, resume_dir)
     if resume_dir is not None:
         others = sorted(k for k in args if k != "progress")
         if others:
             flags = {dest: flag for flag, dest, _, _ in _OVERRIDES}
             flag = flags.get(others[0], "--" + others[0].replace("_", "-"))
-            print(
-                f"pfedmoap.train: error: --resume takes the config saved in {resume_dir}; drop {flag}", file=sys.stderr
-            )
-            return 2
+            return fail(PROG, f"--resume takes the config saved in {resume_dir}; drop {flag}")
+        if engine != "local":
+            return fail(PROG, "--resume works with --engine local only")
         return _finish(lambda: resume(resume_dir, progress=args.get("progress")), trace)
     preset = args.pop("preset", DEFAULT_PRESET)
+    if print_config:
+        return run_command(PROG, lambda: _print_config(make_config(preset, **args)))
+    if engine == "flower":
+        return _flower(preset, args)
 
-    def start():
+    def start() -> History:
         cfg = make_config(preset, **args)
         return run(cfg.replace(out=cfg.out or str(default_run_dir(cfg))))
 
     return _finish(start, trace)
 
 
-def _flower(args: dict[str, Any], resume_dir: str | None) -> int:
+def _print_config(cfg: Config) -> int:
+    if cfg.out is not None:
+        RunDir.check(cfg.out)  # what a run would refuse first
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def _flower(preset: str, args: dict[str, Any]) -> int:
     """``--engine flower``: the same run on Flower's simulation engine (needs the optional extra)."""
     import importlib.util
 
     if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
-        print("pfedmoap.train: error: --engine flower needs Flower: pip install 'pfedmoap[flower]'", file=sys.stderr)
-        return 2
-    if resume_dir is not None:
-        print("pfedmoap.train: error: --resume works with --engine local only", file=sys.stderr)
-        return 2
-    preset = args.pop("preset", DEFAULT_PRESET)
+        return fail(PROG, "--engine flower needs Flower: pip install 'pfedmoap[flower]'")
 
-    def start():
+    def start() -> History:
         from .flower import run_simulation
         from .flower.server_app import flower_run_dir
 
@@ -175,24 +195,21 @@ def _flower(args: dict[str, Any], resume_dir: str | None) -> int:
     return _finish(start)
 
 
-def _finish(job, trace: str | None = None) -> int:
-    """Run the job (under torch.profiler with ``trace``); user mistakes become one line and exit 2, Ctrl-C 130."""
+def _finish(job: Callable[[], History], trace: str | None = None) -> int:
+    """Run the job (under torch.profiler with ``trace``) and print its summary line."""
     profiler = profiling.torch_profile(trace, nvtx=profiling.is_enabled()) if trace else contextlib.nullcontext()
-    try:
+
+    def body() -> int:
         with profiler:
             history = job()
-    except UserError as exc:
-        print(f"pfedmoap.train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pfedmoap.train: interrupted (rerun with --resume RUN_DIR to continue)", file=sys.stderr)
-        return 130
-    s = history.summary
-    print(
-        f"done: final {s['final_mean_acc']:.2f}%  best {s['best_mean_acc']:.2f}% (round {s['best_round']})  "
-        f"last-5 mean {s['last5_mean_acc']:.2f}%  -> {history.run_dir}"
-    )
-    return 0
+        s = history.summary
+        print(
+            f"done: final {s['final_mean_acc']:.2f}%  best {s['best_mean_acc']:.2f}% (round {s['best_round']})  "
+            f"last-5 mean {s['last5_mean_acc']:.2f}%  -> {history.run_dir}"
+        )
+        return 0
+
+    return run_command(PROG, body, "interrupted (rerun with --resume RUN_DIR to continue)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -62,9 +61,11 @@ from refstyle import RefStyleClient, RefStyleGate  # noqa: E402
 
 from pfedmoap import comm, ops  # noqa: E402
 from pfedmoap import profiling as prof  # noqa: E402
-from pfedmoap.client import Client, ClientData, LocalObjective, TrainSettings  # noqa: E402
+from pfedmoap.client import Client, ClientData, TrainSettings  # noqa: E402
 from pfedmoap.clip import FrozenCLIP, load_clip  # noqa: E402
-from pfedmoap.gate import AttentionGate, pfedmoap_logits  # noqa: E402
+from pfedmoap.gates import AttentionGate, pfedmoap_logits  # noqa: E402
+from pfedmoap.methods.pfedmoap import MixtureObjective  # noqa: E402
+from pfedmoap.ops import OpTable  # noqa: E402
 from pfedmoap.prompt import PromptEncoder, init_prompt  # noqa: E402
 from pfedmoap.server import Server  # noqa: E402
 
@@ -288,55 +289,38 @@ def gemm_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype =
     return lambda: a @ b
 
 
-def select_backends(fused: bool) -> dict[str, str]:
-    """``ops.select_backends``, except that Triton under TRITON_INTERPRET=1 (CPU tensors) is not timed: the next
-    fused backend (or the reference) takes its place. The interpreter is for tests; it is far too slow to time."""
-    chosen = ops.select_backends(fused)
+def bench_ops(fused: bool) -> OpTable:
+    """The op table ``--fused`` would give a run (``ops.select_ops``), except that Triton under TRITON_INTERPRET=1
+    (CPU tensors) is not timed: the next fused backend (or the reference) takes its place. The interpreter is
+    for tests; it is far too slow to time."""
+    table = ops.select_ops(fused)
     if fused and not torch.cuda.is_available():
-        for op, backend in chosen.items():
+        pins = {}
+        for op, backend in table.backends.items():
             if backend == "triton":
                 others = [b for b in ops.available_backends()[op] if b not in ("triton", "reference")]
-                ops.use_backend(op, others[0] if others else "reference")
-    return ops.active_backends()
+                pins[op] = others[0] if others else "reference"
+        if pins:
+            table = ops.select_ops(True, pins=pins)
+    return table
 
 
-@contextlib.contextmanager
-def backends(fused: bool) -> Iterator[dict[str, str]]:
-    """Select the op backends for a block (fused: best available per op) and restore the previous choice."""
-    before = ops.active_backends()
-    try:
-        yield select_backends(fused)
-    finally:
-        for op, backend in before.items():
-            ops.use_backend(op, backend)
-
-
-def with_backends(fused: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
-    def run() -> Any:
-        with backends(fused):
-            return fn()
-
-    return run
-
-
-def backend_label(chosen: dict[str, str], used: tuple[str, ...]) -> str:
-    return ", ".join(f"{op}={chosen[op]}" for op in used if op in chosen)
+def backend_label(table: OpTable, used: tuple[str, ...]) -> str:
+    return ", ".join(f"{op}={table.backends[op]}" for op in used if op in table.backends)
 
 
 def fused_differs(used: tuple[str, ...]) -> bool:
-    with backends(False) as ref:
-        pass
-    with backends(True) as fused:
-        pass
-    return any(ref[op] != fused[op] for op in used)
+    ref, fused = bench_ops(False), bench_ops(True)
+    return any(ref.backends[op] != fused.backends[op] for op in used)
 
 
 # ---------------------------------------------------------------------------------------------- bytes
 def bench_bytes(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
-    """Bytes per client and round, through the library's payload (PFedMoAP.payload) and wire (Federation._receive)."""
+    """Bytes per client and round, through the library's round driver: the method's payload, cast for the wire and
+    counted by ``RoundDriver.dispatch``."""
     from pfedmoap.config import make_config
-    from pfedmoap.federation import Federation
     from pfedmoap.methods import create_method
+    from pfedmoap.rounds import RoundDriver
 
     rows = []
     for k in sorted({9, 19, sizes.experts}):
@@ -348,9 +332,10 @@ def bench_bytes(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
                 g = torch.Generator().manual_seed(0)
                 for cid in range(clients):
                     server.receive(cid, torch.randn(16, 512, generator=g) * 0.02)
-                client = Client(0, _empty_client_data(), seed=0)
-                payload = create_method(cfg).payload(server, server.snapshot(), client)
-                _, down = Federation._receive(SimpleNamespace(cfg=cfg), payload)
+                driver = RoundDriver(cfg, create_method(cfg), server)
+                driver.begin(1)
+                payload = driver.dispatch(0)
+                down = driver.open_round.bytes_down[0]
                 up = comm.nbytes([comm.to_wire(server.pool[0], dtype)])
                 size = torch.empty(0, dtype=comm.wire_dtype(dtype)).element_size()
                 n_down = (k + 1) if method == "pfedmoap" else 1
@@ -371,15 +356,6 @@ def bench_bytes(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
                     }
                 )
     return rows
-
-
-def _empty_client_data() -> ClientData:
-    return ClientData(
-        train_labels=torch.zeros(0, dtype=torch.long),
-        test_labels=torch.zeros(0, dtype=torch.long),
-        test_features=torch.zeros(0, 1),
-        train_features=torch.zeros(0, 1),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- knn
@@ -425,15 +401,15 @@ def bench_knn(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
             if b == "reference" and len(impls) > 1 and n > sizes.knn_reference_max_pool:
                 continue  # exact difference-based distances in float64: minutes at 10,000 x 1,000 on a CPU
 
-            def ours(b=b, pool=pool, present=present, queries=queries, k=k):
-                ops.use_backend("knn", b)
-                return ops.knn(pool, present, queries, k)
+            knn = ops.select_ops(pins={"knn": b}).knn
+
+            def ours(knn=knn, pool=pool, present=present, queries=queries, k=k):
+                return knn(pool, present, queries, k)
 
             variants[f"ops.knn[{b}]"] = ours
         stats = measure(variants, sizes.knn_repeats, device, warmup=False, cap_s=10.0)
         expected = knn_loop(pool, present, loop_q, k)
-        with backends(True) as chosen:
-            best = chosen["knn"]
+        best = bench_ops(True).backends["knn"]
         scale = q / len(loop_q)
         loop_s = stats["loop"]["seconds"] * scale
         cdist_s = stats["cdist+topk"]["seconds"]
@@ -451,12 +427,10 @@ def bench_knn(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
             }
             if name.startswith("ops.knn["):
                 b = name[len("ops.knn[") : -1]
-                ops.use_backend("knn", b)
-                got = ops.knn(pool, present, loop_q, k).tolist()
+                got = ops.select_ops(pins={"knn": b}).knn(pool, present, loop_q, k).tolist()
                 row["matches_loop"] = got == expected
                 row["best"] = b == best
             rows.append(row)
-        select_backends(False)
         timings = "  ".join(f"{r['variant']} {r['seconds']:.4f}s" for r in rows[-len(stats) :])
         print(f"  knn N={n:<7} Q={q:<6} {timings}", file=sys.stderr, flush=True)
     return rows
@@ -489,9 +463,9 @@ def bench_gate(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
             return logits
 
         def fused_op(train: bool, backend: str, query=query, leaf=leaf, labels=labels, gate=gate):
-            ops.use_backend("gate_score", backend)
+            gate_score = ops.select_ops(pins={"gate_score": backend}).gate_score
             with torch.set_grad_enabled(train):
-                logits, _ = ops.gate_score(query, leaf, *gate.weights(), heads=heads, scaling=10.0, gamma=gamma)
+                logits, _ = gate_score(query, leaf, *gate.weights(), heads=heads, scaling=10.0, gamma=gamma)
                 if train:
                     F.cross_entropy(logits, labels).backward()
             return logits
@@ -522,7 +496,6 @@ def bench_gate(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
                 backend = variant[len("ops.gate_score[") : -1]
                 row["max_abs_diff_vs_refstyle"] = float((fused_op(False, backend) - ref_logits).abs().max())
             rows.append(row)
-        ops.select_backends(False)
         timings = "  ".join(f"{r['variant']}/{r['mode']} {r['seconds'] * 1e3:.2f}ms" for r in rows[-len(stats) :])
         print(f"  gate B={b_size:<4} C={n_cls:<5} E={n_exp:<3} {timings}", file=sys.stderr, flush=True)
     return rows
@@ -534,7 +507,7 @@ def _interpreted(backend: str, device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- round
-ROUND_OPS = ("gate_score", "gate_attention", "knn", "assemble_prompts")
+ROUND_OPS = ("gate_score", "knn", "assemble_prompts")
 
 
 def bench_round(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP) -> list[dict]:
@@ -552,19 +525,8 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
     n_train = owned * sizes.shots
     steps = sizes.epochs * math.ceil(n_train / bsz)
     g = torch.Generator().manual_seed(1000 + n_cls)
-    settings = TrainSettings(
-        epochs=1,
-        batch_size=bsz,
-        lr_prompt=0.002,
-        lr_gate=0.01,
-        momentum=0.9,
-        weight_decay=5e-4,
-        d_gate=d,
-        heads=sizes.heads,
-        attn_scaling=10.0,
-        reduction="strided",
-    )
-    encoder = PromptEncoder(clip, names, 16, mode="shared-prefix")
+    settings = TrainSettings(epochs=1, batch_size=bsz, momentum=0.9, weight_decay=5e-4)
+    lr_prompt, lr_gate, lam = 0.002, 0.01, 0.5
     start = init_prompt(16, clip.width, 0.02, g)
     true_ctx = init_prompt(16, clip.width, 0.02, g)
     experts = torch.stack([true_ctx + init_prompt(16, clip.width, 0.01, g) for _ in range(k)])
@@ -576,47 +538,56 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
     feats = clip.encode_images(images)
     eval_feats = clip.encode_images(eval_images)
 
-    # the server side of selection: a pool of K + 1 clients, this client (0) included
-    server = Server(k + 1, start, [n_train] * (k + 1), 1.0, seed=0)
-    server.receive(0, start)
-    for j in range(k):
-        server.receive(j + 1, experts[j])
-    view = server.snapshot()
+    def make_gate(table: OpTable) -> AttentionGate:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4321)
+            return AttentionGate(d, sizes.heads, 10.0, ops=table).to(device)
 
-    def make_client(train_feats, train_labels, test_feats, test_labels) -> Client:
-        data = ClientData(
-            train_labels=train_labels.cpu(),
-            test_labels=test_labels.cpu(),
-            test_features=test_feats,
-            train_features=train_feats,
-        )
-        return Client(0, data, seed=4321)
+    class Column:
+        """Ours with one op table, as a run holds it: its encoder, server (KNN) and gate use the table's ops."""
 
-    step_client = make_client(feats, labels, eval_feats, labels[:1].repeat(sizes.eval_batch))
-    objective = LocalObjective(use_gate=True, lam=0.5)
-    expert_text = {}
+        def __init__(self, table: OpTable):
+            self.table = table
+            self.encoder = PromptEncoder(clip, names, 16, mode="shared-prefix", assemble=table.assemble_prompts)
+            # the server side of selection: a pool of K + 1 clients, this client (0) included
+            self.server = Server(k + 1, start, [n_train] * (k + 1), 1.0, seed=0, knn=table.knn)
+            self.server.receive(0, start)
+            for j in range(k):
+                self.server.receive(j + 1, experts[j])
+            self.view = self.server.snapshot()
+            data = ClientData(
+                train_labels=labels.cpu(),
+                test_labels=labels[:1].repeat(sizes.eval_batch).cpu(),
+                test_features=eval_feats,
+                train_features=feats,
+            )
+            self.client = Client(0, data, seed=4321)
+            self.gate = make_gate(table)
+            self.expert_text = self.experts()
 
-    def ours_experts() -> torch.Tensor:
-        with torch.no_grad():
-            return encoder.encode(experts)
+        def experts(self) -> torch.Tensor:
+            with torch.no_grad():
+                return self.encoder.encode(experts)
 
-    def ours_step() -> torch.Tensor:
-        return step_client.train(encoder, start, expert_text["t"], objective, settings)
+        def step(self) -> None:
+            # one local update over one batch: a fresh prompt from the start, the gate trained on (as a round does)
+            objective = MixtureObjective(self.encoder, start, lr_prompt, self.gate, self.expert_text, lam, lr_gate)
+            self.client.train(objective, settings, clip)
 
-    def ours_select() -> list[int]:
-        return server.select_experts(0, view, k)
+        def select(self) -> list[int]:
+            return self.server.select_experts(0, self.view, k)
 
-    def ours_eval() -> float:
-        with torch.no_grad():
-            local = encoder.encode(start)
-        return step_client.evaluate(clip.gamma, local, expert_text["t"], step_client.gate, 0.5, d, "strided")
+        def eval(self) -> float:
+            with torch.no_grad():
+                local = self.encoder.encode(start)
+            return self.client.evaluate(clip.gamma, local, self.expert_text, self.gate, lam)
 
-    with backends(False):
-        expert_text["t"] = ours_experts()
-        step_client.ensure_gate(settings, device)
+    reference_column = Column(bench_ops(False))
+    expert_text = {"t": reference_column.expert_text}
+    encoder = reference_column.encoder
 
     ref = RefStyleClient(clip, names, 16, d, sizes.heads)
-    ref.gate.load_state_dict(step_client.gate.state_dict())
+    ref.gate.load_state_dict(make_gate(reference_column.table).state_dict())
     ref.load_prompt(start)
     # its own 77-token pass for one expert (the timed variant runs one pass per repeat; a round costs K of them)
     first_expert = ref.encode_expert(experts[0])
@@ -635,9 +606,9 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
         return ref.eval_logits(eval_images)
 
     # same arithmetic: logits of both pipelines for the same weights and images, before any update
-    with torch.no_grad(), backends(False):
+    with torch.no_grad():
         ours_logits, _ = pfedmoap_logits(
-            feats, encoder.encode(start), expert_text["t"], step_client.gate, clip.gamma, 0.5, d
+            feats, encoder.encode(start), expert_text["t"], reference_column.gate, clip.gamma, lam
         )
         ref_logits = ref.logits(images)
     logit_diff = float((ours_logits - ref_logits).abs().max())
@@ -654,11 +625,13 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
     columns = [("reference", False)]
     if fused_differs(ROUND_OPS):
         columns.append(("fused", True))
-    for label, fused in columns:
-        variants[f"ours[{label}].step"] = with_backends(fused, ours_step)
-        variants[f"ours[{label}].experts"] = with_backends(fused, ours_experts)
-        variants[f"ours[{label}].select"] = with_backends(fused, ours_select)
-        variants[f"ours[{label}].eval"] = with_backends(fused, ours_eval)
+    tables = {label: bench_ops(fused) for label, fused in columns}
+    for label, _ in columns:
+        col = reference_column if label == "reference" else Column(tables[label])
+        variants[f"ours[{label}].step"] = col.step
+        variants[f"ours[{label}].experts"] = col.experts
+        variants[f"ours[{label}].select"] = col.select
+        variants[f"ours[{label}].eval"] = col.eval
     print(f"  round {clip.model_name} C={n_cls}: {steps} steps; timing {len(variants)} variants", file=sys.stderr)
     stats = measure(variants, sizes.repeats, device)
     sec = {name: st["seconds"] for name, st in stats.items()}
@@ -668,7 +641,9 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
     # full rounds of ours, one per backend column, same seed: the trained outcome must agree
     outcomes = {}
     if sizes.accuracy_round:
-        outcomes = _accuracy_rounds(sizes, clip, encoder, n_cls, owned, start, true_ctx, experts, settings, columns)
+        outcomes = _accuracy_rounds(
+            sizes, clip, names, n_cls, owned, start, true_ctx, experts, settings, tables, make_gate
+        )
 
     ref_round = k * sec["refstyle.expert_pass"] + steps * sec["refstyle.step"]
     cache_once = math.ceil(n_train / bsz) * sec["image_batch"]
@@ -701,8 +676,7 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
         }
     ]
     for label, fused in columns:
-        with backends(fused) as chosen:
-            used = backend_label(chosen, ROUND_OPS)
+        used = backend_label(tables[label], ROUND_OPS)
         p = f"ours[{label}]"
         one_time = sec[f"{p}.select"] + sec[f"{p}.experts"]
         round_s = one_time + steps * sec[f"{p}.step"]
@@ -728,11 +702,11 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
             row["round_composed_for_measured_s"] = one_time + measured_steps * sec[f"{p}.step"]
         rows.append(row)
     if len(columns) == 1:
-        with backends(True) as chosen:
-            reasons = ops.unavailable_backends()
+        reasons = ops.unavailable_backends()
         fused_row = dict(rows[-1])
         fused_row["variant"] = "ours --fused"
-        fused_row["backends"] = backend_label(chosen, ROUND_OPS) + " (no fused backend runs here: same as above)"
+        label = backend_label(bench_ops(True), ROUND_OPS)
+        fused_row["backends"] = label + " (no fused backend runs here: same as above)"
         fused_row["fused_unavailable"] = reasons
         rows.append(fused_row)
     if "reference" in outcomes and "fused" in outcomes:
@@ -750,15 +724,16 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
     return rows
 
 
-def _accuracy_rounds(sizes, clip, encoder, n_cls, owned, start, true_ctx, experts, settings, columns) -> dict:
-    """One full local round of ours per backend column, same seed, on class-structured features.
+def _accuracy_rounds(sizes, clip, names, n_cls, owned, start, true_ctx, experts, settings, tables, make_gate) -> dict:
+    """One full local round of ours per op table, same seed, on class-structured features.
 
     The image features of class c are the text features of class c under a hidden context, plus noise: the
     prompt has something to learn, so the accuracy means something, and both columns must end the same.
     """
     g = torch.Generator().manual_seed(77 + n_cls)
+    probe = PromptEncoder(clip, names, 16, mode="shared-prefix")
     with torch.no_grad():
-        centres = encoder.encode(true_ctx)  # [C, D]
+        centres = probe.encode(true_ctx)  # [C, D]
     n_train, n_test = owned * sizes.shots, owned * sizes.shots
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -771,29 +746,29 @@ def _accuracy_rounds(sizes, clip, encoder, n_cls, owned, start, true_ctx, expert
     epochs = sizes.accuracy_epochs or sizes.epochs
     full = replace(settings, epochs=epochs)
     out = {}
-    for label, fused in columns:
-        with backends(fused):
-            data = ClientData(train_labels=train_y, test_labels=test_y, test_features=test_x, train_features=train_x)
-            client = Client(0, data, seed=4321)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                expert_text = encoder.encode(experts)
-            prompt = client.train(encoder, start, expert_text, LocalObjective(use_gate=True, lam=0.5), full)
-            sync(clip.device)
-            seconds = time.perf_counter() - t0
-            with torch.no_grad():
-                local = encoder.encode(prompt)
-            acc = client.evaluate(clip.gamma, local, expert_text, client.gate, 0.5, settings.d_gate, "strided")
-            with torch.no_grad():
-                start_acc = Client(0, data, seed=4321).evaluate(
-                    clip.gamma, encoder.encode(start), None, None, 0.5, settings.d_gate, "strided"
-                )
+    for label, table in tables.items():
+        encoder = PromptEncoder(clip, names, 16, mode="shared-prefix", assemble=table.assemble_prompts)
+        data = ClientData(train_labels=train_y, test_labels=test_y, test_features=test_x, train_features=train_x)
+        client = Client(0, data, seed=4321)
+        gate = make_gate(table)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            expert_text = encoder.encode(experts)
+        objective = MixtureObjective(encoder, start, 0.002, gate, expert_text, 0.5, 0.01)
+        client.train(objective, full, clip)
+        sync(clip.device)
+        seconds = time.perf_counter() - t0
+        prompt = objective.prompt.detach()
+        with torch.no_grad():
+            local = encoder.encode(prompt)
+            acc = client.evaluate(clip.gamma, local, expert_text, gate, 0.5)
+            start_acc = Client(0, data, seed=4321).evaluate(clip.gamma, encoder.encode(start), None, None, 0.5)
         out[label] = {
             "round_measured_s": seconds,
             "round_measured_epochs": epochs,
             "final_acc": acc,
             "start_acc": start_acc,
-            "_prompt": prompt.detach().cpu(),
+            "_prompt": prompt.cpu(),
         }
     return out
 
@@ -1236,7 +1211,6 @@ def main(argv: list[str] | None = None) -> int:
     print(header, file=sys.stderr, flush=True)
     results: dict[str, list[dict]] = {}
     started = time.perf_counter()
-    select_backends(False)
     if "bytes" in sections:
         results["bytes"] = bench_bytes(sizes, args)
     if "knn" in sections:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfedmoap.clip import FrozenCLIP
-from pfedmoap.gate import reduce_features
+from pfedmoap.gates import reduce_features
 
 
 class RefStylePrompts:

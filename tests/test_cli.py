@@ -49,7 +49,7 @@ def test_cli_fused_flag_logs_one_backend_per_op(tmp_path, capsys):
     assert main([*FAST, "--rounds", "1", "--fused", "--out", str(tmp_path / "f")]) == 0
     printed = capsys.readouterr()
     line = next(x for x in (printed.out + printed.err).splitlines() if x.startswith("ops: "))
-    assert all(f"{op}=" in line for op in ("gate_attention", "gate_score", "knn", "assemble_prompts"))
+    assert all(f"{op}=" in line for op in ("gate_score", "knn", "assemble_prompts"))
 
 
 def test_list_presets(capsys):

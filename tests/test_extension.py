@@ -28,14 +28,6 @@ def extension():
     return cpp._C
 
 
-@pytest.fixture
-def restore_backends():
-    before = ops.active_backends()
-    yield
-    for op, backend in before.items():
-        ops.use_backend(op, backend)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -126,13 +118,14 @@ def test_assemble_rejects_bad_shapes(extension):
         extension.assemble_prompts(prefix, suffix[:2].contiguous(), ctx)
 
 
-def test_prompt_encoder_through_the_cpp_backend(tiny_clip, restore_backends):
-    enc = PromptEncoder(tiny_clip, ["cat", "sea lion", "a b c d"], 4, mode="truncated")
+def test_prompt_encoder_through_the_cpp_backend(tiny_clip):
+    names = ["cat", "sea lion", "a b c d"]
+    enc = PromptEncoder(tiny_clip, names, 4, mode="truncated", assemble=reference.assemble_prompts)
     ctx = (torch.randn(3, 4, enc.prefix.shape[-1], generator=_gen(5)) * 0.02).requires_grad_(True)
-    ops.use_backend("assemble_prompts", "reference")
     want = enc.encode(ctx)
     (want_grad,) = torch.autograd.grad(want.square().sum(), ctx)
-    ops.use_backend("assemble_prompts", "cpp")
+    enc = PromptEncoder(tiny_clip, names, 4, mode="truncated", assemble=ops.select_ops(fused=True).assemble_prompts)
+    assert enc.assemble_prompts is cpp.assemble_prompts
     got = enc.encode(ctx)
     (got_grad,) = torch.autograd.grad(got.square().sum(), ctx)
     assert torch.equal(got, want)
@@ -375,18 +368,18 @@ def test_knn_reduced_fp32_matmul_precision_stays_exact():
         torch.backends.mkldnn.matmul.fp32_precision = before
 
 
-def test_server_knn_selection_matches_reference(restore_backends):
+def test_server_knn_selection_matches_reference():
     g = _gen(12)
     init = torch.randn(4, 16, generator=g)
-    server = Server(20, init, train_sizes=[10] * 20, frac=0.5, seed=0, expert_selection="knn")
-    for cid in range(20):
-        if cid % 5 != 3:  # some clients never uploaded
-            server.receive(cid, torch.randn(4, 16, generator=g))
-    server.receive(11, server.pool[4].clone())  # a duplicate: a tie the lower id must win
-    view = server.snapshot()
+    uploads = {cid: torch.randn(4, 16, generator=g) for cid in range(20) if cid % 5 != 3}  # some never uploaded
+    uploads[11] = uploads[4].clone()  # a duplicate: a tie the lower id must win
     results = {}
     for backend in ("reference", "cpp"):
-        ops.use_backend("knn", backend)
+        knn = ops.select_ops(pins={"knn": backend}).knn
+        server = Server(20, init, train_sizes=[10] * 20, frac=0.5, seed=0, expert_selection="knn", knn=knn)
+        for cid, prompt in uploads.items():
+            server.receive(cid, prompt)
+        view = server.snapshot()
         results[backend] = [server.select_experts(cid, view, 5) for cid in range(20)]
     assert results["cpp"] == results["reference"]
     assert results["cpp"][4][0] == 11 and results["cpp"][11][0] == 4

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from pfedmoap.federation import Federation, run
+from pfedmoap.federation import Federation
+from pfedmoap.launch import run
 
 
 def build(tiny_clip, small_world, **overrides):
@@ -15,12 +16,11 @@ def build(tiny_clip, small_world, **overrides):
 def test_first_participation_has_no_experts_then_k_nearest(tiny_clip, small_world):
     fed = build(tiny_clip, small_world, rounds=2, experts=3)
     r1 = fed.run_round(1)
-    assert all(v == [] for v in r1["experts"].values())
+    assert all(v == [] for v in r1.experts.values())
     assert all(c.gate is None for c in fed.clients)  # no experts -> no gate was needed yet
     view = fed.server.snapshot()
     r2 = fed.run_round(2)
-    for cid, ids in r2["experts"].items():
-        cid = int(cid)
+    for cid, ids in r2.experts.items():
         assert len(ids) == 3 and cid not in ids
         # the K nearest by L2 in the start-of-round pool
         d = {j: float((view[j] - view[cid]).pow(2).sum()) for j in view if j != cid}
@@ -59,14 +59,14 @@ def test_gate_never_leaves_its_client(tiny_clip, small_world):
     fed.run_round(2)
     gates_before = {c.cid: {k: v.clone() for k, v in c.gate.state_dict().items()} for c in fed.clients if c.gate}
     rec = fed.run_round(3)
-    sampled = set(rec["sampled"])
+    sampled = set(rec.sampled)
     for cid, state in gates_before.items():
         now = fed.clients[cid].gate.state_dict()
         same = all(torch.equal(state[k], now[k]) for k in state)
         assert same == (cid not in sampled)  # only its own training changes a gate
     # uploads are prompts only: exactly n_ctx x W floats each
     prompt_bytes = 16 * tiny_clip.width * 4
-    assert all(v == prompt_bytes for v in rec["client_bytes_up"].values())
+    assert all(v == prompt_bytes for v in rec.client_bytes_up.values())
     assert not any(hasattr(fed.server, name) for name in ("gate", "gates"))
 
 
@@ -97,19 +97,19 @@ def test_bytes_match_paper_shapes(tiny_clip, small_world):
     fed.run_round(1)
     rec = fed.run_round(2)
     per_prompt = 16 * tiny_clip.width * 2  # n_ctx x W values in fp16
-    assert set(rec["client_bytes_down"].values()) == {4 * per_prompt}  # P_g + K = 3 experts
-    assert set(rec["client_bytes_up"].values()) == {per_prompt}
+    assert set(rec.client_bytes_down.values()) == {4 * per_prompt}  # P_g + K = 3 experts
+    assert set(rec.client_bytes_up.values()) == {per_prompt}
 
 
 @pytest.mark.parametrize("method", ["promptfl", "fedprox", "local", "zeroshot", "pfedmoap"])
 def test_every_method_runs(tiny_clip, small_world, method):
     fed = build(tiny_clip, small_world, method=method, clients=4, experts=2, rounds=2)
     hist = fed.run()
-    assert hist.rounds and all(0.0 <= r["mean_acc"] <= 100.0 for r in hist.rounds)
+    assert hist.rounds and all(0.0 <= r.mean_acc <= 100.0 for r in hist.rounds)
     if method == "local":
         assert hist.summary["total_bytes_down"] == hist.summary["total_bytes_up"] == 0
     if method == "zeroshot":
-        assert [r["round"] for r in hist.rounds] == [0]
+        assert [r.round for r in hist.rounds] == [0]
 
 
 def test_hundred_clients_ten_percent(tiny_clip):
@@ -128,8 +128,8 @@ def test_hundred_clients_ten_percent(tiny_clip):
     )
     fed = Federation(cfg, clip=tiny_clip, dataset=world, log=lambda m: None)
     hist = fed.run()
-    assert [len(r["sampled"]) for r in hist.rounds] == [10, 10, 10]
-    assert len(hist.rounds[-1]["client_acc"]) == 100
+    assert [len(r.sampled) for r in hist.rounds] == [10, 10, 10]
+    assert len(hist.rounds[-1].client_acc) == 100
     assert len(fed.server.pool) <= 30
 
 
@@ -138,7 +138,7 @@ def test_same_seed_same_metrics_different_seed_differs(tiny_clip, small_world, t
     h1 = run(cfg, out=tmp_path / "a", log=lambda m: None)
     h2 = run(cfg, out=tmp_path / "b", log=lambda m: None)
     h3 = run(cfg.replace(seed=2), out=tmp_path / "c", log=lambda m: None)
-    accs = lambda h: [r["client_acc"] for r in h.rounds]  # noqa: E731
+    accs = lambda h: [r.client_acc for r in h.rounds]  # noqa: E731
     assert accs(h1) == accs(h2)
     assert torch.equal(h1.federation.server.global_prompt, h2.federation.server.global_prompt)
     assert not torch.equal(h1.federation.server.global_prompt, h3.federation.server.global_prompt)
@@ -207,29 +207,29 @@ def test_every_preset_builds_and_runs_a_round(tiny_clip, preset):
     cfg = make_config(preset, pretrained="none", rounds=1, local_epochs=1, progress=False)
     fed = Federation(cfg, clip=tiny_clip, log=lambda m: None)
     rec = fed.run_round(1)
-    assert len(rec["sampled"]) == max(1, int(cfg.frac * cfg.clients))
-    assert len(rec["client_acc"]) == cfg.clients
+    assert len(rec.sampled) == max(1, int(cfg.frac * cfg.clients))
+    assert len(rec.client_acc) == cfg.clients
     if cfg.partition == "domain-dirichlet":
-        assert sorted({s.domain for s in fed.splits}) == sorted(set(fed.dataset.train.domains.tolist()))
+        assert sorted({s.domain for s in fed.world.splits}) == sorted(set(fed.dataset.train.domains.tolist()))
 
 
 def test_client_dropout_round_goes_on(tiny_clip, small_world):
     fed = build(tiny_clip, small_world, clients=6, experts=2, rounds=4, client_dropout=0.5)
     hist = fed.run()
-    dropped = [set(r["dropped"]) for r in hist.rounds]
-    assert any(dropped) and not all(d == set(r["sampled"]) for d, r in zip(dropped, hist.rounds, strict=True))
+    dropped = [set(r.dropped) for r in hist.rounds]
+    assert any(dropped) and not all(d == set(r.sampled) for d, r in zip(dropped, hist.rounds, strict=True))
     for d, r in zip(dropped, hist.rounds, strict=True):
-        assert d <= set(r["sampled"])
-        assert all(r["client_bytes_up"][str(c)] == 0 for c in d)
-        assert len(r["client_acc"]) == 6 and all(np.isfinite(r["client_acc"]))
+        assert d <= set(r.sampled)
+        assert all(r.client_bytes_up[c] == 0 for c in d)
+        assert len(r.client_acc) == 6 and all(np.isfinite(r.client_acc))
     never_ok = set(range(6)) - {
-        c for d, r in zip(dropped, hist.rounds, strict=True) for c in r["sampled"] if c not in d
+        c for d, r in zip(dropped, hist.rounds, strict=True) for c in r.sampled if c not in d
     }
     assert not (never_ok & set(fed.server.pool))
     # the failures come from their own seeded stream: same config, same failures
     again = build(tiny_clip, small_world, clients=6, experts=2, rounds=4, client_dropout=0.5).run()
-    assert [r["dropped"] for r in again.rounds] == [r["dropped"] for r in hist.rounds]
-    assert [r["client_acc"] for r in again.rounds] == [r["client_acc"] for r in hist.rounds]
+    assert [r.dropped for r in again.rounds] == [r.dropped for r in hist.rounds]
+    assert [r.client_acc for r in again.rounds] == [r.client_acc for r in hist.rounds]
 
 
 def test_upload_norm_bound_rejects_and_leaves_pool_and_global_alone(tiny_clip, small_world):
@@ -238,17 +238,17 @@ def test_upload_norm_bound_rejects_and_leaves_pool_and_global_alone(tiny_clip, s
     rec = fed.run_round(1)
     assert fed.server.pool == {}
     assert torch.equal(fed.server.global_prompt, init)
-    assert sorted(r["client"] for r in rec["rejected_uploads"]) == sorted(rec["sampled"])
-    assert all("max_prompt_norm" in r["reason"] for r in rec["rejected_uploads"])
+    assert sorted(c for c, _ in rec.rejected_uploads) == sorted(rec.sampled)
+    assert all("max_prompt_norm" in reason for _, reason in rec.rejected_uploads)
 
 
 def test_gate_attention_is_recorded_per_client(tiny_clip, small_world):
     fed = build(tiny_clip, small_world, clients=4, experts=2, rounds=2)
     r1 = fed.run_round(1)
-    assert r1["client_attention"] == {}  # first participation: no experts, no gate
+    assert r1.client_attention == {}  # first participation: no experts, no gate
     r2 = fed.run_round(2)
-    assert sorted(r2["client_attention"]) == ["0", "1", "2", "3"]
-    for weights in r2["client_attention"].values():
+    assert sorted(r2.client_attention) == [0, 1, 2, 3]
+    for weights in r2.client_attention.values():
         assert len(weights) == 3 and abs(sum(weights) - 1.0) < 1e-5  # local + K = 2 experts, a distribution
 
 

@@ -29,7 +29,7 @@ from pfedmoap.flower.client_app import make_client_app  # noqa: E402
 from pfedmoap.flower.server_app import make_server_app  # noqa: E402
 from pfedmoap.flower.strategy import PFedMoAPStrategy  # noqa: E402
 from pfedmoap.flower.task import STATE_GATE, UPLOAD, FlowerOptions, config_from_run_config  # noqa: E402
-from pfedmoap.metrics import RunDir, read_metrics  # noqa: E402
+from pfedmoap.rundir import RunDir, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,18 +153,18 @@ def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
     assert len(flower.rounds) == len(local.rounds)
     for f, r in zip(flower.rounds, local.rounds, strict=True):
         for key in ("round", "client_acc", "mean_acc", "sampled", "experts", "dropped", "client_attention"):
-            assert f[key] == r[key], key
+            assert getattr(f, key) == getattr(r, key), key
         for key in ("bytes_down", "bytes_up", "client_bytes_down", "client_bytes_up"):
-            assert f[key] == r[key], key
-        assert f["num_failed"] == f["num_rejected"] == f["num_eval_failed"] == 0
+            assert getattr(f, key) == getattr(r, key), key
+        assert f.num_failed == f.num_rejected == f.num_eval_failed == 0
     assert torch.equal(flower.server.global_prompt, local.federation.server.global_prompt)
     assert sorted(flower.server.pool) == sorted(local.federation.server.pool)
     for cid, prompt in flower.server.pool.items():
         assert torch.equal(prompt, local.federation.server.pool[cid])
     if cfg.client_dropout:
-        assert any(r["dropped"] for r in flower.rounds)  # the dropout stream was exercised
+        assert any(r.dropped for r in flower.rounds)  # the dropout stream was exercised
     if cfg.dp_epsilon is not None:
-        assert [r["dp_epsilon_spent"] for r in flower.rounds] == [r["dp_epsilon_spent"] for r in local.rounds]
+        assert [r.dp_epsilon_spent for r in flower.rounds] == [r.dp_epsilon_spent for r in local.rounds]
 
 
 def test_node_ids_and_their_order_do_not_change_the_run():
@@ -172,9 +172,9 @@ def test_node_ids_and_their_order_do_not_change_the_run():
     cfg = cfg_for(frac=0.5, rounds=3)
     a = run_flower(cfg, FakeGrid(cfg.clients, node_seed=1))
     b = run_flower(cfg, FakeGrid(cfg.clients, node_seed=99))
-    assert [r["sampled"] for r in a.rounds] == [r["sampled"] for r in b.rounds]
-    assert [r["client_acc"] for r in a.rounds] == [r["client_acc"] for r in b.rounds]
-    assert [r["experts"] for r in a.rounds] == [r["experts"] for r in b.rounds]
+    assert [r.sampled for r in a.rounds] == [r.sampled for r in b.rounds]
+    assert [r.client_acc for r in a.rounds] == [r.client_acc for r in b.rounds]
+    assert [r.experts for r in a.rounds] == [r.experts for r in b.rounds]
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -190,12 +190,12 @@ def test_each_node_gets_its_own_record_and_the_gate_stays_home(tiny_clip):
     for attr in (lambda m: m.content, lambda m: m.content["payload"], lambda m: m.content["payload"]["expert-prompts"]):
         assert len({id(attr(m)) for m in round2}) == len(round2)
     # each node received exactly its own K experts, as the round's record says
-    experts = history.rounds[1]["experts"]
+    experts = history.rounds[1].experts
     for msg in round2:
         pid = grid.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
         assert msg.content["config"]["partition-id"] == pid
-        assert list(msg.content["config"]["expert-ids"]) == experts[str(pid)]
-        assert pid not in experts[str(pid)]
+        assert list(msg.content["config"]["expert-ids"]) == experts[pid]
+        assert pid not in experts[pid]
         assert msg.content["payload"]["expert-prompts"].shape == (2, 16, tiny_clip.width)
     # replies carry the prompt and counts only; the gate lives in the node's context.state
     for reply in grid.replies:
@@ -229,7 +229,7 @@ def test_client_state_lives_in_context_state():
     grid.contexts[node].state = RecordDict()
     strategy.start(grid, strategy.initial_arrays(), num_rounds=1, timeout=60)
     assert all(STATE_GATE in c.state for c in grid.contexts.values())
-    assert strategy.rounds[-1]["experts"] == reference.rounds[-1]["experts"]
+    assert strategy.rounds[-1].experts == reference.rounds[-1].experts
     for pid in (0, 2, 3):
         assert torch.equal(strategy.server.pool[pid], reference.server.pool[pid])
     assert not torch.equal(strategy.server.pool[1], reference.server.pool[1])
@@ -259,17 +259,17 @@ def test_failing_nan_and_silent_nodes_leave_the_pool_alone(tmp_path):
         assert torch.equal(pool[pid], before[pid])
     assert not torch.equal(pool[0], before[0])
     assert torch.equal(strategy.server.global_prompt, pool[0])  # FedAvg over the single accepted upload
-    assert rec["num_failed"] == 2 and rec["num_rejected"] == 1
-    failed = {f["client"]: f["reason"] for f in rec["failed"]}
+    assert rec.num_failed == 2 and rec.num_rejected == 1
+    failed = rec.failed
     assert "injected failure" in failed[1] and "timeout" in failed[3]
-    assert rec["rejected_uploads"] == [{"client": 2, "reason": "non-finite values"}]
-    assert rec["eval_failed"] == [{"client": 1, "reason": "node error: RuntimeError: injected failure"}]
-    accs = rec["client_acc"]
-    assert np.isnan(accs[1]) and rec["mean_acc"] == pytest.approx(np.mean([accs[0], accs[2], accs[3]]))
+    assert rec.rejected_uploads == [(2, "non-finite values")]
+    assert rec.eval_failed == {1: "node error: RuntimeError: injected failure"}
+    accs = rec.client_acc
+    assert np.isnan(accs[1]) and rec.mean_acc == pytest.approx(np.mean([accs[0], accs[2], accs[3]]))
     # the next round goes on normally and uses the pool as it stands
     grid.train_tamper, grid.eval_tamper = {}, {}
     strategy.start(grid, strategy.initial_arrays(), num_rounds=1, timeout=60)
-    assert strategy.rounds[-1]["num_failed"] == strategy.rounds[-1]["num_rejected"] == 0
+    assert strategy.rounds[-1].num_failed == strategy.rounds[-1].num_rejected == 0
     lines = read_metrics(run_dir.path)
     assert [line["num_failed"] for line in lines] == [0, 2, 0]
     assert [line["num_rejected"] for line in lines] == [0, 1, 0]
@@ -292,7 +292,7 @@ def test_upload_checks(array, reason):
     grid.train_tamper = {0: uploads(array)}
     history = run_flower(cfg, grid)
     rec = history.rounds[0]
-    assert rec["rejected_uploads"] == [{"client": 0, "reason": reason}]
+    assert rec.rejected_uploads == [(0, reason)]
     assert 0 not in history.server.pool and sorted(history.server.pool) == [1, 2, 3]
 
 
@@ -304,9 +304,9 @@ def test_partition_without_a_node_counts_as_failed():
     history = PFedMoAPStrategy(cfg, log=logs.append).run(grid)
     assert any("partition-id=9 is outside 0..3" in line for line in logs)
     for rec in history.rounds:
-        assert rec["failed"] == [{"client": 3, "reason": "no node holds this partition"}]
-        assert [f["client"] for f in rec["eval_failed"]] == [3]
-        assert np.isnan(rec["client_acc"][3]) and all(np.isfinite(rec["client_acc"][:3]))
+        assert rec.failed == {3: "no node holds this partition"}
+        assert list(rec.eval_failed) == [3]
+        assert np.isnan(rec.client_acc[3]) and all(np.isfinite(rec.client_acc[:3]))
     assert sorted(history.server.pool) == [0, 1, 2]
 
 
@@ -329,7 +329,7 @@ def test_run_directory_has_the_in_process_files_and_keys(tmp_path, tiny_clip, sm
     assert set(l_lines[0]) <= set(f_lines[0])
     assert {"failed", "num_failed", "num_rejected", "eval_failed"} <= set(f_lines[0])
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
-    assert summary["final_mean_acc"] == local.rounds[-1]["mean_acc"] and summary["engine"] == "flower"
+    assert summary["final_mean_acc"] == local.rounds[-1].mean_acc and summary["engine"] == "flower"
     meta = json.loads((tmp_path / "flower" / "config.json").read_text())["_meta"]
     assert meta["engine"] == "flower" and meta["client_train_sizes"] == [c.data.num_train for c in local.clients]
     assert flower.run_dir == tmp_path / "flower"

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedmoap.gate import AttentionGate, pfedmoap_logits, reduce_features
+from pfedmoap.gates import AttentionGate, pfedmoap_logits, reduce_features
 
 
 @pytest.mark.parametrize(("d", "expected"), [(32, 4224), (64, 16640), (128, 66048), (256, 263168), (512, 1050624)])
@@ -55,8 +55,8 @@ def test_logits_match_naive_loop(reduction, scaling):
     image = F.normalize(torch.randn(B, D), dim=-1)
     local = F.normalize(torch.randn(C, D), dim=-1)
     experts = F.normalize(torch.randn(K, C, D), dim=-1)
-    gate = AttentionGate(d, heads=4, scaling=scaling)
-    got, w = pfedmoap_logits(image, local, experts, gate, 100.0, 0.5, d, reduction, need_weights=True)
+    gate = AttentionGate(d, heads=4, scaling=scaling, reduction=reduction)
+    got, w = pfedmoap_logits(image, local, experts, gate, 100.0, 0.5, need_weights=True)
     want, w_want = naive_logits(image, local, experts, gate, 100.0, 0.5, d, reduction)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(w, w_want, rtol=1e-5, atol=1e-6)
@@ -76,7 +76,7 @@ def test_gate_matches_torch_multihead_attention_with_textbook_scaling():
         mha.out_proj.bias.copy_(gate.out_proj.bias)
     q = torch.randn(B, d)
     experts = torch.randn(E, C, d)
-    out, w = gate(q, experts, need_weights=True)
+    out, w = gate.mix(q, experts, need_weights=True)
     # MHA over (b, c) pairs: query [B*C, 1, d], keys [B*C, E, d]
     qq = q[:, None, None, :].expand(B, C, 1, d).reshape(B * C, 1, d)
     kv = experts.permute(1, 0, 2)[None].expand(B, C, E, d).reshape(B * C, E, d)
@@ -88,7 +88,7 @@ def test_gate_matches_torch_multihead_attention_with_textbook_scaling():
 def test_no_experts_gives_local_logits():
     image = F.normalize(torch.randn(2, 8), dim=-1)
     local = F.normalize(torch.randn(3, 8), dim=-1)
-    logits, w = pfedmoap_logits(image, local, None, None, 100.0, 0.5, 4)
+    logits, w = pfedmoap_logits(image, local, None, None, 100.0, 0.5)
     torch.testing.assert_close(logits, 100.0 * image @ local.t())
     assert w is None
 
@@ -100,7 +100,8 @@ def test_gradients_reach_local_prompt_through_both_paths():
     local = F.normalize(torch.randn(3, 16), dim=-1).requires_grad_()
     experts = F.normalize(torch.randn(2, 3, 16), dim=-1)
     gate = AttentionGate(8, heads=2)
-    logits, _ = pfedmoap_logits(image, local, experts, gate, 100.0, 0.0, 8)
+    logits, _ = pfedmoap_logits(image, local, experts, gate, 100.0, 0.0)
     logits.sum().backward()
     assert local.grad is not None and local.grad.abs().sum() > 0
     assert all(p.grad is not None for p in gate.parameters())
+

@@ -13,10 +13,12 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pfedmoap import pretrain as pt
 from pfedmoap.model_configs import CONFIG_DIR, TINY_MODEL, register_model_configs
 from pfedmoap.pretrain import PretrainConfig, ensure_tiny_clip, zero_shot_accuracy
+from pfedmoap.text_encoder import TextTower
 
 REPO = Path(__file__).resolve().parents[1]
 # 1 thread: tests may share the CPU with other processes, and oversubscribed torch threads are very slow
@@ -62,7 +64,7 @@ def test_trimmed_text_encoding_matches_open_clip() -> None:
     tokens = open_clip.get_tokenizer(TINY_MODEL)(["a red star.", "there is a purple crescent in the image."])
     with torch.no_grad():
         full = model.encode_text(tokens, normalize=True)
-        trimmed = pt._encode_text_trimmed(model, tokens)
+        trimmed = F.normalize(TextTower.from_model(model, TINY_MODEL).encode_tokens(tokens), dim=-1)
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)
 
 

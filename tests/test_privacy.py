@@ -57,10 +57,10 @@ def test_dp_round_noises_uploads_only_and_accounts(tiny_clip, small_world):
         uploaded = fed.server.pool[cid]
         assert not torch.equal(uploaded, client.prompt)  # the clean prompt stays on the client
         assert float((uploaded - init).norm()) > cfg.dp_clip  # clipped update + noise
-    assert rec1["dp_max_uploads"] == 1 and rec1["dp_epsilon_spent"] < cfg.dp_epsilon
+    assert rec1.dp_max_uploads == 1 and rec1.dp_epsilon_spent < cfg.dp_epsilon
     rec2 = fed.run_round(2)
-    assert rec2["dp_max_uploads"] == 2
-    assert rec2["dp_epsilon_spent"] == pytest.approx(cfg.dp_epsilon, rel=1e-3)
+    assert rec2.dp_max_uploads == 2
+    assert rec2.dp_epsilon_spent == pytest.approx(cfg.dp_epsilon, rel=1e-3)
 
 
 def test_dp_needs_an_uploading_method():

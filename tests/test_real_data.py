@@ -58,7 +58,7 @@ def test_cifar10_federation_round(tmp_path, no_md5, tiny_clip):
     )
     fed = Federation(cfg, clip=tiny_clip, log=lambda m: None)
     hist = fed.run()
-    assert len(hist.rounds) == 2 and len(hist.rounds[-1]["client_acc"]) == 4
+    assert len(hist.rounds) == 2 and len(hist.rounds[-1].client_acc) == 4
     assert fed.dataset.num_classes == 10
 
 
@@ -118,7 +118,7 @@ def test_fashion_mnist_end_to_end_with_feature_cache(tmp_path, monkeypatch, tiny
     assert all(c.data.num_train == 16 for c in fed.clients)
     assert sum(int(c.data.test_labels.numel()) for c in fed.clients) == 10000
     hist = fed.run()
-    assert len(hist.rounds) == 2 and all(0 <= a <= 100 for a in hist.rounds[-1]["client_acc"])
+    assert len(hist.rounds) == 2 and all(0 <= a <= 100 for a in hist.rounds[-1].client_acc)
 
 
 def test_fashion_mnist_missing_is_one_line(tmp_path):
@@ -181,7 +181,7 @@ def test_coop_dataset_federation_round(tmp_path, tiny_clip):
     _write_coop(tmp_path, "dtd")
     cfg = small_config(dataset="dtd", data_root=str(tmp_path), clients=10, experts=3, rounds=2)
     hist = Federation(cfg, clip=tiny_clip, log=lambda m: None).run()
-    assert len(hist.rounds[-1]["client_acc"]) == 10
+    assert len(hist.rounds[-1].client_acc) == 10
 
 
 @pytest.mark.parametrize("name", ["flowers102", "oxfordpets", "food101", "caltech101", "dtd"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from pfedmoap.federation import LAST_CHECKPOINT, resume, run
+from pfedmoap.checkpoint import LAST_CHECKPOINT
+from pfedmoap.launch import resume, run
 from pfedmoap.train import main
 
 ARGS = [
@@ -42,6 +43,7 @@ def _metrics(path):
     return [(r["round"], r["client_acc"], r["sampled"], r["experts"], r["bytes_down"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     long = [*ARGS, "--rounds", "12"]  # rounds enough that the kill lands well before the end
@@ -79,15 +81,15 @@ def test_resume_after_a_stopped_run_is_exact(tmp_path):
     short = run(cfg.replace(rounds=2), out=tmp_path / "short", log=lambda m: None)
     assert len(short.rounds) == 2
     state = torch.load(tmp_path / "short" / "checkpoints" / LAST_CHECKPOINT, weights_only=True)
-    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    assert [r["round"] for r in state["driver"]["rounds"]] == [1, 2]
     cfg_path = tmp_path / "short" / "config.json"
     data = json.loads(cfg_path.read_text())
     data["rounds"] = 4
     cfg_path.write_text(json.dumps(data))
     (tmp_path / "short" / "summary.json").unlink()
     resumed = resume(tmp_path / "short", log=lambda m: None)
-    assert [r["client_acc"] for r in resumed.rounds] == [r["client_acc"] for r in ref.rounds]
-    assert [r["experts"] for r in resumed.rounds] == [r["experts"] for r in ref.rounds]
+    assert [r.client_acc for r in resumed.rounds] == [r.client_acc for r in ref.rounds]
+    assert [r.experts for r in resumed.rounds] == [r.experts for r in ref.rounds]
     assert torch.equal(resumed.federation.server.global_prompt, ref.federation.server.global_prompt)
 
 
@@ -132,7 +134,7 @@ def test_resume_refuses_other_flags(tmp_path, capsys):
 def test_disk_full_on_checkpoint_write_keeps_previous_checkpoint(tmp_path, capsys, monkeypatch):
     import errno
 
-    import pfedmoap.federation as federation
+    import pfedmoap.checkpoint as checkpoint
 
     out = tmp_path / "r"
     real_save = torch.save
@@ -144,18 +146,19 @@ def test_disk_full_on_checkpoint_write_keeps_previous_checkpoint(tmp_path, capsy
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(federation.torch, "save", flaky_save)
+    monkeypatch.setattr(checkpoint.torch, "save", flaky_save)
     assert main([*ARGS, "--rounds", "3", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0]
     state = torch.load(out / "checkpoints" / LAST_CHECKPOINT, weights_only=True)
-    assert [r["round"] for r in state["rounds"]] == [1]  # round 1's checkpoint survived
+    assert [r["round"] for r in state["driver"]["rounds"]] == [1]  # round 1's checkpoint survived
     assert not list((out / "checkpoints").glob("*.tmp"))
-    monkeypatch.setattr(federation.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert main(["--resume", str(out), "--no-progress"]) == 0
     assert [r[0] for r in _metrics(out)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_round_exits_130_and_resumes(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -85,7 +85,7 @@ def test_refuses_unknown_model():
 
 
 def test_refuses_tower_without_causal_mask(tiny_clip):
-    from pfedmoap.clip import TextTower
+    from pfedmoap.text_encoder import TextTower
 
     class Fake(torch.nn.Module):
         def __init__(self):

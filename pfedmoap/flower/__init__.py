@@ -15,7 +15,7 @@ except ImportError as exc:  # one clear line instead of a deep traceback
     raise ImportError("pfedmoap.flower needs Flower: pip install 'pfedmoap[flower]'") from exc
 
 from .simulation import run_simulation  # noqa: E402
-from .strategy import FlowerHistory, PFedMoAPStrategy  # noqa: E402
+from .strategy import PFedMoAPStrategy  # noqa: E402
 from .task import config_from_run_config  # noqa: E402
 
-__all__ = ["FlowerHistory", "PFedMoAPStrategy", "config_from_run_config", "run_simulation"]
+__all__ = ["PFedMoAPStrategy", "config_from_run_config", "run_simulation"]

@@ -14,9 +14,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config
-from ..federation import default_run_dir
-from ..metrics import RunDir
-from .strategy import FlowerHistory, PFedMoAPStrategy
+from ..launch import default_run_dir
+from ..rounds import History
+from ..rundir import RunDir
+from .strategy import PFedMoAPStrategy
 from .task import FlowerOptions, check_flower_config, config_from_run_config
 
 
@@ -31,11 +32,11 @@ def flower_run_dir(cfg: Config, out: str | None) -> str:
 def make_server_app(
     cfg: Config | None = None,
     options: FlowerOptions | None = None,
-    results: list[FlowerHistory] | None = None,
+    results: list[History] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ServerApp:
     """A ServerApp for one run. ``cfg`` / ``options`` default to the run config; the finished
-    :class:`FlowerHistory` is appended to ``results`` (the simulation entry reads it from there)."""
+    :class:`History` is appended to ``results`` (the simulation entry reads it from there)."""
     app = ServerApp()
 
     @app.main()

@@ -1,7 +1,7 @@
 """``python -m pfedmoap.train --engine flower``: the same run on Flower's Ray simulation engine.
 
 One virtual SuperNode per client (its partition id = the client id), each running the pFedMoAP ClientApp; the
-ServerApp runs in this process, so its result comes back as a :class:`FlowerHistory`.
+ServerApp runs in this process, so its result comes back as a :class:`History`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..metrics import RunDir
+from ..rounds import History
+from ..rundir import RunDir
 from .client_app import app as client_app
 from .server_app import flower_run_dir, make_server_app
-from .strategy import FlowerHistory
 from .task import FlowerOptions, check_flower_config
 
 
@@ -40,7 +40,7 @@ def run_simulation(
     round_timeout: float = 3600.0,
     log: Callable[[str], None] | None = None,
     verbose: bool = False,
-) -> FlowerHistory:
+) -> History:
     """Run a whole federation on Flower's simulation engine (Ray) and return its history.
 
     Writes the same run directory as the in-process engine (``config.json``, ``metrics.jsonl``,
@@ -53,7 +53,7 @@ def run_simulation(
     cfg = cfg.replace(threads=cfg.threads or 1, progress=False)
     target = str(out) if out is not None else flower_run_dir(cfg, cfg.out)
     RunDir.check(target)  # refuse a used folder before Ray starts
-    results: list[FlowerHistory] = []
+    results: list[History] = []
     server_app = make_server_app(cfg, FlowerOptions(out=target, round_timeout=round_timeout), results, log)
     # Flower deprecates this Python entry point in favour of `flwr run`; here it is the supported path, so its
     # "use flwr run instead" warning would only mislead

@@ -1,9 +1,9 @@
 """What the Flower ServerApp and ClientApp share: run config, wire codec, node worlds and node-private state.
 
-Nothing here is a second copy of the method. A node builds the library's own
-:class:`~pfedmoap.federation.Federation` (data, partition, frozen CLIP, prompt encoder, one
-:class:`~pfedmoap.client.Client` per partition) from the config the server sends, and trains / evaluates its own
-partition's ``Client`` with the library's method object, exactly as the in-process loop does.
+Nothing here is a second copy of the method. A node builds the library's own :class:`~pfedmoap.world.World` from
+the config the server sends, for its own partition only (its split, its images' features), and trains and
+evaluates its :class:`~pfedmoap.client.Client` with the library's :class:`~pfedmoap.runtime.ClientRuntime`, exactly
+as the in-process engine does.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from ..client import Client
 from ..config import DEFAULT_PRESET, Config, make_config
 from ..errors import ConfigError
-from ..federation import Federation
-from ..methods import Payload
+from ..methods import create_method
+from ..ops import select_ops
+from ..runtime import ClientRuntime
+from ..world import World
 
 # record names inside messages
 PAYLOAD = "payload"  # ArrayRecord: global-prompt, expert-prompts (train); global-prompt (evaluate)
@@ -116,7 +118,52 @@ def decode_tensor(array: Array, wire_dtype: str | None = None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ node worlds
-_WORLDS: dict[str, Federation] = {}
+@dataclass
+class NodeView:
+    """The server-held prompts as a node knows them from its message (the client side's GlobalState)."""
+
+    init_prompt: torch.Tensor
+    global_prompt: torch.Tensor
+    global_version: int
+
+
+@dataclass
+class Node:
+    """What a node runs on: the run's world (built for this node's partition only) and the shared client runtime.
+
+    Built from the server's config alone (dataset, data seed, partition seed, model), so every node and the
+    in-process engine see the same partitions, features and initial prompt.
+    """
+
+    cfg: Config
+    world: World
+    runtime: ClientRuntime
+
+    def view(self, conf: Mapping[str, Any], global_prompt: torch.Tensor | None) -> NodeView:
+        """The global state a message carries (its P_g and that P_g's version)."""
+        prompt = self.world.init_prompt if global_prompt is None else global_prompt
+        return NodeView(self.world.init_prompt, prompt, int(conf.get("global-version", 0)))
+
+    def load_client(self, pid: int, state: RecordDict) -> Client:
+        """The partition's client with the private state this node saved before (a fresh one on first contact).
+
+        A process may serve many nodes, so the state always comes from the node's own ``context.state``.
+        """
+        client = self.world.new_client(pid)
+        if STATE_META not in state:
+            return client
+        meta = json.loads(str(state[STATE_META]["json"]))
+        if int(meta["cid"]) != pid:
+            raise ConfigError(f"this node's saved state belongs to partition {meta['cid']}, not {pid}")
+        arrays = state[STATE_ARRAYS]
+        private = {f: decode_tensor(arrays[key]) if key in arrays else None for f, key in _STATE_TENSORS.items()}
+        private["gate"] = state[STATE_GATE].to_torch_state_dict() if STATE_GATE in state else None
+        private.update({k: v for k, v in meta.items() if k != "cid"})
+        client.load_state_dict(private, self.runtime.make_gate, self.world.device)
+        return client
+
+
+_NODES: dict[str, Node] = {}
 
 
 def node_config_overrides(node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,12 +171,9 @@ def node_config_overrides(node_config: Mapping[str, Any]) -> dict[str, Any]:
     return {field: node_config[key] for key, field in NODE_OVERRIDES.items() if key in node_config}
 
 
-def node_federation(cfg_json: str, node_config: Mapping[str, Any]) -> Federation:
-    """The world a node runs in: the library's Federation built from the server's config (cached per process).
-
-    Built deterministically from the config alone (dataset, data seed, partition seed, model), so every node
-    and the in-process engine see the same partitions, features and initial prompt.
-    """
+def node_for(cfg_json: str, node_config: Mapping[str, Any]) -> Node:
+    """The node's world and runtime for the server's config (one per config per process: a process that serves
+    several nodes of a run shares the model and dataset and encodes each partition's images once)."""
     try:
         data = json.loads(cfg_json)
     except json.JSONDecodeError as exc:
@@ -138,12 +182,14 @@ def node_federation(cfg_json: str, node_config: Mapping[str, Any]) -> Federation
     cfg = check_flower_config(Config.from_dict(data, source="server config").validate())
     cfg = cfg.replace(progress=False, out=None)
     key = json.dumps(cfg.to_dict(), sort_keys=True)
-    fed = _WORLDS.get(key)
-    if fed is None:
-        _WORLDS.clear()  # one run's world per process bounds memory
-        fed = Federation(cfg, log=lambda msg: None)
-        _WORLDS[key] = fed
-    return fed
+    node = _NODES.get(key)
+    if node is None:
+        _NODES.clear()  # one run's world per process bounds memory
+        ops = select_ops(cfg.fused)
+        world = World(cfg, ops)
+        node = Node(cfg, world, ClientRuntime(cfg, world, create_method(cfg), ops))
+        _NODES[key] = node
+    return node
 
 
 def partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
@@ -176,49 +222,6 @@ def save_client_state(client: Client, state: RecordDict) -> None:
     state[STATE_META] = ConfigRecord({"json": json.dumps({"cid": client.cid, **meta})})
 
 
-def load_client(fed: Federation, pid: int, state: RecordDict) -> Client:
-    """The partition's Client with the private state this node saved before (a fresh one on first contact).
-
-    The process-wide world is shared by every node an actor serves, so the state always comes from the
-    node's own ``context.state``, never from what the cached object last held.
-    """
-    old = fed.clients[pid]
-    client = Client(old.cid, old.data, old.seed)  # exactly a fresh client, as the in-process run starts
-    fed.clients[pid] = client
-    if STATE_META not in state:
-        return client
-    meta = json.loads(str(state[STATE_META]["json"]))
-    if int(meta["cid"]) != pid:
-        raise ConfigError(f"this node's saved state belongs to partition {meta['cid']}, not {pid}")
-    arrays = state[STATE_ARRAYS]
-    private = {field: decode_tensor(arrays[key]) if key in arrays else None for field, key in _STATE_TENSORS.items()}
-    private["gate"] = state[STATE_GATE].to_torch_state_dict() if STATE_GATE in state else None
-    private.update({k: v for k, v in meta.items() if k != "cid"})
-    client.load_state_dict(private, fed.settings, fed.device)
-    if client.gate is not None:
-        client.gate.eval()
-    return client
-
-
-# ------------------------------------------------------------------------------------------ node work
-# Federation keeps a client's expert features between its training and its evaluation; a node process serves
-# many nodes and runs, so on a node they never outlive one message.
-
-
-def local_update(fed: Federation, client: Client, payload: Payload) -> torch.Tensor | None:
-    """The round's local update: exactly ``Federation.local_update``, the step the in-process loop runs for
-    each sampled client. Returns the upload as it goes on the wire, or None."""
-    try:
-        return fed.local_update(client, payload)
-    finally:
-        fed._expert_text_cache.pop(client.cid, None)
-
-
-def evaluate_client(fed: Federation, client: Client) -> float:
-    """Accuracy (%) of the node's client: exactly ``Federation.evaluate_client``. ``fed.server`` must hold the
-    round's global prompt and version."""
-    fed._expert_text_cache.pop(client.cid, None)
-    try:
-        return fed.evaluate_client(client)
-    finally:
-        fed._expert_text_cache.pop(client.cid, None)
+def decode_tensors(record: ArrayRecord, wire_dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """Every array of a record as a tensor (private copies), by name."""
+    return {name: decode_tensor(array, wire_dtype) for name, array in record.items()}

@@ -1,28 +1,33 @@
-"""Federated prompt-learning methods on one shared round loop; only what differs lives here."""
+"""Federated prompt-learning methods on one shared round driver; each method is one file.
+
+Built in: ``pfedmoap`` (the paper), ``promptfl``, ``fedprox``, ``local`` (CoOp) and ``zeroshot``. A new method is a :class:`Method` subclass in its own file,
+decorated with :func:`register_method` and imported below (or anywhere before the run is configured).
+"""
 
 from __future__ import annotations
 
-from ..config import Config
-from ..errors import ConfigError
-from .base import EvalState, Method, Payload
-from .local import LocalOnly
-from .pfedmoap import PFedMoAP
-from .promptfl import FedProx, PromptFL
-from .zeroshot import ZeroShot
+from typing import TYPE_CHECKING
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (PFedMoAP, PromptFL, FedProx, LocalOnly, ZeroShot)}
+from ..registry import method_class, register_method
+from . import fedprox, local, pfedmoap, promptfl, zeroshot  # noqa: F401  (registers them)
+from .base import EvalState, GlobalState, Method, Payload, PromptObjective, Upload
 
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Make a Method subclass available by its ``name`` (usable as a decorator)."""
-    METHODS[cls.name] = cls
-    return cls
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def create_method(cfg: Config) -> Method:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method={cfg.method!r} is not one of: {', '.join(sorted(METHODS))}")
-    return METHODS[cfg.method](cfg)
+    """The method object ``cfg.method`` names, for this config."""
+    return method_class(cfg.method)(cfg)
 
 
-__all__ = ["METHODS", "EvalState", "Method", "Payload", "create_method", "register_method"]
+__all__ = [
+    "EvalState",
+    "GlobalState",
+    "Method",
+    "Payload",
+    "PromptObjective",
+    "Upload",
+    "create_method",
+    "register_method",
+]

@@ -1,31 +1,84 @@
-"""What a federated prompt-learning method is, as far as the shared round loop is concerned.
+"""What a federated prompt-learning method is: everything that differs between methods, in one class.
 
-The loop (``federation.py``) asks the method, per sampled client: what to download, where the local
-prompt starts, what to optimise, what to upload; then how to aggregate; and, for evaluation, which state
-each client is judged with. Everything else (sampling, training, accounting, evaluation) is shared.
+A method says, on the server side, what each sampled client downloads (:meth:`Method.payload`) and how the
+round's accepted uploads are aggregated (:meth:`Method.aggregate`); on the client side, where the local prompt
+starts (:meth:`Method.start_prompt`), what the local update optimises (:meth:`Method.objective`: parameter
+groups with their learning rates and the loss of a batch), what goes back (:meth:`Method.upload`) and which
+state a client is evaluated with (:meth:`Method.eval_state`). Its traits (``trains``, ``uploads``,
+``uses_gate``) and its config rules (:meth:`Method.check_config`) live on the class too. The round driver, the
+local training loop, accounting and evaluation are shared by all methods.
+
+A new method is one file: a subclass decorated with :func:`~pfedmoap.registry.register_method`, imported in
+``pfedmoap/methods/__init__.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from ..client import Client, LocalObjective
-from ..config import Config
-from ..server import Server
+from ..client import Client, Objective
+from ..errors import ConfigError
+from ..profiling import nvtx_range
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..prompt import PromptEncoder
+    from ..runtime import ClientRuntime
+    from ..server import Server
+
+
+class GlobalState(Protocol):
+    """The server-held prompts a client side may read: the common init P_g^0, the global prompt and its version.
+
+    The in-process :class:`~pfedmoap.server.Server` is one; a Flower node builds one from its messages.
+    """
+
+    init_prompt: torch.Tensor
+    global_prompt: torch.Tensor
+    global_version: int
 
 
 @dataclass
 class Payload:
-    """What the server sends one client in one round (``None`` / empty = not sent)."""
+    """What the server sends one client in one round (``None`` / empty = not sent). ``extras`` are a method's
+    other named tensors (e.g. a shared gate's weights)."""
 
     global_prompt: torch.Tensor | None = None
     expert_ids: list[int] = field(default_factory=list)
     expert_prompts: torch.Tensor | None = None  # [K, n_ctx, W]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.global_prompt, self.expert_prompts) if t is not None]
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor sent, by its wire name."""
+        named = {"global-prompt": self.global_prompt, "expert-prompts": self.expert_prompts}
+        return {**{k: v for k, v in named.items() if v is not None}, **self.extras}
+
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> Payload:
+        """The same payload carrying ``tensors`` (by wire name) instead, e.g. after a cast for the wire."""
+        extras = {k: v for k, v in tensors.items() if k not in ("global-prompt", "expert-prompts")}
+        return Payload(tensors.get("global-prompt"), list(self.expert_ids), tensors.get("expert-prompts"), extras)
+
+
+@dataclass
+class Upload:
+    """What a client sends back: its prompt (for the pool) and a method's other named tensors."""
+
+    prompt: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor sent, by its wire name."""
+        return {**({"prompt": self.prompt} if self.prompt is not None else {}), **self.extras}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Upload:
+        return cls(tensors.get("prompt"), {k: v for k, v in tensors.items() if k != "prompt"})
 
 
 @dataclass
@@ -38,29 +91,89 @@ class EvalState:
     use_gate: bool = False
 
 
-class Method:
-    """Base: a prompt-only method that neither downloads nor uploads (CoOp-style local training)."""
+class PromptObjective(Objective):
+    """CoOp's objective: cross-entropy of gamma * <i_b, t_c(ctx)> over all classes; trains the context only,
+    starting from a float32 copy of ``start_prompt`` on the encoder's device, with learning rate ``lr_prompt``."""
 
-    name = "base"
-    trains = True
+    def __init__(self, encoder: PromptEncoder, start_prompt: torch.Tensor, lr_prompt: float):
+        self.encoder = encoder
+        self.gamma = encoder.clip.gamma
+        self.lr_prompt = lr_prompt
+        self.prompt = nn.Parameter(start_prompt.detach().to(encoder.clip.device, torch.float32).clone())
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.prompt], "lr": self.lr_prompt}]
+
+    def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.gamma * features @ text.t()
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A term added to the cross-entropy (a regulariser), or None."""
+        return None
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with nvtx_range("step.text_encode"):
+            text = self.encoder.encode(self.prompt)
+        with nvtx_range("step.gate"):
+            loss = F.cross_entropy(self.logits(features, text), labels)
+            extra = self.extra_loss()
+            return loss if extra is None else loss + extra
+
+
+class Method:
+    """Base: a prompt-only method that trains CoOp's objective from P_g and uploads its prompt (FedAvg'd)."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""  # one line for the CLI's --method help
+    trains: ClassVar[bool] = True  # False: no client is sampled; the run is one evaluation (round 0)
+    uploads: ClassVar[bool] = True  # whether clients send anything back (and so whether DP applies)
+    uses_gate: ClassVar[bool] = False  # whether clients hold a gate (its d_gate must fit the model)
+    dp_refusal: ClassVar[str] = "uploads nothing"  # why DP cannot apply, when it cannot
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def payload(self, server: Server, view: dict[int, torch.Tensor], client: Client) -> Payload:
-        return Payload()
+    # ------------------------------------------------------------------------------------ config
+    @classmethod
+    def supports_dp(cls) -> bool:
+        """Whether differential privacy on uploads covers everything this method uploads."""
+        return cls.uploads
 
-    def start_prompt(self, server: Server, client: Client, payload: Payload) -> torch.Tensor:
-        return payload.global_prompt if payload.global_prompt is not None else server.global_prompt
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse settings this method cannot run with (ConfigError, one line naming the value)."""
+        if cfg.dp_epsilon is not None and not cls.supports_dp():
+            from ..registry import methods
 
-    def objective(self, payload: Payload) -> LocalObjective:
-        return LocalObjective()
+            able = ", ".join(name for name, m in methods().items() if m.supports_dp())
+            raise ConfigError(f"dp_epsilon is set but method={cfg.method} {cls.dp_refusal} (DP applies to {able})")
 
-    def uploads(self) -> bool:
-        return True
+    # ------------------------------------------------------------------------------------ server side
+    def payload(self, server: Server, view: Mapping[int, torch.Tensor], cid: int) -> Payload:
+        """What client ``cid`` downloads this round; ``view`` is the pool it may take experts from."""
+        return Payload(global_prompt=server.global_prompt)
 
-    def aggregate(self, server: Server, uploads: dict[int, torch.Tensor]) -> None:
-        server.aggregate(uploads)
+    def check_extras(self, extras: Mapping[str, torch.Tensor]) -> str | None:
+        """Why an upload's extra tensors are unacceptable, or None (the prompt is checked by the server)."""
+        return f"unexpected tensors {', '.join(sorted(extras))}" if extras else None
 
-    def eval_state(self, server: Server, client: Client) -> EvalState:
-        return EvalState(("global", server.global_version), server.global_prompt)
+    def aggregate(self, server: Server, uploads: Mapping[int, Upload]) -> None:
+        """Fold the round's accepted uploads into the server state: FedAvg of the prompts into P_g."""
+        server.aggregate({cid: up.prompt for cid, up in uploads.items() if up.prompt is not None})
+
+    # ------------------------------------------------------------------------------------ client side
+    def start_prompt(self, state: GlobalState, client: Client, payload: Payload) -> torch.Tensor:
+        """Where the local prompt starts: the downloaded P_g (SPEC §2), else the server's."""
+        return payload.global_prompt if payload.global_prompt is not None else state.global_prompt
+
+    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+        """What this client's local update optimises."""
+        return PromptObjective(runtime.encoder, self.start_prompt(state, client, payload), self.cfg.lr_prompt)
+
+    def upload(self, client: Client, objective: Objective) -> Upload | None:
+        """What goes back after training (before DP noise and the wire cast), or None."""
+        return Upload(prompt=objective.prompt.detach()) if self.uploads else None
+
+    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
+        """The state ``client`` is evaluated with (default: the global prompt)."""
+        return EvalState(("global", state.global_version), state.global_prompt)

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..client import Client
+from ..registry import register_method
 from ..server import Server
-from .base import EvalState, Method, Payload
+from .base import EvalState, GlobalState, Method, Payload, Upload
 
 
+@register_method
 class LocalOnly(Method):
     name = "local"
+    help = "CoOp, local only: each client's own prompt, no communication"
+    uploads = False
 
-    def start_prompt(self, server: Server, client: Client, payload: Payload) -> torch.Tensor:
+    def payload(self, server: Server, view: Mapping[int, torch.Tensor], cid: int) -> Payload:
+        return Payload()
+
+    def start_prompt(self, state: GlobalState, client: Client, payload: Payload) -> torch.Tensor:
         # the common init P_g^0 is generated from the shared seed, not sent
-        return client.prompt if client.prompt is not None else server.init_prompt
+        return client.prompt if client.prompt is not None else state.init_prompt
 
-    def uploads(self) -> bool:
-        return False
-
-    def aggregate(self, server: Server, uploads: dict[int, torch.Tensor]) -> None:
+    def aggregate(self, server: Server, uploads: Mapping[int, Upload]) -> None:
         return None
 
-    def eval_state(self, server: Server, client: Client) -> EvalState:
+    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         if client.prompt is None:
-            return EvalState(("init",), server.init_prompt)
+            return EvalState(("init",), state.init_prompt)
         return EvalState(("own", client.cid, client.version), client.prompt)

@@ -1,29 +1,99 @@
-"""pFedMoAP (SPEC §2): download P_g and K nearest experts; train prompt + private gate; upload the prompt."""
+"""pFedMoAP (SPEC §2): download P_g and the K nearest experts; train the prompt and a private gate; upload the
+prompt only. The gate never leaves its client."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import torch
+from torch import nn
 
-from ..client import Client, LocalObjective
-from ..server import Server
-from .base import EvalState, Method, Payload
+from ..client import Client, Objective
+from ..errors import ConfigError
+from ..gates import pfedmoap_logits
+from ..profiling import nvtx_range
+from ..registry import register_method
+from .base import EvalState, GlobalState, Method, Payload, PromptObjective
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..prompt import PromptEncoder
+    from ..runtime import ClientRuntime
+    from ..server import Server
 
 
+class MixtureObjective(PromptObjective):
+    """logits = l_moe + lam * l_loc with ``gate`` over [local; K frozen experts' ``expert_text``]; trains the
+    prompt (lr ``lr_prompt``) and the gate (lr ``lr_gate``). Gradients reach the prompt through both terms; the
+    experts' features are constants (encoded once, without grad)."""
+
+    def __init__(
+        self,
+        encoder: PromptEncoder,
+        start_prompt: torch.Tensor,
+        lr_prompt: float,
+        gate: nn.Module,
+        expert_text: torch.Tensor,
+        lam: float,
+        lr_gate: float,
+    ):
+        super().__init__(encoder, start_prompt, lr_prompt)
+        self.gate = gate
+        self.expert_text = expert_text
+        self.lam = lam
+        self.lr_gate = lr_gate
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [*super().param_groups(), {"params": list(self.gate.parameters()), "lr": self.lr_gate}]
+
+    def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return pfedmoap_logits(features, text, self.expert_text, self.gate, self.gamma, self.lam)[0]
+
+    def begin(self) -> None:
+        self.gate.train()
+
+    def end(self) -> None:
+        self.gate.eval()
+
+
+@register_method
 class PFedMoAP(Method):
     name = "pfedmoap"
+    help = "pFedMoAP: own prompt + K nearest experts mixed by a private gate (the paper)"
+    uses_gate = True
 
-    def payload(self, server: Server, view: dict[int, torch.Tensor], client: Client) -> Payload:
-        ids = server.select_experts(client.cid, view, self.cfg.experts)
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if cfg.experts >= cfg.clients:
+            raise ConfigError(
+                f"experts={cfg.experts} must be smaller than clients={cfg.clients} "
+                f"(K counts the other clients' prompts; valid: 0..{cfg.clients - 1})"
+            )
+
+    def payload(self, server: Server, view: Mapping[int, torch.Tensor], cid: int) -> Payload:
+        ids = server.select_experts(cid, view, self.cfg.experts)
         experts = torch.stack([view[j] for j in ids]) if ids else None
         return Payload(global_prompt=server.global_prompt, expert_ids=ids, expert_prompts=experts)
 
-    def objective(self, payload: Payload) -> LocalObjective:
-        # first participation (no experts): the prompt alone, l_loc only
-        return LocalObjective(use_gate=bool(payload.expert_ids), lam=self.cfg.lam)
+    def encode_experts(self, runtime: ClientRuntime, payload: Payload) -> torch.Tensor:
+        """The K frozen experts' text features: encoded once per round, in one batched pass, without grad."""
+        with nvtx_range("encode_experts"), torch.no_grad():
+            return runtime.encoder.encode(payload.expert_prompts)
 
-    def eval_state(self, server: Server, client: Client) -> EvalState:
+    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+        cfg = self.cfg
+        start = self.start_prompt(state, client, payload)
+        if not payload.expert_ids:  # first participation: the prompt alone, l_loc only
+            return PromptObjective(runtime.encoder, start, cfg.lr_prompt)
+        gate = client.ensure_gate(runtime.make_gate, runtime.device)  # the client's own, created at first use
+        expert_text = self.encode_experts(runtime, payload)
+        return MixtureObjective(runtime.encoder, start, cfg.lr_prompt, gate, expert_text, cfg.lam, cfg.lr_gate)
+
+    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         if client.prompt is None:  # never trained: the global prompt, no experts
-            return EvalState(("global", server.global_version), server.global_prompt)
+            return EvalState(("global", state.global_version), state.global_prompt)
         return EvalState(
             ("own", client.cid, client.version),
             client.prompt,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from ..client import Client
-from ..server import Server
-from .base import EvalState, Method
+from ..registry import register_method
+from .base import EvalState, GlobalState, Method
 
 
+@register_method
 class ZeroShot(Method):
     name = "zeroshot"
+    help = 'zero-shot CLIP with "a photo of a {class}." (no training)'
     trains = False
+    uploads = False
 
-    def uploads(self) -> bool:
-        return False
-
-    def eval_state(self, server: Server, client: Client) -> EvalState:
+    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         return EvalState(("zeroshot",), None)

@@ -1,4 +1,4 @@
-"""Hot ops behind one dispatch point: a plain-torch reference twin per op, and fused backends where built.
+"""Hot ops behind one typed table: a plain-torch reference twin per op, and fused backends where they run.
 
 Backends, in order of preference for ``--fused``:
 
@@ -10,20 +10,84 @@ Backends, in order of preference for ``--fused``:
   CPUs and wherever Triton cannot run;
 - ``reference``: plain torch (``reference.py``), always present; what every fused op is tested against.
 
-A backend module exposes ``available() -> bool``, ``unavailable_reason() -> str`` and one function per op
-it implements, with the reference signature. ``select_backends(fused=...)`` picks, per op, the first
-backend that implements it and can run here, and returns the names so the CLI can log them in one line.
+A run holds one :class:`OpTable` (``select_ops(fused)``): the gate, the prompt encoder and the server call
+the table's functions, so two runs in one process each use their own backends. Which backends *can* run is a
+fact about the process (imports, CUDA, the built extension) and is looked up once.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Protocol
+
+import torch
 
 from . import reference
 
-OPS = ("gate_attention", "gate_score", "knn", "assemble_prompts")
+OPS = ("gate_score", "knn", "assemble_prompts")
+BACKENDS = ("triton", "cpp", "factored", "reference")
+
+
+class GateScoreFn(Protocol):
+    """gamma * <query_b, T_MoE[b, c]> (+ lam * local[b, c]) and the head-averaged attention [B, C, E] or None.
+
+    query [B, d], experts [E, C, d]; the weights are (W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O).
+    """
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        experts: torch.Tensor,
+        wq: torch.Tensor,
+        bq: torch.Tensor,
+        wk: torch.Tensor,
+        bk: torch.Tensor,
+        wv: torch.Tensor,
+        bv: torch.Tensor,
+        wo: torch.Tensor,
+        bo: torch.Tensor,
+        *,
+        gamma: float,
+        heads: int,
+        scaling: float,
+        need_weights: bool = False,
+        local: torch.Tensor | None = None,
+        lam: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+class KnnFn(Protocol):
+    """For each query row id, the ids of its k nearest other present rows of pool [N, P] (nearest first)."""
+
+    def __call__(self, pool: torch.Tensor, present: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor: ...
+
+
+class AssemblePromptsFn(Protocol):
+    """prefix [C, 1, W], suffix [C, S, W], contexts [E, n_ctx, W] -> token embeddings [E * C, L, W]."""
+
+    def __call__(self, prefix: torch.Tensor, suffix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class OpTable:
+    """The op implementations one run uses, and the backend name behind each."""
+
+    gate_score: GateScoreFn
+    knn: KnnFn
+    assemble_prompts: AssemblePromptsFn
+    backends: Mapping[str, str] = field(default_factory=lambda: dict.fromkeys(OPS, "reference"))
+
+    def describe(self) -> str:
+        """One log line: which backend runs each op."""
+        return "ops: " + ", ".join(f"{op}={backend}" for op, backend in self.backends.items())
+
+
+REFERENCE = OpTable(
+    gate_score=reference.gate_score, knn=reference.knn, assemble_prompts=reference.assemble_prompts
+)
 
 # backend name -> module path, in order of preference
 _FUSED_MODULES = {
@@ -31,10 +95,8 @@ _FUSED_MODULES = {
     "cpp": "pfedmoap.ops.cpp",
     "factored": "pfedmoap.ops.factored",
 }
-
-_IMPLS: dict[str, dict[str, Callable]] = {"reference": {name: getattr(reference, name) for name in OPS}}
+_IMPLS: dict[str, dict[str, object]] = {"reference": {name: getattr(reference, name) for name in OPS}}
 _UNAVAILABLE: dict[str, str] = {}
-_ACTIVE: dict[str, str] = dict.fromkeys(OPS, "reference")
 _LOADED = False
 
 
@@ -59,7 +121,7 @@ def _load_fused() -> None:
 def available_backends() -> dict[str, list[str]]:
     """For each op, the backends that can run in this process (the reference is always one)."""
     _load_fused()
-    return {op: [b for b, impls in _IMPLS.items() if op in impls] for op in OPS}
+    return {op: [b for b in BACKENDS if op in _IMPLS.get(b, {})] for op in OPS}
 
 
 def unavailable_backends() -> dict[str, str]:
@@ -68,47 +130,35 @@ def unavailable_backends() -> dict[str, str]:
     return dict(_UNAVAILABLE)
 
 
-def select_backends(fused: bool) -> dict[str, str]:
-    """Choose a backend per op; returns {op: backend}. With ``fused`` the first non-reference one wins."""
-    if fused:
+def select_ops(fused: bool = False, pins: Mapping[str, str] | None = None) -> OpTable:
+    """The op table for a run: with ``fused``, per op the first backend that implements it and can run here;
+    otherwise the reference. ``pins`` forces a backend for some ops (benchmarks, tests) and raises ValueError
+    when that backend cannot run the op here."""
+    if fused or pins:
         _load_fused()
+    chosen: dict[str, str] = {}
     for op in OPS:
-        choices = [b for b, impls in _IMPLS.items() if op in impls and b != "reference"]
-        _ACTIVE[op] = choices[0] if (fused and choices) else "reference"
-    return dict(_ACTIVE)
+        fused_choices = [b for b in BACKENDS if b != "reference" and op in _IMPLS.get(b, {})]
+        chosen[op] = fused_choices[0] if (fused and fused_choices) else "reference"
+    for op, backend in (pins or {}).items():
+        if op not in OPS:
+            raise ValueError(f"op={op!r} is not one of: {', '.join(OPS)}")
+        if op not in _IMPLS.get(backend, {}):
+            reason = _UNAVAILABLE.get(backend, "it does not implement this op")
+            raise ValueError(f"backend={backend!r} cannot run {op} here: {reason}")
+        chosen[op] = backend
+    impls = {op: _IMPLS[backend][op] for op, backend in chosen.items()}
+    return OpTable(**impls, backends=chosen)  # type: ignore[arg-type]
 
 
-def use_backend(op: str, backend: str) -> None:
-    """Pin one op to one backend (benchmarks and tests); raises ValueError if it cannot run here."""
-    _load_fused()
-    if op not in OPS:
-        raise ValueError(f"op={op!r} is not one of: {', '.join(OPS)}")
-    if op not in _IMPLS.get(backend, {}):
-        reason = _UNAVAILABLE.get(backend, "it does not implement this op")
-        raise ValueError(f"backend={backend!r} cannot run {op} here: {reason}")
-    _ACTIVE[op] = backend
-
-
-def active_backends() -> dict[str, str]:
-    return dict(_ACTIVE)
-
-
-def describe(backends: dict[str, str]) -> str:
-    """One log line: which backend runs each op."""
-    return "ops: " + ", ".join(f"{op}={backend}" for op, backend in backends.items())
-
-
-def gate_attention(*args, **kwargs):
-    return _IMPLS[_ACTIVE["gate_attention"]]["gate_attention"](*args, **kwargs)
-
-
-def gate_score(*args, **kwargs):
-    return _IMPLS[_ACTIVE["gate_score"]]["gate_score"](*args, **kwargs)
-
-
-def knn(*args, **kwargs):
-    return _IMPLS[_ACTIVE["knn"]]["knn"](*args, **kwargs)
-
-
-def assemble_prompts(*args, **kwargs):
-    return _IMPLS[_ACTIVE["assemble_prompts"]]["assemble_prompts"](*args, **kwargs)
+__all__ = [
+    "OPS",
+    "REFERENCE",
+    "AssemblePromptsFn",
+    "GateScoreFn",
+    "KnnFn",
+    "OpTable",
+    "available_backends",
+    "select_ops",
+    "unavailable_backends",
+]

@@ -43,17 +43,30 @@ def gate_attention(
 def gate_score(
     query: torch.Tensor,
     experts: torch.Tensor,
-    *weights: torch.Tensor,
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    wk: torch.Tensor,
+    bk: torch.Tensor,
+    wv: torch.Tensor,
+    bv: torch.Tensor,
+    wo: torch.Tensor,
+    bo: torch.Tensor,
+    *,
     gamma: float,
+    heads: int,
+    scaling: float,
+    need_weights: bool = False,
     local: torch.Tensor | None = None,
     lam: float = 0.0,
-    **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gamma * <query_b, T_MoE[b, c]> (+ lam * local[b, c] when ``local`` logits are given).
 
-    ``weights`` and ``options`` are those of :func:`gate_attention`; returns (logits [B, C], attention or None).
+    The weights, ``heads`` and ``scaling`` are those of :func:`gate_attention`; returns (logits [B, C],
+    head-averaged attention [B, C, E] or None).
     """
-    moe, attn = gate_attention(query, experts, *weights, **options)
+    moe, attn = gate_attention(
+        query, experts, wq, bq, wk, bk, wv, bv, wo, bo, heads=heads, scaling=scaling, need_weights=need_weights
+    )
     logits = gamma * torch.einsum("bd,bcd->bc", query, moe)
     if local is not None:
         logits = logits + lam * local
@@ -73,11 +86,6 @@ def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, ctx: torch.Tens
         [prefix[None].expand(experts, *prefix.shape), expanded, suffix[None].expand(experts, *suffix.shape)], dim=2
     )
     return seq.reshape(experts * classes, seq.shape[2], -1)
-
-
-def pairwise_sq_dists(pool: torch.Tensor) -> torch.Tensor:
-    """Exact squared L2 distances between the rows of ``pool`` [N, P] (difference-based, no GEMM rounding)."""
-    return torch.cdist(pool, pool, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
 
 
 def knn(pool: torch.Tensor, present: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:

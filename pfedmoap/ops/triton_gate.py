@@ -171,7 +171,15 @@ def triton_cdiv(a: int, b: int) -> int:
 def gate_score(
     query: torch.Tensor,
     experts: torch.Tensor,
-    *weights: torch.Tensor,
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    wk: torch.Tensor,
+    bk: torch.Tensor,
+    wv: torch.Tensor,
+    bv: torch.Tensor,
+    wo: torch.Tensor,
+    bo: torch.Tensor,
+    *,
     gamma: float,
     heads: int,
     scaling: float,
@@ -180,6 +188,7 @@ def gate_score(
     lam: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused twin of :func:`pfedmoap.ops.reference.gate_score` (same arguments, same results)."""
+    weights = (wq, bq, wk, bk, wv, bv, wo, bo)
     if not _runs_here(query):
         return reference.gate_score(
             query, experts, *weights, gamma=gamma, heads=heads, scaling=scaling, need_weights=need_weights,

@@ -1,0 +1,32 @@
+"""Mixture gates: one module call from (image features, expert features, gamma, local logits, lambda) to logits.
+
+``attention`` is the paper's gate (:class:`AttentionGate`). A new gate is one file with a :class:`Gate` subclass decorated with
+:func:`~pfedmoap.registry.register_gate`, imported here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..ops import REFERENCE, OpTable
+from ..registry import gate_class, register_gate
+from .attention import AttentionGate
+from .base import Gate, pfedmoap_logits, reduce_features
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+def create_gate(cfg: Config, ops: OpTable = REFERENCE) -> Gate:
+    """A fresh gate of the kind ``cfg.gate`` names, with the run's op table."""
+    return gate_class(cfg.gate).from_config(cfg, ops)
+
+
+__all__ = [
+    "AttentionGate",
+    "Gate",
+    "create_gate",
+    "pfedmoap_logits",
+    "reduce_features",
+    "register_gate",
+]

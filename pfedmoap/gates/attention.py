@@ -1,0 +1,104 @@
+"""The pFedMoAP gate: one multi-head attention layer mixing K+1 prompt experts per (image, class).
+
+SPEC §1: query = reduce(image feature), keys = values = the experts' reduced text features for that class (local
+expert first). W_Q, W_K, W_V, W_O are d x d Linear layers with bias; scores are multiplied by ``scaling`` (10.0
+in the reference code), softmax over experts, no residual / norm / dropout; l_moe = gamma * <query, T_MoE>.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..ops import REFERENCE, OpTable, reference
+from ..registry import register_gate
+from .base import Gate, reduce_features
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@register_gate
+class AttentionGate(Gate):
+    """Multi-head attention over experts, parameters shared across classes; 4(d^2 + d) parameters.
+
+    The logits come from the run's fused ``gate_score`` op (``ops``): the Triton kernel on CUDA, the factored
+    algebra on CPU with ``--fused``, the plain-torch reference otherwise; all give the same numbers.
+    """
+
+    name = "attention"
+    help = "multi-head attention over the experts (the paper's gate)"
+
+    def __init__(
+        self,
+        dim: int = 128,
+        heads: int = 8,
+        scaling: float = 10.0,
+        reduction: str = "strided",
+        ops: OpTable = REFERENCE,
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_gate={dim} is not divisible by heads={heads}")
+        self.dim, self.heads, self.scaling, self.reduction = dim, heads, float(scaling), reduction
+        self.ops = ops
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    @classmethod
+    def from_config(cls, cfg: Config, ops: OpTable = REFERENCE) -> AttentionGate:
+        return cls(cfg.d_gate, cfg.heads, cfg.attn_scaling, cfg.reduction, ops)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.d_gate % cfg.heads:
+            raise ConfigError(f"d_gate={cfg.d_gate} is not divisible by heads={cfg.heads}")
+
+    @classmethod
+    def valid_widths(cls, cfg: Config, embed_dim: int) -> list[int]:
+        return [d for d in super().valid_widths(cfg, embed_dim) if d % cfg.heads == 0]
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        experts: torch.Tensor,
+        *,
+        gamma: float,
+        local_logits: torch.Tensor | None = None,
+        lam: float = 0.0,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """image [B, D], experts [E, C, D] -> logits [B, C] (+ lam * local_logits) and weights [B, C, E] or None."""
+        query = reduce_features(image, self.dim, self.reduction)
+        keys = reduce_features(experts, self.dim, self.reduction)
+        return self.ops.gate_score(
+            query,
+            keys,
+            *self.weights(),
+            gamma=gamma,
+            heads=self.heads,
+            scaling=self.scaling,
+            need_weights=need_weights,
+            local=local_logits,
+            lam=lam,
+        )
+
+    def mix(
+        self, query: torch.Tensor, experts: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mixed expert feature itself: reduced query [B, d], reduced experts [E, C, d] -> T_MoE [B, C, d]
+        and head-averaged weights [B, C, E] or None (plain torch; the logits path never builds T_MoE)."""
+        return reference.gate_attention(
+            query, experts, *self.weights(), heads=self.heads, scaling=self.scaling, need_weights=need_weights
+        )
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """(W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O): the argument order of the ``gate_score`` ops."""
+        return tuple(
+            t for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj) for t in (lin.weight, lin.bias)
+        )

@@ -1,0 +1,93 @@
+"""``run(config)`` and ``resume(run_dir)``: a whole in-process run with its run directory, the library's main
+entry points."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from ._version import __version__
+from .config import Config
+from .errors import UserError
+from .federation import Federation
+from .rounds import History
+from .rundir import RunDir
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """``runs/<preset>-<method>-s<seed>-<time>``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = cfg.preset or cfg.dataset
+    return Path("runs") / f"{name}-{cfg.method}-s{cfg.seed}-{stamp}"
+
+
+def run_meta(fed: Federation) -> dict[str, Any]:
+    """``config.json``'s ``_meta``: versions, device, op backends, client sizes, gamma."""
+    return {
+        "pfedmoap_version": __version__,
+        "torch_version": torch.__version__,
+        "device": str(fed.device),
+        "backends": fed.backends,
+        "num_classes": fed.dataset.num_classes,
+        "client_train_sizes": [c.data.num_train for c in fed.clients],
+        "client_test_sizes": [c.data.num_test for c in fed.clients],
+        "prompt_tokens": fed.encoder.length,
+        "gamma": fed.clip.gamma,
+    }
+
+
+def run(cfg: Config, out: str | Path | None = None, log: Callable[[str], None] | None = None) -> History:
+    """Run a whole simulated federation. With ``out`` (or ``cfg.out``), write the run directory there.
+
+    Returns the :class:`~pfedmoap.rounds.History` (per-round records, summary, and the final state).
+    """
+    cfg = cfg.validate()
+    target = out if out is not None else cfg.out
+    if target is not None:
+        RunDir.check(target)  # fail before any expensive work; nothing is created on a bad config
+    fed = Federation(cfg, log=log)
+    run_dir = RunDir.create(target) if target is not None else None
+    if run_dir is not None:
+        run_dir.write_config({**cfg.to_dict(), "_meta": run_meta(fed)})
+    return fed.run(run_dir)
+
+
+def resume(path: str | Path, log: Callable[[str], None] | None = None, progress: bool | None = None) -> History:
+    """Continue a run from its directory: the saved config, the last complete round's checkpoint.
+
+    The metrics of a resumed run equal an uninterrupted run's exactly on CPU (same config, same seed).
+    """
+    run_dir = RunDir(path)
+    config_file = run_dir.path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"resume={str(run_dir.path)!r} holds no run (no config.json)")
+    if (run_dir.path / "summary.json").exists():
+        raise UserError(f"resume={str(run_dir.path)!r} is already finished (summary.json exists)")
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"resume={str(run_dir.path)!r}: config.json is not valid JSON") from None
+    meta = data.pop("_meta", {})
+    if meta.get("pfedmoap_version", __version__) != __version__:
+        raise UserError(
+            f"resume={str(run_dir.path)!r} was written by pfedmoap {meta.get('pfedmoap_version')}, "
+            f"this is {__version__}"
+        )
+    cfg = Config.from_dict(data, source=str(config_file)).validate()
+    if progress is not None:
+        cfg = cfg.replace(progress=progress)
+    fed = Federation(cfg, log=log)
+    ckpt = checkpoint.checkpoint_path(run_dir.path)
+    if ckpt.is_file():
+        fed.load_state_dict(checkpoint.load(ckpt))
+    # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.write_rounds([r.to_json() for r in fed.rounds])
+    fed.log(f"resuming {run_dir.path} after round {fed.rounds[-1].round if fed.rounds else 0}")
+    return fed.run(run_dir)

@@ -1,0 +1,42 @@
+"""FedProx on PromptFL: the local objective adds mu / 2 * ||P - P_g||^2 to every step's loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..client import Client, Objective
+from ..registry import register_method
+from .base import GlobalState, Payload, PromptObjective
+from .promptfl import PromptFL
+
+if TYPE_CHECKING:
+    from ..prompt import PromptEncoder
+    from ..runtime import ClientRuntime
+
+
+class ProximalObjective(PromptObjective):
+    """CoOp's loss + mu / 2 * ||ctx - anchor||^2 (no term when mu is 0)."""
+
+    def __init__(
+        self, encoder: PromptEncoder, start_prompt: torch.Tensor, lr_prompt: float, anchor: torch.Tensor, mu: float
+    ):
+        super().__init__(encoder, start_prompt, lr_prompt)
+        self.anchor = anchor.to(encoder.clip.device)
+        self.mu = mu
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if self.mu <= 0:
+            return None
+        return 0.5 * self.mu * (self.prompt - self.anchor).pow(2).sum()
+
+
+@register_method
+class FedProx(PromptFL):
+    name = "fedprox"
+    help = "PromptFL + FedProx's proximal term (--fedprox-mu)"
+
+    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+        start = self.start_prompt(state, client, payload)
+        return ProximalObjective(runtime.encoder, start, self.cfg.lr_prompt, payload.global_prompt, self.cfg.fedprox_mu)

@@ -1,0 +1,147 @@
+"""A run's world, built from its config alone: the dataset, the frozen CLIP, the partition, the prompt encoder and
+each client's data (its split and the frozen image features of its images).
+
+Every engine builds the same world from the same config: the in-process engine builds every client; a Flower
+node builds only its own (:meth:`World.client_data` encodes one client's images on demand). A client's features
+are encoded from that client's images alone, in its split's order, so they do not depend on which other clients
+a process builds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from . import registry
+from .client import Client, ClientData
+from .clip import FrozenCLIP, load_clip, resolve_device
+from .data import DatasetBundle, DatasetOptions, create_dataset, partition
+from .data.features import encode_subset
+from .errors import ConfigError
+from .ops import REFERENCE, OpTable
+from .prompt import PromptEncoder, initial_prompt
+from .seeding import Stream, client_seed, stream
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+def split_clients(cfg: Config, bundle: DatasetBundle) -> list[partition.ClientSplit]:
+    """The partition named by ``cfg.partition``, drawn from the run's partition stream."""
+    rng = stream(cfg.seed, Stream.PARTITION)
+    tr, te = bundle.train.labels, bundle.test.labels
+    if cfg.partition == "pathological":
+        return partition.pathological(tr, te, cfg.clients, cfg.shots, rng, num_classes=bundle.num_classes)
+    if cfg.partition == "dirichlet":
+        return partition.dirichlet(tr, te, cfg.clients, cfg.dirichlet_alpha, rng, cfg.min_client_size)
+    if cfg.partition == "domain-dirichlet":
+        if bundle.train.domains is None:
+            raise ConfigError(f"partition=domain-dirichlet needs a dataset with domains; {bundle.name} has none")
+        return partition.domain_dirichlet(
+            tr,
+            te,
+            bundle.train.domains,
+            bundle.test.domains,
+            cfg.clients,
+            cfg.dirichlet_alpha,
+            rng,
+            cfg.min_client_size,
+        )
+    return partition.iid(tr, te, cfg.clients, rng)
+
+
+class World:
+    """The data side of a run. Cheap parts (labels, the partition, the encoder's frozen token embeddings) are built
+    at once; a client's image features when :meth:`client_data` first asks for them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        ops: OpTable = REFERENCE,
+        clip: FrozenCLIP | None = None,
+        dataset: DatasetBundle | None = None,
+    ):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        # the data first: a missing dataset should fail before a model is loaded or pretrained
+        self.dataset = dataset or create_dataset(
+            cfg.dataset,
+            DatasetOptions(
+                root=cfg.data_root,
+                domains=cfg.domains,
+                train_per_class=cfg.train_per_class,
+                test_per_class=cfg.test_per_class,
+                seed=cfg.data_seed,
+            ),
+        )
+        self.clip = clip or load_clip(cfg.model, cfg.pretrained, self.device, progress=cfg.progress)
+        if registry.method_class(cfg.method).uses_gate:
+            registry.gate_class(cfg.gate).check_features(cfg, self.clip.embed_dim)
+        self.splits = split_clients(cfg, self.dataset)
+        self.encoder = PromptEncoder(
+            self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=ops.assemble_prompts
+        )
+        self.init_prompt = initial_prompt(cfg, self.clip.width)  # P_g^0: the common start of every prompt
+        self._data: dict[int, ClientData] = {}
+        self._zero_shot: torch.Tensor | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.splits)
+
+    @property
+    def train_sizes(self) -> list[int]:
+        """Training-set size of every client (FedAvg's weights), from the partition alone."""
+        return [len(s.train) for s in self.splits]
+
+    @property
+    def built(self) -> list[int]:
+        """The clients whose data this process has built (encoded) so far."""
+        return sorted(self._data)
+
+    def client_data(self, cid: int) -> ClientData:
+        """Client ``cid``'s labels and frozen image features (encoded once, then kept)."""
+        if not 0 <= cid < self.num_clients:
+            raise ConfigError(f"client {cid} is outside 0..{self.num_clients - 1}")
+        if cid not in self._data:
+            self._data[cid] = self._encode(cid)
+        return self._data[cid]
+
+    def _encode(self, cid: int) -> ClientData:
+        cfg, data, split = self.cfg, self.dataset, self.splits[cid]
+        batch = cfg.eval_batch_size
+        # the frozen image encoder runs once per image; with augmentation, train features are per batch
+        train_features = None if cfg.augment else encode_subset(self.clip, data.train, split.train, batch)
+        images = None
+        if cfg.augment:
+            imgs = data.train.images
+            images = (
+                imgs[torch.as_tensor(split.train)]
+                if isinstance(imgs, torch.Tensor)
+                else torch.stack([imgs[int(i)] for i in split.train])
+            )
+        return ClientData(
+            train_labels=torch.as_tensor(data.train.labels[split.train], dtype=torch.long),
+            test_labels=torch.as_tensor(data.test.labels[split.test], dtype=torch.long),
+            test_features=encode_subset(self.clip, data.test, split.test, batch),
+            train_features=train_features,
+            train_images=images,
+        )
+
+    def new_client(self, cid: int) -> Client:
+        """A fresh client ``cid`` (its own seed, no state yet) over its data."""
+        return Client(cid, self.client_data(cid), client_seed(self.cfg.seed, cid))
+
+    def new_clients(self, progress: bool = False) -> list[Client]:
+        """Every client, fresh; encodes all their images."""
+        ids = tqdm(range(self.num_clients), desc="image features", disable=not progress, leave=False)
+        return [self.new_client(cid) for cid in ids]
+
+    def zero_shot_text(self) -> torch.Tensor:
+        """The handcrafted "a photo of a {class}." text features (computed once)."""
+        if self._zero_shot is None:
+            self._zero_shot = self.clip.zero_shot_text_features(self.dataset.classnames)
+        return self._zero_shot
+
