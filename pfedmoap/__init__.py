@@ -3,7 +3,8 @@
     from pfedmoap import make_config, run
     history = run(make_config("synthetic", rounds=3))
 
-The building blocks are public for research code: :class:`PromptEncoder`, the gates (:class:`AttentionGate`, :func:`register_gate`), :class:`Client`, :class:`Server`, the round driver
+The building blocks are public for research code: :class:`PromptEncoder`, the gates (:class:`AttentionGate`,
+:class:`LinearGate`, :func:`register_gate`), :class:`Client`, :class:`Server`, the round driver
 (:class:`RoundDriver`, :class:`RoundRecord`), the world (:class:`World`), the partitioners in
 :mod:`pfedmoap.data.partition`, the dataset registry (:func:`create_dataset`, :func:`register_dataset`), the
 methods (:class:`Method`, :func:`register_method`) and the op tables (:func:`select_ops`).
@@ -16,7 +17,7 @@ from .config import Config, list_presets, make_config
 from .data import create_dataset, list_datasets, register_dataset
 from .errors import ConfigError, UserError
 from .federation import Federation
-from .gates import AttentionGate, Gate, create_gate, pfedmoap_logits, reduce_features
+from .gates import AttentionGate, Gate, LinearGate, create_gate, pfedmoap_logits, reduce_features
 from .launch import resume, run
 from .methods import Method, create_method
 from .ops import OpTable, select_ops
@@ -35,6 +36,7 @@ __all__ = [
     "FrozenCLIP",
     "Gate",
     "History",
+    "LinearGate",
     "Method",
     "OpTable",
     "PromptEncoder",

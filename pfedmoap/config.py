@@ -75,7 +75,7 @@ class Config:
 
     # --- pFedMoAP
     experts: int = 9  # K non-local experts (the gate sees K + 1)
-    gate: str = "attention"  # a registered gate (pfedmoap.gates): attention (the paper's)
+    gate: str = "attention"  # a registered gate (pfedmoap.gates): attention (the paper's) or linear (ablation)
     lam: float = 0.5  # logits = l_moe + lam * l_loc
     d_gate: int = 128
     heads: int = 8

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedmoap.gates import AttentionGate, pfedmoap_logits, reduce_features
+from pfedmoap.gates import AttentionGate, LinearGate, pfedmoap_logits, reduce_features
 
 
 @pytest.mark.parametrize(("d", "expected"), [(32, 4224), (64, 16640), (128, 66048), (256, 263168), (512, 1050624)])
@@ -105,3 +105,43 @@ def test_gradients_reach_local_prompt_through_both_paths():
     assert local.grad is not None and local.grad.abs().sum() > 0
     assert all(p.grad is not None for p in gate.parameters())
 
+
+# ---------------------------------------------------------------------------------------------- the linear gate
+def naive_linear_logits(image, local, experts, gate, gamma, lam, d, reduction):
+    """The paper's router, per (b, c) from the module docstring: softmax(W q_b + b) over the first E slots."""
+    all_experts = torch.cat([local[None], experts], 0)  # [E, C, D]
+    n_exp = all_experts.shape[0]
+    B, C = image.shape[0], local.shape[0]
+    out, weights = torch.zeros(B, C), torch.zeros(B, C, n_exp)
+    for b in range(B):
+        q = reduce_features(image[b], d, reduction)
+        z = torch.stack([gate.router.weight[e] @ q + gate.router.bias[e] for e in range(n_exp)])
+        w = torch.exp(z - z.max()) / torch.exp(z - z.max()).sum()
+        for c in range(C):
+            mixed = sum(w[e] * reduce_features(all_experts[e, c], d, reduction) for e in range(n_exp))
+            out[b, c] = gamma * torch.dot(q, mixed) + lam * gamma * torch.dot(image[b], local[c])
+            weights[b, c] = w
+    return out, weights
+
+
+@pytest.mark.parametrize("reduction", ["strided", "avgpool"])
+@pytest.mark.parametrize("available", [4, 2])  # all K = 4 experts, and a small pool with only 2 of them
+def test_linear_gate_matches_naive_router(reduction, available):
+    torch.manual_seed(3)
+    B, C, K, D, d = 3, 4, 4, 32, 8
+    image = F.normalize(torch.randn(B, D), dim=-1)
+    local = F.normalize(torch.randn(C, D), dim=-1)
+    experts = F.normalize(torch.randn(available, C, D), dim=-1)
+    gate = LinearGate(d, slots=K + 1, reduction=reduction)
+    assert sum(p.numel() for p in gate.parameters()) == (K + 1) * (d + 1)
+    got, w = pfedmoap_logits(image, local, experts, gate, 50.0, 0.5, need_weights=True)
+    want, w_want = naive_linear_logits(image, local, experts, gate, 50.0, 0.5, d, reduction)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w, w_want, rtol=1e-5, atol=1e-6)
+    # gradients reach the router and the local prompt; more experts than slots is an error
+    local.requires_grad_()
+    logits, _ = pfedmoap_logits(image, local, experts, gate, 50.0, 0.0)
+    logits.sum().backward()
+    assert gate.router.weight.grad.abs().sum() > 0 and local.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="5 expert slots"):
+        gate(image, torch.randn(6, C, D), gamma=1.0)

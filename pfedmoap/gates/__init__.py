@@ -1,6 +1,7 @@
 """Mixture gates: one module call from (image features, expert features, gamma, local logits, lambda) to logits.
 
-``attention`` is the paper's gate (:class:`AttentionGate`). A new gate is one file with a :class:`Gate` subclass decorated with
+``attention`` is the paper's gate (:class:`AttentionGate`); ``linear`` its linear-projection ablation
+(:class:`LinearGate`). A new gate is one file with a :class:`Gate` subclass decorated with
 :func:`~pfedmoap.registry.register_gate`, imported here.
 """
 
@@ -12,6 +13,7 @@ from ..ops import REFERENCE, OpTable
 from ..registry import gate_class, register_gate
 from .attention import AttentionGate
 from .base import Gate, pfedmoap_logits, reduce_features
+from .linear import LinearGate
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -25,6 +27,7 @@ def create_gate(cfg: Config, ops: OpTable = REFERENCE) -> Gate:
 __all__ = [
     "AttentionGate",
     "Gate",
+    "LinearGate",
     "create_gate",
     "pfedmoap_logits",
     "reduce_features",
