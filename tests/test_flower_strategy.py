@@ -140,8 +140,10 @@ def silent(_: Message, reply: Message) -> None:
         {"method": "local"},
         {"method": "zeroshot"},
         {"dp_epsilon": 50.0, "dp_delta": 0.05, "dp_clip": 0.3, "rounds": 2},
+        {"method": "pfedmoap-shared-gate", "comm_dtype": "float16"},
+        {"gate": "linear"},
     ],
-    ids=["pfedmoap", "bf16-frac-random-dropout", "promptfl-fp16", "local", "zeroshot", "dp"],
+    ids=["pfedmoap", "bf16-frac-random-dropout", "promptfl-fp16", "local", "zeroshot", "dp", "shared-gate", "linear"],
 )
 def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
     """Same seed, same config: the Flower path gives bit-identical accuracies, experts, bytes and prompts."""
@@ -165,6 +167,9 @@ def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
         assert any(r.dropped for r in flower.rounds)  # the dropout stream was exercised
     if cfg.dp_epsilon is not None:
         assert [r.dp_epsilon_spent for r in flower.rounds] == [r.dp_epsilon_spent for r in local.rounds]
+    assert flower.server.extras.keys() == local.federation.server.extras.keys()
+    for name, value in flower.server.extras.items():  # a shared gate, aggregated alike
+        assert torch.equal(value, local.federation.server.extras[name]), name
 
 
 def test_node_ids_and_their_order_do_not_change_the_run():
