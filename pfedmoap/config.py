@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from . import registry
+from .data.registry import list_datasets
 from .errors import ConfigError
 
 PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "iid")
@@ -24,6 +25,7 @@ POOL_VIEWS = ("snapshot", "live")
 TEXT_ENCODERS = ("full", "truncated", "shared-prefix")
 COMM_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**32 - 1  # numpy and torch generators both take it; per-client seeds derive from it without overflow
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Config:
     def validate(self) -> Config:
         """Check every value; raise :class:`ConfigError` with one line naming the first bad one."""
         method = registry.method_class(self.method)
+        _choice("dataset", self.dataset, tuple(list_datasets()))
         _choice("partition", self.partition, PARTITIONS)
         _choice("reduction", self.reduction, REDUCTIONS)
         _choice("expert_selection", self.expert_selection, EXPERT_SELECTIONS)
@@ -149,6 +152,10 @@ class Config:
         _at_least("test_per_class", self.test_per_class, 1)
         _at_least("min_client_size", self.min_client_size, 0)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"{name}={value!r} must be an integer in 0..{MAX_SEED}")
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
         if not (0.0 <= self.client_dropout < 1.0):

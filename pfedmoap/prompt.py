@@ -63,7 +63,10 @@ class PromptEncoder:
         tokens = clip.tokenize(texts)
         eot = tower.eot_positions(tokens)
         if int(eot.min()) <= n_ctx:
-            raise ValueError(f"context_length={tower.context_length} is too short for n_ctx={n_ctx}")
+            raise ConfigError(
+                f"n_ctx={n_ctx} leaves no room for the class names in {clip.model_name}'s text context of "
+                f"{tower.context_length} tokens: use a smaller --n-ctx"
+            )
         if mode not in self.MODES:
             raise ConfigError(f"text_encoder={mode!r} is not one of: {', '.join(self.MODES)}")
         if mode == "shared-prefix" and tower.shared_prefix_blocks() is None:

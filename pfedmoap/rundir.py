@@ -41,9 +41,13 @@ class RunDir:
     def check(cls, path: str | os.PathLike) -> None:
         """Refuse (UserError) a path that is a file or already holds a run; creates nothing."""
         run = cls(path)
-        if run.path.exists() and not run.path.is_dir():
+        try:
+            exists, is_dir = run.path.exists(), run.path.is_dir()
+            held = [name for name in RUN_FILES if (run.path / name).exists()]
+        except OSError as exc:  # a name too long, a component that is a file, no permission to look
+            raise UserError(f"out={str(run.path)!r} cannot be used ({exc.strerror or type(exc).__name__})") from None
+        if exists and not is_dir:
             raise UserError(f"out={str(run.path)!r} exists and is not a directory")
-        held = [name for name in RUN_FILES if (run.path / name).exists()]
         if held:
             raise UserError(f"out={str(run.path)!r} already holds a run ({held[0]}); choose a new --out directory")
 
@@ -51,7 +55,10 @@ class RunDir:
     def create(cls, path: str | os.PathLike) -> RunDir:
         cls.check(path)
         run = cls(path)
-        (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        try:
+            (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # read-only, a parent that is a file, no permission
+            raise UserError(f"out={str(run.path)!r} cannot be created ({exc.strerror or type(exc).__name__})") from None
         return run
 
     def write_config(self, config: dict[str, Any]) -> None:

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     resume_dir = args.pop("resume", None)
     engine = args.pop("engine", "local")
     if resume_dir is not None:
+        if print_config:
+            return fail(PROG, f"--print-config shows a new run's config; a resumed run's is {resume_dir}/config.json")
         others = sorted(k for k in args if k != "progress")
         if others:
             flags = {dest: flag for flag, dest, _, _ in _OVERRIDES}

@@ -83,6 +83,11 @@ BAD = [
     (["--dp-epsilon", "0"], "dp_epsilon=0.0 must be a positive number"),
     (["--dp-epsilon", "5", "--dp-delta", "1"], "dp_delta=1.0 is outside (0, 1)"),
     (["--dp-epsilon", "5", "--method", "local"], "method=local uploads nothing"),
+    (["--dp-epsilon", "5", "--method", "pfedmoap-shared-gate"], "also uploads its gate"),
+    (["--gate", "softmax"], "gate='softmax' is not one of: attention, linear"),
+    (["--seed", "-1"], "seed=-1 must be an integer in 0..4294967295"),
+    (["--seed", "99999999999999999999"], "seed=99999999999999999999 must be an integer"),
+    (["--n-ctx", "80"], "n_ctx=80 leaves no room for the class names"),
 ]
 
 
@@ -107,6 +112,30 @@ def test_out_dir_holding_another_run_is_refused_and_untouched(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pfedmoap.train: error: out=") and "already holds a run" in err[-1]
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_print_config_checks_and_prints_without_running(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--method", "promptfl", "--rounds", "3", "--out", str(out), "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert (config["method"], config["rounds"], config["preset"]) == ("promptfl", 3, "synthetic")
+    assert config["out"] == str(out) and not out.exists()
+    assert main(["--resume", str(tmp_path), "--print-config"]) == 2
+    assert "--print-config shows a new run's config" in capsys.readouterr().err
+    # an --out the file system cannot take is refused before anything runs, whether checked or run
+    for extra in (["--print-config"], []):
+        assert main([*FAST, "--out", str(tmp_path / ("x" * 300)), *extra]) == 2
+        assert capsys.readouterr().err.strip().endswith("cannot be used (File name too long)")
+
+
+def test_list_methods_names_every_registered_method_and_gate(capsys):
+    from pfedmoap import registry
+
+    assert main(["--list-methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = {line.split()[1] for line in lines}
+    assert set(registry.methods()) | set(registry.gates()) <= names
+    assert any(line.startswith("method pfedmoap-shared-gate") for line in lines)
 
 
 def test_module_entry_point_exit_code(tmp_path):
