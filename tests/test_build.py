@@ -46,3 +46,46 @@ def test_build_without_a_compiler_says_what_is_missing(tmp_path):
     assert "apt-get install g++" in last
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("**/*.so"))
+
+
+# ---------------------------------------------------------------------------------------------- why _C is missing
+def _fake_library(folder: Path) -> Path:
+    import importlib.machinery
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lib = folder / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    lib.write_bytes(b"not a library")
+    return lib
+
+
+def test_missing_extension_names_a_shadowing_source_tree(tmp_path, monkeypatch):
+    """pip install . put _C into site-packages, but python -m from the checkout imports the checkout: say so."""
+    from pfedmoap.ops import cpp
+
+    checkout = tmp_path / "checkout" / "pfedmoap"
+    checkout.mkdir(parents=True)
+    installed = tmp_path / "site-packages"
+    _fake_library(installed / "pfedmoap")
+    monkeypatch.setattr(cpp, "_package_dir", lambda: checkout)
+    monkeypatch.setattr("sys.path", [str(tmp_path / "checkout"), str(installed)])
+    reason = cpp._missing_reason()
+    assert f"built in {installed / 'pfedmoap'}" in reason and f"source tree at {checkout}, which shadows it" in reason
+    monkeypatch.setattr("sys.path", [str(tmp_path / "checkout")])
+    assert cpp._missing_reason().startswith(f"pfedmoap._C is not built (no library in {checkout})")
+
+
+def test_extension_built_for_another_torch_says_which(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from pfedmoap.ops import cpp
+
+    package = tmp_path / "pfedmoap"
+    lib = _fake_library(package)
+    monkeypatch.setattr(cpp, "_package_dir", lambda: package)
+    error = ImportError("undefined symbol: _ZN3c104impl3cow11cow_deleterEPv")
+    assert "is built but cannot be imported (undefined symbol" in cpp._import_failure_reason(error)
+    (package / cpp.BUILD_RECORD).write_text(json.dumps({"torch": "1.0.0"}))
+    reason = cpp._import_failure_reason(error)
+    assert reason.startswith(f"{lib} was built for torch 1.0.0, this is torch {torch.__version__}: rebuild")

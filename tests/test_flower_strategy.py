@@ -439,3 +439,27 @@ def test_engine_flower_without_flwr_says_how_to_install():
     assert done.stderr.strip().splitlines() == [
         "pfedmoap.train: error: --engine flower needs Flower: pip install 'pfedmoap[flower]'"
     ]
+
+
+# ---------------------------------------------------------------------------------------------- node worlds
+def test_a_node_builds_only_its_own_partition(tiny_clip, monkeypatch):
+    """A node encodes its own partition's images and nobody else's; a second partition served by the same process
+    shares the model and dataset and encodes only its own."""
+    from pfedmoap.flower.task import config_json, node_for
+
+    monkeypatch.setattr("pfedmoap.world.load_clip", lambda *a, **k: tiny_clip)  # one instance, to count its calls
+    cfg = cfg_for(clients=4, rounds=1)
+    encoded = []
+    encode = tiny_clip.encode_images
+    monkeypatch.setattr(tiny_clip, "encode_images", lambda x: encoded.append(len(x)) or encode(x))
+    node = node_for(config_json(cfg), {"partition-id": 2})
+    assert node.world.built == [] and encoded == []  # nothing encoded until the node is asked about its client
+    data = node.world.client_data(2)
+    assert node.world.built == [2]
+    split = node.world.splits[2]
+    assert sum(encoded) == len(split.train) + len(split.test) == data.num_train + data.num_test
+    again = node_for(config_json(cfg), {"partition-id": 1})
+    assert again is node  # same run, same process: one world
+    node.world.client_data(1)
+    assert node.world.built == [1, 2]
+    assert sum(encoded) == sum(len(node.world.splits[c].train) + len(node.world.splits[c].test) for c in (1, 2))
