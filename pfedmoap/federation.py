@@ -22,7 +22,7 @@ from .config import Config
 from .data import DatasetBundle
 from .errors import UserError
 from .methods import create_method
-from .ops import OpTable, select_ops, unavailable_backends
+from .ops import OpTable, backend_warnings, select_ops, unavailable_backends
 from .profiling import nvtx_range, ranged
 from .prompt import PromptEncoder
 from .rounds import History, RoundDriver, RoundRecord
@@ -56,6 +56,8 @@ class Federation:
         if cfg.fused:
             for backend, reason in unavailable_backends().items():
                 self.log(f"--fused: the {backend} backend cannot run here ({reason})")
+            for note in backend_warnings():
+                self.log(f"--fused: {note}")
         self.log(self.ops.describe())
         if profiling.is_enabled():
             self.log(profiling.describe())

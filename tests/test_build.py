@@ -89,3 +89,20 @@ def test_extension_built_for_another_torch_says_which(tmp_path, monkeypatch):
     (package / cpp.BUILD_RECORD).write_text(json.dumps({"torch": "1.0.0"}))
     reason = cpp._import_failure_reason(error)
     assert reason.startswith(f"{lib} was built for torch 1.0.0, this is torch {torch.__version__}: rebuild")
+
+
+def test_extension_that_imports_under_another_torch_is_flagged(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from pfedmoap.ops import cpp
+
+    monkeypatch.setattr(cpp, "_package_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpp, "_load", lambda: object())  # as if the library had imported
+    assert cpp.build_warning() == ""  # no record: nothing to compare
+    (tmp_path / cpp.BUILD_RECORD).write_text(json.dumps({"torch": torch.__version__}))
+    assert cpp.build_warning() == ""
+    (tmp_path / cpp.BUILD_RECORD).write_text(json.dumps({"torch": "9.9.9"}))
+    note = cpp.build_warning()
+    assert note.startswith(f"pfedmoap._C was built against torch 9.9.9 and runs under torch {torch.__version__}")

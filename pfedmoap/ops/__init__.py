@@ -97,6 +97,7 @@ _FUSED_MODULES = {
 }
 _IMPLS: dict[str, dict[str, object]] = {"reference": {name: getattr(reference, name) for name in OPS}}
 _UNAVAILABLE: dict[str, str] = {}
+_MODULES: dict[str, ModuleType] = {}  # the fused backends that imported, by name
 _LOADED = False
 
 
@@ -112,6 +113,7 @@ def _load_fused() -> None:
         except ImportError as exc:  # e.g. triton not installed
             _UNAVAILABLE[name] = f"{type(exc).__name__}: {exc}"
             continue
+        _MODULES[name] = module
         if not module.available():
             _UNAVAILABLE[name] = module.unavailable_reason()
             continue
@@ -128,6 +130,13 @@ def unavailable_backends() -> dict[str, str]:
     """Fused backends that cannot run here, with the reason (for logs and error messages)."""
     _load_fused()
     return dict(_UNAVAILABLE)
+
+
+def backend_warnings() -> list[str]:
+    """Notes about fused backends that run here but deserve a look (e.g. an extension built for another torch)."""
+    _load_fused()
+    notes = [getattr(module, "build_warning", lambda: "")() for module in _MODULES.values()]
+    return [note for note in notes if note]
 
 
 def select_ops(fused: bool = False, pins: Mapping[str, str] | None = None) -> OpTable:
@@ -159,6 +168,7 @@ __all__ = [
     "KnnFn",
     "OpTable",
     "available_backends",
+    "backend_warnings",
     "select_ops",
     "unavailable_backends",
 ]

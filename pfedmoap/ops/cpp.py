@@ -69,15 +69,33 @@ def _missing_reason() -> str:
     return f"pfedmoap._C is not built (no library in {here}): run pip install . (needs a C++ compiler)"
 
 
+def _built_for() -> str | None:
+    """The torch version setup.py recorded beside the library, or None."""
+    try:
+        return json.loads((_package_dir() / BUILD_RECORD).read_text()).get("torch")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def build_warning() -> str:
+    """A note when the extension that loaded was built against another torch than this process runs ('' if not).
+
+    pip's isolated build may pick a newer torch than the one installed; the library can still import (as seen
+    with 2.15.0 built, 2.14.1 run) but nothing guarantees the two agree."""
+    built_for = _built_for()
+    if _load() is None or not built_for or built_for == torch.__version__:
+        return ""
+    return (
+        f"pfedmoap._C was built against torch {built_for} and runs under torch {torch.__version__}: it imported, "
+        "but rebuild it against this torch to be safe (pip install --no-build-isolation .)"
+    )
+
+
 def _import_failure_reason(exc: ImportError) -> str:
     """Why a library that is there does not import; names the torch it was built for when setup.py recorded it."""
     found = _libraries(_package_dir())
     where = str(found[0]) if found else "pfedmoap._C"
-    record = _package_dir() / BUILD_RECORD
-    try:
-        built_for = json.loads(record.read_text()).get("torch")
-    except (OSError, ValueError, AttributeError):
-        built_for = None
+    built_for = _built_for()
     if built_for and built_for != torch.__version__:
         return (
             f"{where} was built for torch {built_for}, this is torch {torch.__version__}: rebuild it against this "
