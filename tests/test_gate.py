@@ -145,3 +145,48 @@ def test_linear_gate_matches_naive_router(reduction, available):
     assert gate.router.weight.grad.abs().sum() > 0 and local.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="5 expert slots"):
         gate(image, torch.randn(6, C, D), gamma=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- plug-in gates
+def test_a_gate_written_outside_the_library_plugs_in_by_name(tiny_clip, small_world, monkeypatch):
+    """A registered Gate subclass with the call signature is picked by --gate; every client gets its own, built
+    under its own seed, trained and evaluated through the shared loop."""
+    from conftest import small_config
+
+    from pfedmoap import Gate, registry
+    from pfedmoap.federation import Federation
+
+    monkeypatch.setattr(registry, "_GATES", dict(registry._GATES))  # this test's registration stays in this test
+
+    @registry.register_gate
+    class ScaledMean(Gate):
+        name, help = "scaled-mean", "a learned scale on the experts' mean feature"
+
+        def __init__(self, dim: int):
+            super().__init__()
+            self.dim = dim
+            self.scale = torch.nn.Parameter(torch.rand(()))
+
+        @classmethod
+        def from_config(cls, cfg, ops=None):
+            return cls(cfg.d_gate)
+
+        def forward(self, image, experts, *, gamma, local_logits=None, lam=0.0, need_weights=False):
+            q, k = reduce_features(image, self.dim), reduce_features(experts, self.dim)
+            logits = gamma * self.scale * torch.einsum("bd,cd->bc", q, k.mean(0)) + lam * local_logits
+            weights = torch.full((*logits.shape, experts.shape[0]), 1.0 / experts.shape[0]) if need_weights else None
+            return logits, weights
+
+    cfg = small_config(gate="scaled-mean", clients=4, experts=2, rounds=2, lr_gate=0.5)
+    fed = Federation(cfg, clip=tiny_clip, dataset=small_world, log=lambda m: None)
+    fed.run_round(1)
+    record = fed.run_round(2)
+    gates = [c.gate for c in fed.clients]
+    assert all(isinstance(g, ScaledMean) for g in gates)
+    starts = []
+    for c in fed.clients:  # each started from its own seed's draw, then trained
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            starts.append(float(torch.rand(())))
+    assert len(set(starts)) == 4 and all(float(g.scale.detach()) != s for g, s in zip(gates, starts, strict=True))
+    assert sorted(record.client_attention) == [0, 1, 2, 3]
