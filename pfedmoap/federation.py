@@ -124,7 +124,7 @@ class Federation:
             wire = driver.dispatch(cid)
             if wire is None:  # dropped out after the download
                 continue
-            payload = wire.with_tensors({k: t.float() for k, t in wire.tensors().items()})
+            payload = wire.map(torch.Tensor.float)  # as received
             upload = self.runtime.local_update(self.clients[cid], payload, self.server, driver.open_round.phases)
             driver.upload(cid, upload)
         driver.aggregate()

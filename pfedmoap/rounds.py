@@ -294,7 +294,7 @@ class RoundDriver:
         rnd = self.open_round
         with self.phase("select"):
             payload = self.method.payload(self.server, rnd.view, cid)
-            wire = payload.with_tensors({k: comm.to_wire(t, self.cfg.comm_dtype) for k, t in payload.tensors().items()})
+            wire = payload.map(lambda t: comm.to_wire(t, self.cfg.comm_dtype))
         rnd.experts[cid] = list(payload.expert_ids)
         rnd.bytes_down[cid] = comm.nbytes(wire.tensors().values())
         # drawn for every sampled client, whatever the engine, so the stream stays aligned
@@ -327,8 +327,7 @@ class RoundDriver:
             return self.refuse(cid, reason, rnd.bytes_up[cid])
         if not self.server.receive(cid, upload.prompt.float()):
             return False
-        extras = {k: v.float() for k, v in upload.extras.items()}
-        rnd.accepted[cid] = Upload(self.server.pool[cid], extras)
+        rnd.accepted[cid] = Upload(self.server.pool[cid], upload.map(torch.Tensor.float).extras)
         return True
 
     def refuse(self, cid: int, reason: str, nbytes: int = 0) -> bool:
@@ -352,11 +351,6 @@ class RoundDriver:
         """Fold the round's accepted uploads into the server state (the method's rule, FedAvg by default)."""
         with self.phase("aggregate"):
             self.method.aggregate(self.server, self.open_round.accepted)
-
-    @property
-    def accepted(self) -> dict[int, Upload]:
-        """The open round's accepted uploads (prompts as they entered the pool)."""
-        return dict(self.open_round.accepted)
 
     def finish(
         self,

@@ -70,7 +70,7 @@ class ClientRuntime:
             start = payload.global_prompt.to(upload.prompt.device)
             noisy = privatize_update(upload.prompt - start, cfg.dp_clip, self.dp_noise_multiplier, client.generator)
             upload.prompt = start + noisy  # the client keeps its clean prompt; only the upload is noised
-        return Upload.from_tensors({k: comm.to_wire(t, cfg.comm_dtype) for k, t in upload.tensors().items()})
+        return upload.map(lambda t: comm.to_wire(t, cfg.comm_dtype))
 
     @torch.no_grad()
     def evaluate_client(

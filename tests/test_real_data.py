@@ -114,7 +114,7 @@ def test_fashion_mnist_end_to_end_with_feature_cache(tmp_path, monkeypatch, tiny
     monkeypatch.setenv("PFEDMOAP_CACHE", str(tmp_path))
     cfg = small_config(dataset="fashion-mnist", clients=5, shots=8, experts=2, rounds=2)
     fed = Federation(cfg, clip=tiny_clip, log=lambda m: None)
-    assert [len(s.classes) for s in fed.splits] == [2] * 5
+    assert [len(s.classes) for s in fed.world.splits] == [2] * 5
     assert all(c.data.num_train == 16 for c in fed.clients)
     assert sum(int(c.data.test_labels.numel()) for c in fed.clients) == 10000
     hist = fed.run()

@@ -68,8 +68,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     conf, node, pid = _node(msg, context)
     client = node.load_client(pid, context.state)
-    received = {k: t.float() for k, t in decode_tensors(msg.content[PAYLOAD], str(conf["wire-dtype"])).items()}
-    payload = Payload(expert_ids=[int(j) for j in conf["expert-ids"]]).with_tensors(received)
+    wire = decode_tensors(msg.content[PAYLOAD], str(conf["wire-dtype"]))
+    payload = Payload(expert_ids=[int(j) for j in conf["expert-ids"]]).with_tensors(wire).map(torch.Tensor.float)
     upload = node.runtime.local_update(client, payload, node.view(conf, payload.global_prompt))
     save_client_state(client, context.state)
     content = RecordDict(

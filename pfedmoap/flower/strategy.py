@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..methods import Payload, Upload, create_method
 from ..ops import select_ops
 from ..prompt import initial_prompt
-from ..rounds import History, RoundDriver
+from ..rounds import History, RoundDriver, RoundRecord
 from ..rundir import RunDir
 from ..server import Server
 from .task import CONFIG, METRICS, PAYLOAD, UPLOAD, check_flower_config, config_json, decode_tensors, encode_tensor
@@ -98,7 +98,7 @@ class PFedMoAPStrategy(Strategy):
         return self.driver.server
 
     @property
-    def rounds(self):
+    def rounds(self) -> list[RoundRecord]:
         return self.driver.rounds
 
     # ------------------------------------------------------------------------------------ handshake

@@ -14,7 +14,7 @@ A new method is one file: a subclass decorated with :func:`~pfedmoap.registry.re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -64,6 +64,10 @@ class Payload:
         extras = {k: v for k, v in tensors.items() if k not in ("global-prompt", "expert-prompts")}
         return Payload(tensors.get("global-prompt"), list(self.expert_ids), tensors.get("expert-prompts"), extras)
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Payload:
+        """The same payload with ``fn`` applied to every tensor (the wire cast, and back to float32 on receipt)."""
+        return self.with_tensors({k: fn(t) for k, t in self.tensors().items()})
+
 
 @dataclass
 class Upload:
@@ -79,6 +83,10 @@ class Upload:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Upload:
         return cls(tensors.get("prompt"), {k: v for k, v in tensors.items() if k != "prompt"})
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Upload:
+        """The same upload with ``fn`` applied to every tensor."""
+        return Upload.from_tensors({k: fn(t) for k, t in self.tensors().items()})
 
 
 @dataclass
