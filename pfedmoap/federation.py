@@ -65,17 +65,9 @@ class Federation:
         self.world = World(cfg, self.ops, clip=clip, dataset=dataset)
         self.clients: list[Client] = self.world.new_clients(progress=cfg.progress)
         self.runtime = ClientRuntime(cfg, self.world, self.method, self.ops)
-        server = Server(
-            cfg.clients,
-            self.world.init_prompt,
-            self.world.train_sizes,
-            cfg.frac,
-            cfg.seed,
-            cfg.expert_selection,
-            cfg.max_prompt_norm,
-            knn=self.ops.knn,
+        self.driver = RoundDriver.for_config(
+            cfg, self.method, self.world.init_prompt, self.world.train_sizes, self.ops.knn
         )
-        self.driver = RoundDriver(cfg, self.method, server)
         if self.driver.dp_noise_multiplier is not None:
             self.log(
                 f"DP: noise multiplier {self.driver.dp_noise_multiplier:.4f} for epsilon {cfg.dp_epsilon} over "

@@ -30,6 +30,7 @@ import torch
 
 from . import comm
 from .methods import Method, Payload, Upload
+from .ops import KnnFn
 from .privacy import run_noise_multiplier
 from .profiling import timed
 from .seeding import Stream, stream
@@ -251,6 +252,24 @@ class RoundDriver:
         self.dp_releases = [0] * cfg.clients  # uploads each client has made (Gaussian releases, for the accountant)
         self.rounds: list[RoundRecord] = []
         self._open: _OpenRound | None = None
+
+    @classmethod
+    def for_config(
+        cls, cfg: Config, method: Method, init_prompt: torch.Tensor, train_sizes: list[int], knn: KnnFn
+    ) -> RoundDriver:
+        """The driver of a run, with its server built from the config (P_g^0, the clients' train sizes and the
+        run's KNN op come from the engine)."""
+        server = Server(
+            cfg.clients,
+            init_prompt,
+            train_sizes,
+            cfg.frac,
+            cfg.seed,
+            cfg.expert_selection,
+            cfg.max_prompt_norm,
+            knn=knn,
+        )
+        return cls(cfg, method, server)
 
     # ------------------------------------------------------------------------------------ which rounds
     @property

@@ -74,18 +74,11 @@ class PFedMoAPStrategy(Strategy):
         self.connect_timeout = connect_timeout
         self.method = create_method(self.cfg)
         self.width = prompt_width(self.cfg.model)
-        # train sizes arrive with the handshake; FedAvg only ever weighs partitions that answered it
-        server = Server(
-            self.cfg.clients,
-            initial_prompt(self.cfg, self.width),  # the same P_g^0 as every node and the in-process run
-            [0] * self.cfg.clients,
-            self.cfg.frac,
-            self.cfg.seed,
-            self.cfg.expert_selection,
-            self.cfg.max_prompt_norm,
-            knn=select_ops(self.cfg.fused).knn,
-        )
-        self.driver = RoundDriver(self.cfg, self.method, server)
+        # the same P_g^0 as every node and the in-process run; train sizes arrive with the handshake (FedAvg only
+        # ever weighs partitions that answered it)
+        init = initial_prompt(self.cfg, self.width)
+        sizes = [0] * self.cfg.clients
+        self.driver = RoundDriver.for_config(self.cfg, self.method, init, sizes, select_ops(self.cfg.fused).knn)
         self.config_json = config_json(self.cfg)
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.partition_of: dict[int, int] = {}  # node id -> partition id
