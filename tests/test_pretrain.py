@@ -30,7 +30,7 @@ def test_register_model_configs_is_idempotent() -> None:
     register_model_configs()
     assert TINY_MODEL in open_clip.list_models()
     cfg = open_clip.get_model_config(TINY_MODEL)
-    assert cfg["embed_dim"] == 64 and cfg["vision_cfg"]["image_size"] == 32
+    assert cfg["embed_dim"] == 64 and cfg["vision_cfg"]["image_size"] == 64
     assert cfg["vision_cfg"]["layers"] == [1, 1, 1, 1]  # ModifiedResNet tower
     assert open_clip.factory._MODEL_CONFIG_PATHS.count(CONFIG_DIR) == 1
 
