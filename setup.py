@@ -151,7 +151,6 @@ USE_CUDA, _, CUDA_INCLUDES = cuda_plan()
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-
 # written beside the built library: the torch it was built against, so that a failed import can say so
 BUILD_RECORD = "_C.build.json"
 

@@ -84,4 +84,3 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rounds of a run directory's ``metrics.jsonl``, as the JSON objects written there."""
     lines = Path(path, "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
-

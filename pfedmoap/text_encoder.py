@@ -162,7 +162,7 @@ class TextTower:
             xp, xs = _shared_prefix_block(blk, xp, xs, packed, n_cls, n_suf, prefix_mask, suffix_mask)
         # position of each (expert, class) EOT token in the packed stream
         slot = torch.cumsum(flat_valid.long(), 0) - 1
-        flat_eot = (torch.arange(n_exp * n_cls, device=xs.device).view(n_exp, n_cls) * n_suf + rows[None, :])
+        flat_eot = torch.arange(n_exp * n_cls, device=xs.device).view(n_exp, n_cls) * n_suf + rows[None, :]
         x = xs.index_select(0, slot[flat_eot].reshape(-1)).view(n_exp, n_cls, width)  # [E, C, W]
         x = self.ln_final(x)
         if isinstance(self.text_projection, nn.Linear):

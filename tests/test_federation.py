@@ -222,9 +222,7 @@ def test_client_dropout_round_goes_on(tiny_clip, small_world):
         assert d <= set(r.sampled)
         assert all(r.client_bytes_up[c] == 0 for c in d)
         assert len(r.client_acc) == 6 and all(np.isfinite(r.client_acc))
-    never_ok = set(range(6)) - {
-        c for d, r in zip(dropped, hist.rounds, strict=True) for c in r.sampled if c not in d
-    }
+    never_ok = set(range(6)) - {c for d, r in zip(dropped, hist.rounds, strict=True) for c in r.sampled if c not in d}
     assert not (never_ok & set(fed.server.pool))
     # the failures come from their own seeded stream: same config, same failures
     again = build(tiny_clip, small_world, clients=6, experts=2, rounds=4, client_dropout=0.5).run()

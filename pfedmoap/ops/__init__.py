@@ -85,9 +85,7 @@ class OpTable:
         return "ops: " + ", ".join(f"{op}={backend}" for op, backend in self.backends.items())
 
 
-REFERENCE = OpTable(
-    gate_score=reference.gate_score, knn=reference.knn, assemble_prompts=reference.assemble_prompts
-)
+REFERENCE = OpTable(gate_score=reference.gate_score, knn=reference.knn, assemble_prompts=reference.assemble_prompts)
 
 # backend name -> module path, in order of preference
 _FUSED_MODULES = {
