@@ -34,6 +34,7 @@ class ClientData:
     test_features: torch.Tensor  # [m, D] normalised, on the device
     train_features: torch.Tensor | None = None  # [n, D]; None when augmentation recomputes them
     train_images: torch.Tensor | None = None  # uint8 [n, 3, H, W]; kept only with augmentation
+    local_features: bool = False  # features are the local ones [n, M, D] (FedOTP) rather than pooled [n, D]
 
     @property
     def num_train(self) -> int:
@@ -76,6 +77,10 @@ class Objective:
         """The loss of one batch of (L2-normalised image features, labels)."""
         raise NotImplementedError
 
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """Trained tensors the client keeps besides its prompt and gate (``Client.private``), detached."""
+        return {}
+
     def begin(self) -> None:
         """Called before the first step (e.g. a gate to train mode)."""
 
@@ -91,6 +96,8 @@ class Client:
         self.generator = torch.Generator().manual_seed(seed)
         self.prompt: torch.Tensor | None = None  # the last prompt this client trained (kept locally)
         self.gate: nn.Module | None = None  # private: persists across this client's rounds
+        # a method's other private tensors (FedOTP's local prompt, FedPGP's low-rank factors); never uploaded
+        self.private: dict[str, torch.Tensor] = {}
         self.expert_ids: list[int] = []  # the experts it received in its last round
         self.expert_prompts: torch.Tensor | None = None  # [K, n_ctx, W] as received
         self.rounds_trained = 0
@@ -98,6 +105,8 @@ class Client:
         self.eval_key: object = None  # what the cached accuracy was computed from
         self.accuracy: float | None = None
         self.attention: list[float] | None = None  # gate weight per expert at the last evaluation
+        # accuracy on the shared evaluation sets at the last evaluation (--eval-split base2novel: base, novel)
+        self.split_acc: dict[str, float] = {}
         # transient, never saved: (version, expert text features) of the last update, for the next evaluation
         self.expert_text: tuple[int, torch.Tensor] | None = None
 
@@ -113,11 +122,13 @@ class Client:
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The private state later rounds depend on (prompt, gate, RNG, last experts, evaluation cache), as
+        """The private state later rounds depend on (prompt, gate, a method's private tensors, RNG, last experts,
+        evaluation cache), as
         plain tensors and Python values. Checkpoints and Flower nodes both keep exactly this."""
         return {
             "prompt": self.prompt,
             "gate": None if self.gate is None else {k: v.cpu() for k, v in self.gate.state_dict().items()},
+            "private": {k: v.cpu() for k, v in self.private.items()},
             "generator": self.generator.get_state(),
             "expert_ids": list(self.expert_ids),
             "expert_prompts": self.expert_prompts,
@@ -126,17 +137,17 @@ class Client:
             "eval_key": None if self.eval_key is None else list(self.eval_key),
             "accuracy": self.accuracy,
             "attention": self.attention,
+            "split_acc": dict(self.split_acc),
         }
 
-    def load_state_dict(
-        self, state: dict[str, Any], make_gate: Callable[[], nn.Module], device: torch.device
-    ) -> None:
+    def load_state_dict(self, state: dict[str, Any], make_gate: Callable[[], nn.Module], device: torch.device) -> None:
         """Restore what :meth:`state_dict` returned; the gate is rebuilt on ``device`` when there was one."""
         self.prompt = state["prompt"]
         self.gate = None
         if state["gate"] is not None:
             self.ensure_gate(make_gate, device).load_state_dict(state["gate"])
             self.gate.eval()
+        self.private = dict(state.get("private", {}))
         self.generator.set_state(state["generator"])
         self.expert_ids = [int(j) for j in state["expert_ids"]]
         self.expert_prompts = state["expert_prompts"]
@@ -145,6 +156,7 @@ class Client:
         self.eval_key = None if state["eval_key"] is None else tuple(state["eval_key"])
         self.accuracy = state["accuracy"]
         self.attention = state["attention"]
+        self.split_acc = dict(state.get("split_acc", {}))
         self.expert_text = None
 
     # ----------------------------------------------------------------------------------- training
@@ -152,7 +164,7 @@ class Client:
         if self.data.train_features is not None:
             return self.data.train_features[idx]
         images = random_crop_flip(self.data.train_images[idx], self.generator)
-        return encode_images(clip, images)
+        return encode_images(clip, images, local=self.data.local_features)
 
     @nvtx_range("local_train")
     def train(self, objective: Objective, settings: TrainSettings, clip: FrozenCLIP) -> None:
@@ -192,32 +204,46 @@ class Client:
         lam: float,
         batch_size: int = 512,
     ) -> float:
-        """Accuracy (%) on this client's own test split, classifying over all classes.
+        """Accuracy (%) on this client's own test split with pFedMoAP's logits (:func:`pfedmoap_logits`; the
+        local prompt's alone without a gate), classifying over all classes. Sets ``self.attention`` as
+        :meth:`evaluate_with` does."""
 
-        With a gate, also sets ``self.attention``: the gate's weight per expert (local first, then the non-local
-        experts in the order received), averaged over the test images at their true class.
-        """
-        feats, labels = self.data.test_features, self.data.test_labels.to(self.data.test_features.device)
-        self.attention = None
-        if len(labels) == 0:
-            return float("nan")
-        correct = 0
-        attention_sum = None
-        for start in range(0, len(labels), batch_size):
-            batch_labels = labels[start : start + batch_size]
-            logits, weights = pfedmoap_logits(
-                feats[start : start + batch_size],
-                local_text,
-                expert_text,
-                gate,
-                gamma,
-                lam,
-                need_weights=gate is not None,
-            )
-            correct += int((logits.argmax(dim=-1) == batch_labels).sum())
-            if weights is not None:
-                at_true = weights[torch.arange(len(batch_labels), device=weights.device), batch_labels].sum(0)
-                attention_sum = at_true if attention_sum is None else attention_sum + at_true
-        if attention_sum is not None:
-            self.attention = (attention_sum / len(labels)).tolist()
-        return 100.0 * correct / len(labels)
+        def scorer(feats: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return pfedmoap_logits(feats, local_text, expert_text, gate, gamma, lam, need_weights)
+
+        return self.evaluate_with(scorer, batch_size, weights=gate is not None)
+
+    @torch.no_grad()
+    def evaluate_with(self, scorer: Scorer, batch_size: int = 512, weights: bool = False) -> float:
+        """Accuracy (%) of ``scorer`` on this client's own test split. With ``weights``, also sets
+        ``self.attention``: the gate's weight per expert (local first, then the non-local experts in the order
+        received), averaged over the test images at their true class; else it is cleared."""
+        feats, labels = self.data.test_features, self.data.test_labels
+        acc, self.attention = accuracy(scorer, feats, labels, batch_size, weights)
+        return acc
+
+
+Scorer = Callable[[torch.Tensor, bool], tuple[torch.Tensor, "torch.Tensor | None"]]
+"""A classifier at evaluation: (image features of a batch, need_weights) -> (logits [B, C], weights or None)."""
+
+
+@torch.no_grad()
+def accuracy(
+    scorer: Scorer, feats: torch.Tensor, labels: torch.Tensor, batch_size: int = 512, weights: bool = False
+) -> tuple[float, list[float] | None]:
+    """Accuracy (%) of ``scorer`` on (``feats``, ``labels``) in batches (NaN without data) and, with ``weights``,
+    the mean weight per expert at the true class (else None)."""
+    labels = labels.to(feats.device)
+    if len(labels) == 0:
+        return float("nan"), None
+    correct = 0
+    attention_sum = None
+    for start in range(0, len(labels), batch_size):
+        batch_labels = labels[start : start + batch_size]
+        logits, w = scorer(feats[start : start + batch_size], weights)
+        correct += int((logits.argmax(dim=-1) == batch_labels).sum())
+        if weights and w is not None:
+            at_true = w[torch.arange(len(batch_labels), device=w.device), batch_labels].sum(0)
+            attention_sum = at_true if attention_sum is None else attention_sum + at_true
+    attention = None if attention_sum is None else (attention_sum / len(labels)).tolist()
+    return 100.0 * correct / len(labels), attention

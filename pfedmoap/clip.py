@@ -57,6 +57,57 @@ class FrozenCLIP:
         feats = self.model.encode_image(images.to(self.device))
         return F.normalize(feats.float(), dim=-1)
 
+    @property
+    def local_feature_kind(self) -> str | None:
+        """Which local (pre-pooling) features the image tower exposes: "attnpool" (a ModifiedResNet: the spatial
+        outputs of its attention pool), "tokens" (a ViT: its patch tokens, projected), or None."""
+        visual = self.model.visual
+        if hasattr(visual, "attnpool") and hasattr(visual, "layer4"):
+            return "attnpool"
+        if hasattr(visual, "output_tokens") and getattr(visual, "proj", None) is not None:
+            return "tokens"
+        return None
+
+    @property
+    def local_feature_count(self) -> int:
+        """M, the number of local features per image (0 when the tower exposes none)."""
+        visual, kind = self.model.visual, self.local_feature_kind
+        if kind == "attnpool":
+            return int(visual.attnpool.positional_embedding.shape[0]) - 1
+        if kind == "tokens":
+            grid = visual.grid_size
+            return int(grid[0] * grid[1])
+        return 0
+
+    @torch.no_grad()
+    def encode_local_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images [N, 3, S, S] -> L2-normalised local features [N, M, D] (no grad).
+
+        ModifiedResNet (RN50, pfedmoap-tiny): the M = (S / 32)^2 spatial outputs of the attention pool, i.e. the
+        pooled token's attention computed for every position too (FedOTP's local features); its token 0 is the
+        usual image embedding. ViT: the patch tokens after ``ln_post``, projected by ``proj``.
+        """
+        visual = self.model.visual
+        x = images.to(self.device)
+        kind = self.local_feature_kind
+        if kind == "attnpool":
+            feats = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))
+            feats = _attention_pool_all(visual.attnpool, feats)[:, 1:]
+        elif kind == "tokens":
+            previous = visual.output_tokens
+            visual.output_tokens = True
+            try:
+                _, tokens = visual(x)
+            finally:
+                visual.output_tokens = previous
+            feats = tokens @ visual.proj
+        else:
+            raise ConfigError(
+                f"model={self.model_name}: its image tower exposes no local features "
+                "(supported: ModifiedResNet towers such as RN50 and pfedmoap-tiny, and ViTs)"
+            )
+        return F.normalize(feats.float(), dim=-1)
+
     @torch.no_grad()
     def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Plain text (already tokenised) -> L2-normalised features, through the truncated encoder."""
@@ -66,6 +117,36 @@ class FrozenCLIP:
     def zero_shot_text_features(self, classnames: list[str], template: str = "a photo of a {}.") -> torch.Tensor:
         texts = [template.format(c.replace("_", " ")) for c in classnames]
         return self.encode_text_tokens(self.tokenize(texts))
+
+
+def _attention_pool_all(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``AttentionPool2d`` with every output position kept: [N, C, H, W] -> [N, 1 + HW, D]. The pool
+    returns only position 0 (the mean token); its queries for the spatial positions are FedOTP's local features."""
+    seq = x.flatten(2).permute(2, 0, 1)  # [HW, N, C]
+    seq = torch.cat([seq.mean(dim=0, keepdim=True), seq], dim=0)
+    seq = seq + pool.positional_embedding[:, None, :].to(seq.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=seq,
+        key=seq,
+        value=seq,
+        embed_dim_to_check=seq.shape[-1],
+        num_heads=pool.num_heads,
+        in_proj_weight=None,
+        in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias,
+        training=False,
+        need_weights=False,
+        use_separate_proj_weight=True,
+        q_proj_weight=pool.q_proj.weight,
+        k_proj_weight=pool.k_proj.weight,
+        v_proj_weight=pool.v_proj.weight,
+    )
+    return out.permute(1, 0, 2)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ POOL_VIEWS = ("snapshot", "live")
 TEXT_ENCODERS = ("full", "truncated", "shared-prefix")
 COMM_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+SUBSAMPLES = ("all", "base", "new")  # CoOp's subsample_classes: every class, the base half, the novel half
+EVAL_SPLITS = ("local", "base2novel")
 MAX_SEED = 2**32 - 1  # numpy and torch generators both take it; per-client seeds derive from it without overflow
 
 
@@ -52,6 +54,12 @@ class Config:
     test_per_class: int = 50  # synthetic world only
     data_seed: int = 0  # fixes the generated data; the partition follows `seed`
     augment: bool = False  # random crop + flip; image features are then recomputed every batch
+    # base-to-novel (CoOp's protocol, not in the pFedMoAP paper): the classes clients see, and what is evaluated.
+    # "base" keeps the first ceil(C / 2) labels (the partition runs over them); "new" the rest (evaluation only)
+    subsample: str = "all"
+    # "local": each client on its own test split; "base2novel": also every client on all base classes' test
+    # images (base label space) and all novel classes' (novel label space); needs subsample="base"
+    eval_split: str = "local"
 
     # --- federation
     frac: float = 1.0
@@ -92,6 +100,17 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     fedprox_mu: float = 0.01
+
+    # --- FedOTP (CVPR'24; its few-shot script's settings): unbalanced OT between local features and 2 prompts
+    fedotp_eps: float = 0.01  # entropic regularisation of the transport (smaller: sharper plans)
+    fedotp_top_percent: float = 0.8  # share of an image's local-feature mass that must be transported
+    fedotp_thresh: float = 1e-3  # Sinkhorn stops when the mean change of log v falls below this ...
+    fedotp_max_iter: int = 100  # ... or after this many iterations
+
+    # --- FedPGP (ICML'24): personalised prompt = global + low-rank client part, with a contrastive term
+    fedpgp_bottleneck: int = 4  # rank r of the client part U V (U: n_ctx x r, V: r x W)
+    fedpgp_mu: float = 0.5  # weight of the contrastive term (its scripts' value)
+    fedpgp_temperature: float = 0.5  # temperature of the contrastive term
 
     # --- system
     seed: int = 1
@@ -139,6 +158,18 @@ class Config:
         _choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
         _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
         _choice("device", self.device, DEVICES)
+        _choice("subsample", self.subsample, SUBSAMPLES)
+        _choice("eval_split", self.eval_split, EVAL_SPLITS)
+        if self.subsample == "new" and method.trains:
+            raise ConfigError(
+                f"subsample=new is for evaluation only (clients never train on the novel classes), and "
+                f"method={self.method} trains: use subsample=base, or method=zeroshot"
+            )
+        if self.eval_split == "base2novel" and self.subsample != "base":
+            raise ConfigError(
+                f"eval_split=base2novel needs subsample=base (got {self.subsample}): the novel classes must stay "
+                "unseen in training"
+            )
         _at_least("clients", self.clients, 1)
         _at_least("rounds", self.rounds, 1)
         _at_least("local_epochs", self.local_epochs, 1)
@@ -152,6 +183,8 @@ class Config:
         _at_least("test_per_class", self.test_per_class, 1)
         _at_least("min_client_size", self.min_client_size, 0)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
+        _at_least("fedotp_max_iter", self.fedotp_max_iter, 1)
+        _at_least("fedpgp_bottleneck", self.fedpgp_bottleneck, 1)
         for name in ("seed", "data_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
@@ -175,7 +208,11 @@ class Config:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name}={value} must be a positive number")
-        for name in ("momentum", "weight_decay", "fedprox_mu", "ctx_init_std"):
+        for name in ("fedotp_eps", "fedotp_top_percent", "fedpgp_temperature"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name}={value} must be a positive number")
+        for name in ("momentum", "weight_decay", "fedprox_mu", "ctx_init_std", "fedotp_thresh", "fedpgp_mu"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name}={value} must be a non-negative number")

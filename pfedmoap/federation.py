@@ -123,7 +123,8 @@ class Federation:
         with driver.phase("eval"):
             accs = self.evaluate()
         attention = {c.cid: c.attention for c in self.clients if c.attention is not None}
-        return driver.finish(accs, attention)
+        split_acc = {c.cid: c.split_acc for c in self.clients if c.split_acc}
+        return driver.finish(accs, attention, split_acc=split_acc)
 
     @nvtx_range("evaluate")
     @torch.no_grad()

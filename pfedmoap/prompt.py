@@ -83,10 +83,17 @@ class PromptEncoder:
         self.eot = eot.to(clip.device)
         self.length = length
         self.tokens = tokens
+        self._zero_shot: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def zero_shot(self) -> torch.Tensor:
+        """The handcrafted "a photo of a {class}." text features of these classes [C, D] (computed once)."""
+        if self._zero_shot is None:
+            self._zero_shot = self.clip.zero_shot_text_features(self.classnames)
+        return self._zero_shot
 
     def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
         """Contexts [E, n_ctx, W] -> token embeddings [E * C, L, W] (expert-major), via the run's

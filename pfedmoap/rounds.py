@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 
 # ------------------------------------------------------------------------------------------ the record
 DP_FIELDS = ("dp_noise_multiplier", "dp_epsilon_spent", "dp_max_uploads")
+SPLITS = ("base", "novel")  # the shared evaluation sets of --eval-split base2novel
+
+
+def harmonic_mean(values: list[float]) -> float:
+    """Harmonic mean (NaN if any value is NaN, 0 if any is 0)."""
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
 
 
 @dataclass
@@ -73,6 +83,24 @@ class RoundRecord:
     dp_noise_multiplier: float | None = None
     dp_epsilon_spent: float | None = None
     dp_max_uploads: int | None = None
+    # --eval-split base2novel: every client's accuracy on the shared base and novel sets ({} otherwise)
+    client_split_acc: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def split_acc(self) -> dict[str, float]:
+        """Mean over clients of each shared set's accuracy, and ``hm``: the harmonic mean of the mean local, base
+        and novel accuracies (the 3-way HM that pFedMMA's tables fit; PMFLT's code averages a per-client HM of
+        base and novel only). Empty without base2novel."""
+        if not self.client_split_acc:
+            return {}
+        means = {name: mean_std(accs)[0] for name, accs in self.client_split_acc.items()}
+        return {**means, "hm": harmonic_mean([self.mean_acc, *means.values()])}
+
+    @property
+    def client_hm(self) -> list[float]:
+        """Each client's harmonic mean of its local, base and novel accuracies."""
+        columns = [self.client_acc, *self.client_split_acc.values()]
+        return [harmonic_mean(list(vals)) for vals in zip(*columns, strict=True)]
 
     @property
     def bytes_down(self) -> int:
@@ -119,6 +147,7 @@ class RoundRecord:
             "dropped": list(self.dropped),
             "seconds": self.seconds,
             **{k: getattr(self, k) for k in DP_FIELDS if getattr(self, k) is not None},
+            **self._split_json(),
             "phase_seconds": dict(self.phase_seconds),
             "failed": listed(self.failed),
             "eval_failed": listed(self.eval_failed),
@@ -126,6 +155,18 @@ class RoundRecord:
             "num_rejected": self.num_rejected,
             "num_eval_failed": self.num_eval_failed,
         }
+
+    def _split_json(self) -> dict[str, Any]:
+        if not self.client_split_acc:
+            return {}
+        means = self.split_acc
+        out: dict[str, Any] = {"local_acc": self.mean_acc}
+        for name, accs in self.client_split_acc.items():
+            out[f"{name}_acc"] = means[name]
+            out[f"client_{name}_acc"] = list(accs)
+        out["hm"] = means["hm"]
+        out["client_hm"] = self.client_hm
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RoundRecord:
@@ -154,15 +195,18 @@ class RoundRecord:
             failed=reasons(data.get("failed", [])),
             eval_failed=reasons(data.get("eval_failed", [])),
             **{k: data[k] for k in DP_FIELDS if k in data},
+            client_split_acc={n: list(data[f"client_{n}_acc"]) for n in SPLITS if f"client_{n}_acc" in data},
         )
 
     def line(self, total: int) -> str:
         """The round's one-line summary for the log."""
         extra = ""
         if self.num_failed or self.num_rejected or self.num_eval_failed:
-            extra = (
-                f"  failed {self.num_failed}  rejected {self.num_rejected}  eval-failed {self.num_eval_failed}"
-            )
+            extra = f"  failed {self.num_failed}  rejected {self.num_rejected}  eval-failed {self.num_eval_failed}"
+        if self.client_split_acc:
+            means = self.split_acc
+            splits = "".join(f"  {n} {means[n]:5.2f}" for n in self.client_split_acc)
+            extra = f"{splits}  hm {means['hm']:5.2f}{extra}"
         return (
             f"round {self.round:>3}/{total}  acc {self.mean_acc:6.2f} ± {self.std_acc:5.2f}  "
             f"down {comm.format_bytes(self.bytes_down)}  up {comm.format_bytes(self.bytes_up)}  "
@@ -199,6 +243,22 @@ def summarize(rounds: list[RoundRecord]) -> dict[str, Any]:
         "total_failed": sum(r.num_failed for r in rounds),
         "total_rejected": sum(r.num_rejected for r in rounds),
         "seconds": sum(r.seconds for r in rounds),
+        **_split_summary(rounds),
+    }
+
+
+def _split_summary(rounds: list[RoundRecord]) -> dict[str, Any]:
+    """Base-to-novel columns of the summary: the final round's local / base / novel / HM and the best HM."""
+    last = rounds[-1]
+    if not last.client_split_acc:
+        return {}
+    hms = [r.split_acc.get("hm", float("nan")) for r in rounds]
+    best = max(range(len(hms)), key=lambda i: (-math.inf if math.isnan(hms[i]) else hms[i], -i))
+    return {
+        "final_local_acc": last.mean_acc,
+        **{f"final_{k}_acc" if k != "hm" else "final_hm": v for k, v in last.split_acc.items()},
+        "best_hm": hms[best],
+        "best_hm_round": rounds[best].round,
     }
 
 
@@ -220,6 +280,10 @@ class History:
     @property
     def server(self) -> Server:
         return self.driver.server
+
+
+def _split_order(name: str) -> int:
+    return SPLITS.index(name) if name in SPLITS else len(SPLITS)
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -376,9 +440,15 @@ class RoundDriver:
         client_acc: list[float],
         attention: Mapping[int, list[float]] | None = None,
         eval_failed: Mapping[int, str] | None = None,
+        split_acc: Mapping[int, Mapping[str, float]] | None = None,
     ) -> RoundRecord:
-        """Close the open round with every client's accuracy (NaN where unknown) and return its record."""
+        """Close the open round with every client's accuracy (NaN where unknown) and return its record;
+        ``split_acc``: each client's accuracy on the shared evaluation sets (base2novel), by set name."""
         rnd = self.open_round
+        split_acc = split_acc or {}
+        names = sorted({n for accs in split_acc.values() for n in accs}, key=_split_order)
+        nan = float("nan")
+        columns = {n: [float(split_acc.get(c, {}).get(n, nan)) for c in range(len(client_acc))] for n in names}
         mean, std = mean_std(client_acc)
         record = RoundRecord(
             round=rnd.index,
@@ -397,6 +467,7 @@ class RoundDriver:
             failed=dict(sorted(rnd.failed.items())),
             eval_failed=dict(sorted((eval_failed or {}).items())),
             **self._dp_record(),
+            client_split_acc=columns,
         )
         self.rounds.append(record)
         self._open = None
@@ -432,4 +503,3 @@ class RoundDriver:
         self.dropout_rng.bit_generator.state = state["dropout_rng"]
         self.dp_releases = [int(n) for n in state["dp_releases"]]
         self.rounds = [RoundRecord.from_json(r) for r in state["rounds"]]
-

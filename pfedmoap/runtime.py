@@ -8,13 +8,14 @@ The in-process engine calls it for each sampled client, a Flower node for its on
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import comm
-from .client import Client, TrainSettings
+from .client import Client, TrainSettings, accuracy
 from .gates import create_gate
 from .methods import GlobalState, Method, Payload, Upload
 from .ops import REFERENCE, OpTable
@@ -23,6 +24,7 @@ from .profiling import timed
 
 if TYPE_CHECKING:
     from .config import Config
+    from .prompt import PromptEncoder
     from .world import World
 
 
@@ -57,6 +59,7 @@ class ClientRuntime:
         with timed(phases, "train"):
             client.train(objective, self.settings, self.clip)
         client.prompt = objective.prompt.detach().cpu()
+        client.private = {**client.private, **{k: v.detach().cpu() for k, v in objective.private_state().items()}}
         client.expert_ids = list(payload.expert_ids)
         client.expert_prompts = payload.expert_prompts
         text = objective.expert_text
@@ -76,27 +79,35 @@ class ClientRuntime:
     def evaluate_client(
         self, client: Client, state: GlobalState, shared_text: dict[tuple, torch.Tensor] | None = None
     ) -> float:
-        """Accuracy (%) of one client with the state its method evaluates it with; an unchanged state keeps its
-        accuracy (exact: same state, same data). ``shared_text`` shares text features between clients evaluated
-        with the same prompt (e.g. every never-trained client with P_g)."""
+        """Accuracy (%) of one client with the state its method evaluates it with, on its own test split; with
+        ``--eval-split base2novel`` also on the shared base and novel sets (``client.split_acc``). An unchanged
+        state keeps its accuracies (exact: same state, same data). ``shared_text`` shares text features between
+        clients evaluated with the same prompt (e.g. every never-trained client with P_g)."""
         shared_text = {} if shared_text is None else shared_text
-        view = self.method.eval_state(state, client)
+        method, batch = self.method, self.cfg.eval_batch_size
+        view = method.eval_state(state, client)
         if client.eval_key == view.key and client.accuracy is not None:
             return client.accuracy
-        if view.prompt is None:
-            local_text = self.world.zero_shot_text()
-        else:
-            if view.key not in shared_text:
-                shared_text[view.key] = self.encoder.encode(view.prompt)
-            local_text = shared_text[view.key]
-        expert_text, gate = None, None
-        if view.use_gate:
-            cached = client.expert_text
-            if cached is not None and cached[0] == client.version:
-                expert_text = cached[1]
-            else:
-                expert_text = self.encoder.encode(view.expert_prompts)
-            gate = client.gate
-        acc = client.evaluate(self.clip.gamma, local_text, expert_text, gate, self.cfg.lam, self.cfg.eval_batch_size)
+
+        def text_over(encoder: PromptEncoder, space: str) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
+            def text(key: tuple, prompts: torch.Tensor) -> torch.Tensor:
+                if space == "own" and key[:1] == ("experts",):
+                    cached = client.expert_text  # encoded by this round's update already
+                    if cached is not None and cached[0] == client.version:
+                        return cached[1]
+                if (space, *key) not in shared_text:
+                    shared_text[(space, *key)] = encoder.encode(prompts)
+                return shared_text[(space, *key)]
+
+            return text
+
+        scorer = method.scorer(self, client, view, self.encoder, text_over(self.encoder, "own"))
+        acc = client.evaluate_with(scorer, batch, weights=view.use_gate)
+        split_acc = {}
+        for es in self.world.eval_sets():
+            same = es.encoder is self.encoder  # base classes: the client's own label space
+            score = scorer if same else method.scorer(self, client, view, es.encoder, text_over(es.encoder, es.name))
+            split_acc[es.name] = accuracy(score, es.features, es.labels, batch)[0]
+        client.split_acc = split_acc
         client.eval_key, client.accuracy = view.key, acc
         return acc

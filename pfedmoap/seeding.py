@@ -20,6 +20,8 @@ class Stream(IntEnum):
     SAMPLE = 101  # which clients train in a round
     SELECT = 202  # random expert assignment (--expert-selection random)
     DROPOUT = 303  # simulated client failures (--client-dropout)
+    LOCAL_PROMPT = 404  # FedOTP's initial local prompt (the same on every client, as P_g^0 is)
+    LOW_RANK = 505  # FedPGP's initial low-rank factors (the same on every client)
 
 
 def stream(seed: int, which: Stream) -> np.random.Generator:
@@ -30,6 +32,12 @@ def stream(seed: int, which: Stream) -> np.random.Generator:
 def prompt_generator(seed: int) -> torch.Generator:
     """The torch generator of the common initial prompt P_g^0 (every engine and node derives it alike)."""
     return torch.Generator().manual_seed(seed)
+
+
+def init_generator(seed: int, which: Stream) -> torch.Generator:
+    """The torch generator of a method's other common initial tensors (e.g. FedOTP's local prompt), one per
+    stream, distinct from P_g^0's."""
+    return torch.Generator().manual_seed(seed * 1_000 + int(which))
 
 
 def client_seed(run_seed: int, cid: int) -> int:

@@ -9,8 +9,10 @@ a process builds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,6 +21,7 @@ from .client import Client, ClientData
 from .clip import FrozenCLIP, load_clip, resolve_device
 from .data import DatasetBundle, DatasetOptions, create_dataset, partition
 from .data.features import encode_subset
+from .data.subsample import subsample_classes
 from .errors import ConfigError
 from .ops import REFERENCE, OpTable
 from .prompt import PromptEncoder, initial_prompt
@@ -52,6 +55,17 @@ def split_clients(cfg: Config, bundle: DatasetBundle) -> list[partition.ClientSp
     return partition.iid(tr, te, cfg.clients, rng)
 
 
+@dataclass
+class EvalSet:
+    """A test set every client is scored on besides its own split (``--eval-split base2novel``: all base classes'
+    test images over the base label space, all novel classes' over the novel one)."""
+
+    name: str
+    encoder: PromptEncoder  # over this set's label space
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
 class World:
     """The data side of a run. Cheap parts (labels, the partition, the encoder's frozen token embeddings) are built
     at once; a client's image features when :meth:`client_data` first asks for them."""
@@ -66,7 +80,7 @@ class World:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         # the data first: a missing dataset should fail before a model is loaded or pretrained
-        self.dataset = dataset or create_dataset(
+        full = dataset or create_dataset(
             cfg.dataset,
             DatasetOptions(
                 root=cfg.data_root,
@@ -76,16 +90,29 @@ class World:
                 seed=cfg.data_seed,
             ),
         )
+        self.full_dataset = full
+        # --subsample: the label space clients see (CoOp's base-to-novel protocol trains on the base half)
+        self.dataset = subsample_classes(full, cfg.subsample)
+        if cfg.eval_split == "base2novel" and full.num_classes < 2:
+            raise ConfigError(f"eval_split=base2novel needs at least 2 classes; dataset={cfg.dataset} has 1")
         self.clip = clip or load_clip(cfg.model, cfg.pretrained, self.device, progress=cfg.progress)
-        if registry.method_class(cfg.method).uses_gate:
+        method = registry.method_class(cfg.method)
+        if method.uses_gate:
             registry.gate_class(cfg.gate).check_features(cfg, self.clip.embed_dim)
+        # "local": the method scores the image's local features (FedOTP), so those are what the cache keeps
+        self.local_features = method.image_features == "local"
+        if self.local_features and self.clip.local_feature_kind is None:
+            raise ConfigError(
+                f"method={cfg.method} needs local image features, and model={cfg.model}'s image tower exposes "
+                "none (valid: ModifiedResNet towers such as RN50 and pfedmoap-tiny, or ViTs)"
+            )
         self.splits = split_clients(cfg, self.dataset)
         self.encoder = PromptEncoder(
             self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=ops.assemble_prompts
         )
         self.init_prompt = initial_prompt(cfg, self.clip.width)  # P_g^0: the common start of every prompt
         self._data: dict[int, ClientData] = {}
-        self._zero_shot: torch.Tensor | None = None
+        self._eval_sets: list[EvalSet] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -113,7 +140,8 @@ class World:
         cfg, data, split = self.cfg, self.dataset, self.splits[cid]
         batch = cfg.eval_batch_size
         # the frozen image encoder runs once per image; with augmentation, train features are per batch
-        train_features = None if cfg.augment else encode_subset(self.clip, data.train, split.train, batch)
+        local = self.local_features
+        train_features = None if cfg.augment else encode_subset(self.clip, data.train, split.train, batch, local=local)
         images = None
         if cfg.augment:
             imgs = data.train.images
@@ -125,9 +153,10 @@ class World:
         return ClientData(
             train_labels=torch.as_tensor(data.train.labels[split.train], dtype=torch.long),
             test_labels=torch.as_tensor(data.test.labels[split.test], dtype=torch.long),
-            test_features=encode_subset(self.clip, data.test, split.test, batch),
+            test_features=encode_subset(self.clip, data.test, split.test, batch, local=local),
             train_features=train_features,
             train_images=images,
+            local_features=local,
         )
 
     def new_client(self, cid: int) -> Client:
@@ -141,7 +170,27 @@ class World:
 
     def zero_shot_text(self) -> torch.Tensor:
         """The handcrafted "a photo of a {class}." text features (computed once)."""
-        if self._zero_shot is None:
-            self._zero_shot = self.clip.zero_shot_text_features(self.dataset.classnames)
-        return self._zero_shot
+        return self.encoder.zero_shot()
 
+    def eval_sets(self) -> list[EvalSet]:
+        """The shared evaluation sets of ``cfg.eval_split`` (none for "local"), encoded once on first use."""
+        if self._eval_sets is None:
+            self._eval_sets = []
+            if self.cfg.eval_split == "base2novel":
+                novel = subsample_classes(self.full_dataset, "new")
+                self._eval_sets = [
+                    self._eval_set("base", self.encoder, self.dataset),
+                    self._eval_set("novel", self._encoder_for(novel.classnames), novel),
+                ]
+        return self._eval_sets
+
+    def _encoder_for(self, classnames: list[str]) -> PromptEncoder:
+        cfg = self.cfg
+        return PromptEncoder(
+            self.clip, classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=self.encoder.assemble_prompts
+        )
+
+    def _eval_set(self, name: str, encoder: PromptEncoder, bundle: DatasetBundle) -> EvalSet:
+        rows = np.arange(len(bundle.test))
+        feats = encode_subset(self.clip, bundle.test, rows, self.cfg.eval_batch_size, local=self.local_features)
+        return EvalSet(name, encoder, feats, torch.as_tensor(bundle.test.labels, dtype=torch.long))

@@ -142,8 +142,25 @@ def silent(_: Message, reply: Message) -> None:
         {"dp_epsilon": 50.0, "dp_delta": 0.05, "dp_clip": 0.3, "rounds": 2},
         {"method": "pfedmoap-shared-gate", "comm_dtype": "float16"},
         {"gate": "linear"},
+        {"method": "fedotp", "frac": 0.5},
+        {"method": "fedpgp", "client_dropout": 0.3},
+        {"subsample": "base", "eval_split": "base2novel", "frac": 0.5},
+        {"method": "fedotp", "subsample": "base", "eval_split": "base2novel"},
     ],
-    ids=["pfedmoap", "bf16-frac-random-dropout", "promptfl-fp16", "local", "zeroshot", "dp", "shared-gate", "linear"],
+    ids=[
+        "pfedmoap",
+        "bf16-frac-random-dropout",
+        "promptfl-fp16",
+        "local",
+        "zeroshot",
+        "dp",
+        "shared-gate",
+        "linear",
+        "fedotp",
+        "fedpgp",
+        "base2novel",
+        "fedotp-base2novel",
+    ],
 )
 def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
     """Same seed, same config: the Flower path gives bit-identical accuracies, experts, bytes and prompts."""
@@ -154,7 +171,16 @@ def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
     local = Federation(cfg, clip=tiny_clip, dataset=small_world, log=lambda m: None).run()
     assert len(flower.rounds) == len(local.rounds)
     for f, r in zip(flower.rounds, local.rounds, strict=True):
-        for key in ("round", "client_acc", "mean_acc", "sampled", "experts", "dropped", "client_attention"):
+        for key in (
+            "round",
+            "client_acc",
+            "mean_acc",
+            "sampled",
+            "experts",
+            "dropped",
+            "client_attention",
+            "client_split_acc",
+        ):
             assert getattr(f, key) == getattr(r, key), key
         for key in ("bytes_down", "bytes_up", "client_bytes_down", "client_bytes_up"):
             assert getattr(f, key) == getattr(r, key), key

@@ -94,6 +94,35 @@ def test_resume_after_a_stopped_run_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        {"method": "fedotp"},
+        {"method": "fedpgp", "frac": 0.6},
+        {"method": "pfedmoap", "subsample": "base", "eval_split": "base2novel"},
+    ],
+    ids=["fedotp", "fedpgp", "base2novel"],
+)
+def test_competitors_and_base2novel_resume_exactly(tmp_path, overrides):
+    """Their private state (FedOTP's local prompt, FedPGP's U and V) and the base / novel accuracies travel in
+    the checkpoint: a run stopped after round 1 and resumed to round 3 equals a 3-round run."""
+    cfg = small_config(clients=4, experts=2, rounds=3, **overrides)
+    ref = run(cfg, out=tmp_path / "ref", log=lambda m: None)
+    run(cfg.replace(rounds=1), out=tmp_path / "short", log=lambda m: None)
+    cfg_path = tmp_path / "short" / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["rounds"] = 3
+    cfg_path.write_text(json.dumps(data))
+    (tmp_path / "short" / "summary.json").unlink()
+    resumed = resume(tmp_path / "short", log=lambda m: None)
+    assert [r.to_json() | {"seconds": 0, "phase_seconds": {}} for r in resumed.rounds] == [
+        r.to_json() | {"seconds": 0, "phase_seconds": {}} for r in ref.rounds
+    ]
+    for a, b in zip(resumed.federation.clients, ref.federation.clients, strict=True):
+        assert a.private.keys() == b.private.keys()
+        assert all(torch.equal(a.private[k], b.private[k]) for k in a.private)
+
+
+@pytest.mark.parametrize(
     ("setup", "message"),
     [
         ("missing", "holds no run"),

@@ -17,14 +17,17 @@ def _gather(images, idx: np.ndarray) -> torch.Tensor:
     return torch.stack([images[int(i)] for i in idx])
 
 
-def encode_images(clip: FrozenCLIP, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """uint8 images [N, 3, H, W] -> normalised features [N, D] (float32, on the CLIP device)."""
+def encode_images(clip: FrozenCLIP, images: torch.Tensor, batch_size: int = 512, local: bool = False) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> normalised features [N, D] (float32, on the CLIP device); with ``local``, the
+    local features [N, M, D] instead (:meth:`FrozenCLIP.encode_local_images`)."""
+    encode = clip.encode_local_images if local else clip.encode_images
     out = []
     for start in range(0, len(images), batch_size):
         batch = to_model_input(images[start : start + batch_size], clip.image_size, clip.mean, clip.std)
-        out.append(clip.encode_images(batch))
+        out.append(encode(batch))
     if not out:
-        return torch.zeros(0, clip.embed_dim, device=clip.device)
+        empty = (0, clip.local_feature_count, clip.embed_dim) if local else (0, clip.embed_dim)
+        return torch.zeros(*empty, device=clip.device)
     return torch.cat(out)
 
 
@@ -35,15 +38,17 @@ def encode_subset(
     batch_size: int = 512,
     progress: bool = False,
     desc: str = "image features",
+    local: bool = False,
 ) -> torch.Tensor:
-    """Features of ``data`` rows ``indices`` (in that order), encoded once in batches."""
+    """Features of ``data`` rows ``indices`` (in that order), encoded once in batches (``local``: the local
+    features [n, M, D])."""
     chunks = []
     steps = range(0, len(indices), batch_size)
     for start in tqdm(steps, desc=desc, disable=not progress, leave=False):
         imgs = _gather(data.images, indices[start : start + batch_size])
-        chunks.append(encode_images(clip, imgs, batch_size))
+        chunks.append(encode_images(clip, imgs, batch_size, local=local))
     if not chunks:
-        return torch.zeros(0, clip.embed_dim, device=clip.device)
+        return encode_images(clip, torch.zeros(0, 3, clip.image_size, clip.image_size, dtype=torch.uint8), local=local)
     return torch.cat(chunks)
 
 

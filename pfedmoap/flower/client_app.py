@@ -7,7 +7,8 @@ Three message types:
   per run) to partition ids before it samples anything.
 - ``train``: the download (P_g, the K experts and any method extras, in the wire dtype); the node trains its
   prompt and its private gate with the library's ``ClientRuntime`` and replies with the upload (the prompt).
-- ``evaluate``: the round's P_g and its version; the node replies with its accuracy on its own test split.
+- ``evaluate``: the round's P_g and its version; the node replies with its accuracy on its own test split (and,
+  with ``--eval-split base2novel``, on the shared base and novel test sets, which every node builds itself).
 
 The client's private state (prompt, gate, RNG, last experts, evaluation cache) lives in ``context.state``
 between messages; the gate is never put in a reply.
@@ -98,6 +99,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"partition-id": pid, "accuracy": float(acc), "num-examples": client.data.num_test})
     if client.attention is not None:
         metrics["attention"] = [float(w) for w in client.attention]
+    for name, value in client.split_acc.items():  # --eval-split base2novel: the shared base and novel sets
+        metrics[f"{name}-accuracy"] = float(value)
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 

@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..methods import Payload, Upload, create_method
 from ..ops import select_ops
 from ..prompt import initial_prompt
-from ..rounds import History, RoundDriver, RoundRecord
+from ..rounds import SPLITS, History, RoundDriver, RoundRecord
 from ..rundir import RunDir
 from ..server import Server
 from .task import CONFIG, METRICS, PAYLOAD, UPLOAD, check_flower_config, config_json, decode_tensors, encode_tensor
@@ -276,6 +276,7 @@ class PFedMoAPStrategy(Strategy):
         driver = self.driver
         accs = [float("nan")] * self.cfg.clients
         attention: dict[int, list[float]] = {}
+        split_acc: dict[int, dict[str, float]] = {}
         eval_failed: dict[int, str] = {pid: "no node holds this partition" for pid in range(self.cfg.clients)}
         by_node = {reply.metadata.src_node_id: reply for reply in replies}
         for pid, node in sorted(self.node_of.items()):
@@ -290,11 +291,14 @@ class PFedMoAPStrategy(Strategy):
                     accs[pid] = float(metrics["accuracy"])
                     if "attention" in metrics:
                         attention[pid] = [float(w) for w in metrics["attention"]]
+                    split = {n: float(metrics[f"{n}-accuracy"]) for n in SPLITS if f"{n}-accuracy" in metrics}
+                    if split:
+                        split_acc[pid] = split
                     del eval_failed[pid]
                 except (KeyError, TypeError, ValueError) as exc:
                     eval_failed[pid] = f"malformed reply ({type(exc).__name__})"
         driver.open_round.phases["eval"] += time.perf_counter() - self._mark
-        record = driver.finish(accs, attention, eval_failed)
+        record = driver.finish(accs, attention, eval_failed, split_acc)
         if self.run_dir is not None:
             self.run_dir.append_round(record.to_json())
         self.log(record.line(driver.round_indices[-1]))
@@ -352,7 +356,6 @@ class PFedMoAPStrategy(Strategy):
             "client_train_sizes": [None if i is None else int(i["num-examples"]) for i in info],
             "client_test_sizes": [None if i is None else int(i["num-test"]) for i in info],
         }
-
 
 
 def _error_reason(text: str | None) -> str:

@@ -36,6 +36,7 @@ METRICS = "metrics"  # MetricRecord (every reply)
 STATE_ARRAYS = "pfedmoap.client"  # prompt, expert-prompts, generator
 STATE_GATE = "pfedmoap.gate"  # the private gate's state_dict
 STATE_META = "pfedmoap.meta"  # scalars and lists as one JSON string
+STATE_PRIVATE = "pfedmoap.private"  # a method's other private tensors (Client.private)
 
 # run-config keys that are not Config fields
 RUN_CONFIG_KEYS = ("preset", "config-json", "out", "round-timeout", "connect-timeout")
@@ -158,6 +159,7 @@ class Node:
         arrays = state[STATE_ARRAYS]
         private = {f: decode_tensor(arrays[key]) if key in arrays else None for f, key in _STATE_TENSORS.items()}
         private["gate"] = state[STATE_GATE].to_torch_state_dict() if STATE_GATE in state else None
+        private["private"] = decode_tensors(state[STATE_PRIVATE]) if STATE_PRIVATE in state else {}
         private.update({k: v for k, v in meta.items() if k != "cid"})
         client.load_state_dict(private, self.runtime.make_gate, self.world.device)
         return client
@@ -218,7 +220,9 @@ def save_client_state(client: Client, state: RecordDict) -> None:
     state[STATE_ARRAYS] = arrays
     if private["gate"] is not None:
         state[STATE_GATE] = ArrayRecord.from_torch_state_dict(private["gate"])
-    meta = {k: v for k, v in private.items() if k not in _STATE_TENSORS and k != "gate"}
+    if private["private"]:  # a method's other private tensors (FedOTP's local prompt, FedPGP's U and V)
+        state[STATE_PRIVATE] = ArrayRecord({k: encode_tensor(v) for k, v in private["private"].items()})
+    meta = {k: v for k, v in private.items() if k not in _STATE_TENSORS and k not in ("gate", "private")}
     state[STATE_META] = ConfigRecord({"json": json.dumps({"cid": client.cid, **meta})})
 
 

@@ -1,8 +1,9 @@
 """Federated prompt-learning methods on one shared round driver; each method is one file.
 
 Built in: ``pfedmoap`` (the paper), ``pfedmoap-shared-gate`` (its aggregated-gate ablation), ``promptfl``,
-``fedprox``, ``local`` (CoOp) and ``zeroshot``. A new method is a :class:`Method` subclass in its own file,
-decorated with :func:`register_method` and imported below (or anywhere before the run is configured).
+``fedprox``, ``fedotp`` (FedOTP), ``fedpgp`` (FedPGP), ``local`` (CoOp) and ``zeroshot``. A new method is a
+:class:`Method` subclass in its own file, decorated with :func:`register_method` and imported below (or anywhere
+before the run is configured).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..registry import method_class, register_method
-from . import fedprox, local, pfedmoap, promptfl, shared_gate, zeroshot  # noqa: F401  (registers them)
+from . import fedotp, fedpgp, fedprox, local, pfedmoap, promptfl, shared_gate, zeroshot  # noqa: F401  (registers them)
 from .base import EvalState, GlobalState, Method, Payload, PromptObjective, Upload
 
 if TYPE_CHECKING:

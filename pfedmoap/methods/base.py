@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..client import Client, Objective
+from ..client import Client, Objective, Scorer
 from ..errors import ConfigError
+from ..gates import pfedmoap_logits
 from ..profiling import nvtx_range
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class Method:
     uploads: ClassVar[bool] = True  # whether clients send anything back (and so whether DP applies)
     uses_gate: ClassVar[bool] = False  # whether clients hold a gate (its d_gate must fit the model)
     dp_refusal: ClassVar[str] = "uploads nothing"  # why DP cannot apply, when it cannot
+    image_features: ClassVar[str] = "pooled"  # what its logits read: "pooled" [n, D] or "local" [n, M, D] features
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -185,3 +187,28 @@ class Method:
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         """The state ``client`` is evaluated with (default: the global prompt)."""
         return EvalState(("global", state.global_version), state.global_prompt)
+
+    def scorer(
+        self,
+        runtime: ClientRuntime,
+        client: Client,
+        view: EvalState,
+        encoder: PromptEncoder,
+        text: Callable[[tuple, torch.Tensor], torch.Tensor],
+    ) -> Scorer:
+        """The classifier ``client`` is evaluated with, in ``view``'s state, over ``encoder``'s classes.
+
+        ``text(key, prompts)`` encodes prompts over those classes (cached by ``key`` for the evaluation). Default:
+        pFedMoAP's logits (the local prompt's alone without a gate); the handcrafted prompt when ``view`` has none.
+        """
+        gamma, lam = runtime.clip.gamma, self.cfg.lam
+        local_text = encoder.zero_shot() if view.prompt is None else text(view.key, view.prompt)
+        expert_text, gate = None, None
+        if view.use_gate:
+            expert_text = text(("experts", *view.key), view.expert_prompts)
+            gate = client.gate
+
+        def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return pfedmoap_logits(features, local_text, expert_text, gate, gamma, lam, need_weights)
+
+        return score

@@ -1,0 +1,131 @@
+"""FedOTP (Li et al., CVPR'24, "Global and Local Prompts Cooperation via Optimal Transport for Federated
+Learning"): a global prompt shared through FedAvg and a local prompt kept by the client, matched to the image's
+local features by unbalanced optimal transport.
+
+Each client holds N = 2 prompts: the global one (downloaded as P_g, trained, uploaded, averaged by the server
+weighted by train size) and its local one (trained, never sent). An image's score for class c is the transport
+value between its M local features (the spatial outputs of the image tower before pooling, projected into the
+joint space: :meth:`~pfedmoap.clip.FrozenCLIP.encode_local_images`) and the two prompts' text features of c,
+with the plan from :func:`~pfedmoap.transport.unbalanced_sinkhorn`. Its hyperparameters (the paper's few-shot
+settings, ``fedotp_*`` in the config):
+
+- ``fedotp_eps`` = 0.01: the entropic regularisation; small values make the plan close to a hard matching of
+  local features to prompts, large ones spread it uniformly (eps -> inf gives plain mean similarity);
+- ``fedotp_top_percent`` = 0.8: the share of the image's mass that must be moved; each prompt receives exactly
+  0.4, while each local feature may send less than its 1 / M, so the least matching 20% (background, clutter)
+  can stay behind. That lets the two prompts attend to different regions (the global one to what every client
+  shares, the local one to the client's own classes);
+- 2 prompts (global + local), ``fedotp_thresh`` / ``fedotp_max_iter`` the Sinkhorn stopping rule.
+
+The loss is plain cross-entropy over the transport logits; the plan is a constant for the gradient, which
+reaches both prompts through the similarities. A client is evaluated with the server's current global prompt
+and its own local prompt (the model FedOTP reports). A client that has not trained yet uses the common initial
+local prompt, drawn once from the run seed like P_g^0 (FedOTP initialises every client's prompts alike).
+DP on uploads covers everything it sends (the global prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..client import Client, Objective, Scorer
+from ..profiling import nvtx_range
+from ..prompt import init_prompt
+from ..registry import register_method
+from ..seeding import Stream, init_generator
+from ..transport import transport_logits
+from .base import EvalState, GlobalState, Method, Payload
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..prompt import PromptEncoder
+    from ..runtime import ClientRuntime
+
+LOCAL = "local_prompt"  # the name of the local prompt in Client.private
+
+
+def ot_logits(cfg: Config, gamma: float, local_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """FedOTP's logits [B, C] for local features [B, M, D] and the prompts' text features [2, C, D]."""
+    return transport_logits(
+        local_features, text, gamma, cfg.fedotp_eps, cfg.fedotp_top_percent, cfg.fedotp_thresh, cfg.fedotp_max_iter
+    )
+
+
+class TransportObjective(Objective):
+    """Cross-entropy of the transport logits; trains the global prompt (``prompt``, uploaded) and the local one."""
+
+    def __init__(
+        self, cfg: Config, encoder: PromptEncoder, start_global: torch.Tensor, start_local: torch.Tensor
+    ) -> None:
+        device = encoder.clip.device
+        self.cfg = cfg
+        self.encoder = encoder
+        self.gamma = encoder.clip.gamma
+        self.prompt = nn.Parameter(start_global.detach().to(device, torch.float32).clone())
+        self.local_prompt = nn.Parameter(start_local.detach().to(device, torch.float32).clone())
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.prompt, self.local_prompt], "lr": self.cfg.lr_prompt}]
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with nvtx_range("step.text_encode"):
+            text = self.encoder.encode(torch.stack([self.prompt, self.local_prompt]))  # one pass for both
+        with nvtx_range("step.gate"):
+            return F.cross_entropy(ot_logits(self.cfg, self.gamma, features, text), labels)
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        return {LOCAL: self.local_prompt.detach()}
+
+
+@register_method
+class FedOTP(Method):
+    name = "fedotp"
+    help = "FedOTP: FedAvg'd global + private local prompt, scored by unbalanced OT over local image features"
+    image_features = "local"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._initial_local: torch.Tensor | None = None
+
+    def initial_local(self, width: int) -> torch.Tensor:
+        """The common initial local prompt (from the run seed, its own stream: every engine derives it alike)."""
+        if self._initial_local is None or self._initial_local.shape[-1] != width:
+            gen = init_generator(self.cfg.seed, Stream.LOCAL_PROMPT)
+            self._initial_local = init_prompt(self.cfg.n_ctx, width, self.cfg.ctx_init_std, gen)
+        return self._initial_local
+
+    def local_prompt(self, client: Client, width: int) -> torch.Tensor:
+        return client.private[LOCAL] if LOCAL in client.private else self.initial_local(width)
+
+    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+        start = self.start_prompt(state, client, payload)
+        local = self.local_prompt(client, start.shape[-1])
+        return TransportObjective(self.cfg, runtime.encoder, start, local)
+
+    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
+        local = self.local_prompt(client, state.global_prompt.shape[-1])
+        # untrained clients share the initial local prompt, so they share text features too
+        own = ("init",) if LOCAL not in client.private else (client.cid, client.version)
+        stacked = torch.stack([state.global_prompt.float(), local.float()])
+        return EvalState(("fedotp", state.global_version, *own), stacked)
+
+    def scorer(
+        self,
+        runtime: ClientRuntime,
+        client: Client,
+        view: EvalState,
+        encoder: PromptEncoder,
+        text: Callable[[tuple, torch.Tensor], torch.Tensor],
+    ) -> Scorer:
+        prompts_text = text(view.key, view.prompt)  # [2, C, D]
+        gamma = runtime.clip.gamma
+
+        def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return ot_logits(self.cfg, gamma, features, prompts_text), None
+
+        return score
