@@ -6,7 +6,9 @@
 Each (preset, method, seed) run gets its own run directory under ``--out``; the table goes to
 ``results.md`` / ``results.json`` and the plots to ``plots/<preset>/*.png`` (needs matplotlib). A run
 whose ``summary.json`` exists is skipped, so an interrupted sweep resumes where it stopped.
-"pfedmoap-lambda0" is pFedMoAP with lambda = 0 (the paper's ablation row).
+"pfedmoap-lambda0" is pFedMoAP with lambda = 0 (the paper's ablation row); "fedotp" and "fedpgp" are the
+competitors. A base-to-novel preset (``*-b2n``) also gets a Local / Base / Novel / HM table, beside the averages
+pFedMMA reports for the methods it compares.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "promptfl": ("promptfl", {}, "PromptFL (FedAvg prompt)"),
     "fedprox": ("fedprox", {}, "PromptFL + FedProx"),
     "pfedmoap-lambda0": ("pfedmoap", {"lam": 0.0}, "pFedMoAP, lambda = 0"),
+    "fedotp": ("fedotp", {}, "FedOTP (global + local prompt, OT)"),
+    "fedpgp": ("fedpgp", {}, "FedPGP (global + low-rank prompt)"),
     "pfedmoap": ("pfedmoap", {}, "pFedMoAP, lambda = 0.5"),
 }
 
@@ -53,12 +57,46 @@ _PAPER_ROWS = {
     "promptfl": (72.80, 90.79, 77.31, 89.70, 54.11, 73.29, 45.00, 24.48, 23.41),
     "fedprox": (66.40, 89.24, 76.24, 89.41, 44.26, 73.32, 45.63, 20.27, 20.51),
     "pfedmoap-lambda0": (97.61, 94.83, 86.71, 95.71, 85.64, None, None, None, None),
+    # FedOTP's row in the pFedMoAP paper's Table 1 (same pathological setting)
+    "fedotp": (96.23, 98.82, 92.73, 97.02, 87.64, None, None, None, None),
     "pfedmoap": (98.41, 99.06, 93.39, 97.95, 89.13, 83.46, 53.42, 38.80, 38.31),
 }
 PAPER_RESULTS: dict[str, dict[str, float]] = {
     ds: {row: vals[i] for row, vals in _PAPER_ROWS.items() if vals[i] is not None}
     for i, ds in enumerate(_PAPER_DATASETS)
 }
+
+
+# Base-to-novel as pFedMMA (ICLR'26) reports it: Local / Base / Novel / HM (the 3-way harmonic mean), averaged
+# over 7 CLIP datasets, ViT-B/16, 16 shots (from a third-party summary of the paper; per-dataset numbers unseen)
+PFEDMMA_BASE2NOVEL: dict[str, tuple[float, float, float, float]] = {
+    "zeroshot": (76.36, 76.81, 81.21, 78.03),
+    "fedpgp": (95.38, 76.49, 71.68, 79.09),
+    "fedotp": (97.34, 18.00, 36.69, 31.08),
+    "pfedmoap": (97.89, 61.82, 66.60, 71.05),
+    "pfedmma": (97.17, 77.40, 81.49, 84.15),
+}
+B2N_COLUMNS = (("local", "Local"), ("base", "Base"), ("novel", "Novel"), ("hm", "HM"))
+
+
+def base2novel_table(results: dict[str, Any], preset: str) -> str | None:
+    """Local / base / novel / HM (final round, mean ± std over seeds) of one base-to-novel preset, with
+    pFedMMA's reported averages beside each method it reports."""
+    rows = results.get(preset, {})
+    if not rows or not all("b2n" in r for r in rows.values()):
+        return None
+    lines = [
+        "| Method | "
+        + " | ".join(title for _, title in B2N_COLUMNS)
+        + " | pFedMMA's report (7 datasets): L / B / N / HM |",
+        "|---|" + "---|" * (len(B2N_COLUMNS) + 1),
+    ]
+    for name, r in rows.items():
+        cells = [f"{r['b2n'][key][0]:.2f} ± {r['b2n'][key][1]:.2f}" for key, _ in B2N_COLUMNS]
+        reported = PFEDMMA_BASE2NOVEL.get(VARIANTS[name][0] if name != "pfedmoap-lambda0" else "")
+        ref = " / ".join(f"{v:.2f}" for v in reported) if reported else "-"
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {ref} |")
+    return "\n".join(lines)
 
 
 def paper_table(results: dict[str, Any]) -> str | None:
@@ -107,6 +145,7 @@ def run_sweep(
         for name in variants:
             method, extra, label = VARIANTS[name]
             finals, bests, last5s = [], [], []
+            b2n: dict[str, list[float]] = {key: [] for key, _ in B2N_COLUMNS}
             for seed in seeds:
                 run_dir = out / preset / name / f"seed{seed}"
                 summary_file = run_dir / "summary.json"
@@ -121,6 +160,10 @@ def run_sweep(
                 finals.append(summary["final_mean_acc"])
                 bests.append(summary["best_mean_acc"])
                 last5s.append(summary["last5_mean_acc"])
+                for key, _ in B2N_COLUMNS:
+                    field = "final_hm" if key == "hm" else f"final_{key}_acc"
+                    if field in summary:
+                        b2n[key].append(summary[field])
             results[preset][name] = {
                 "label": label,
                 "seeds": seeds,
@@ -129,6 +172,8 @@ def run_sweep(
                 "last5": _stats(last5s),
                 "final_per_seed": finals,
             }
+            if all(len(v) == len(seeds) for v in b2n.values()):
+                results[preset][name]["b2n"] = {k: _stats(v) for k, v in b2n.items()}
     return results
 
 
@@ -243,6 +288,11 @@ def _report(
     for metric, title in (("final", "final round"), ("best", "best round"), ("last5", "mean of the last 5 rounds")):
         text.append(f"### Mean client accuracy (%), {title}, mean ± std over seeds {seeds}\n")
         text.append(markdown_table(results, metric) + "\n")
+    for preset in presets:
+        b2n = base2novel_table(results, preset)
+        if b2n:
+            text.append(f"### Base-to-novel on {preset} (%), final round, mean ± std over seeds {seeds}\n")
+            text.append(b2n + "\n")
     comparison = paper_table(results)
     if comparison:
         text.append("### Final-round accuracy (%) next to the paper's (ICLR 2025)\n")

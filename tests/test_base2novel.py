@@ -149,3 +149,22 @@ def test_without_base2novel_the_record_has_no_split_fields(tiny_clip, small_worl
     fed = Federation(small_config(clients=4, experts=2), clip=tiny_clip, dataset=small_world, log=lambda m: None)
     line = fed.run_round(1).to_json()
     assert "hm" not in line and "base_acc" not in line
+
+
+def test_experiments_base2novel_table_beside_pfedmma(tmp_path) -> None:
+    from pfedmoap.experiments import PAPER_RESULTS, base2novel_table, run_sweep
+
+    overrides = dict(
+        pretrained="none", rounds=1, local_epochs=1, train_per_class=10, test_per_class=4, clients=4, experts=2
+    )
+    results = run_sweep(
+        ["synthetic-b2n"], ["zeroshot", "fedpgp"], [1], tmp_path, {**overrides, "progress": False}, log=lambda m: None
+    )
+    table = base2novel_table(results, "synthetic-b2n")
+    assert table is not None
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    summary = json.loads((tmp_path / "synthetic-b2n" / "fedpgp" / "seed1" / "summary.json").read_text())
+    assert f"{summary['final_hm']:.2f} ± 0.00" in rows["FedPGP (global + low-rank prompt)"]
+    assert rows["FedPGP (global + low-rank prompt)"].endswith("| 95.38 / 76.49 / 71.68 / 79.09 |")
+    assert base2novel_table(run_sweep(["synthetic"], ["zeroshot"], [1], tmp_path, overrides), "synthetic") is None
+    assert PAPER_RESULTS["flowers102"]["fedotp"] == 96.23 and PAPER_RESULTS["dtd"]["fedotp"] == 87.64
