@@ -216,9 +216,12 @@ def _finish(job: Callable[[], History], trace: str | None = None) -> int:
         with profiler:
             history = job()
         s = history.summary
+        b2n = ""
+        if "final_hm" in s:  # --eval-split base2novel
+            b2n = f"  base {s['final_base_acc']:.2f}%  novel {s['final_novel_acc']:.2f}%  hm {s['final_hm']:.2f}%"
         print(
             f"done: final {s['final_mean_acc']:.2f}%  best {s['best_mean_acc']:.2f}% (round {s['best_round']})  "
-            f"last-5 mean {s['last5_mean_acc']:.2f}%  -> {history.run_dir}"
+            f"last-5 mean {s['last5_mean_acc']:.2f}%{b2n}  -> {history.run_dir}"
         )
         return 0
 
