@@ -20,7 +20,8 @@ from .errors import ConfigError
 
 PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "iid")
 REDUCTIONS = ("strided", "avgpool")
-EXPERT_SELECTIONS = ("knn", "random")
+EXPERT_DISTANCES = ("l2", "cosine")
+GATE_SHARINGS = ("private", "aggregated")
 POOL_VIEWS = ("snapshot", "live")
 TEXT_ENCODERS = ("full", "truncated", "shared-prefix")
 COMM_DTYPES = ("float32", "float16", "bfloat16")
@@ -91,7 +92,11 @@ class Config:
     heads: int = 8
     attn_scale: float | str = 10.0  # the reference code's 10.0, or "sqrt" for 1 / sqrt(d_gate / heads)
     reduction: str = "strided"
-    expert_selection: str = "knn"
+    expert_selection: str = "knn"  # a registered rule (pfedmoap.selection): knn, random, fixed
+    expert_distance: str = "l2"  # knn's distance between flattened prompts: l2 (paper) or cosine
+    # private: each client's gate stays home (paper); aggregated: FedAvg'd across the round's participants (the
+    # paper's ablation); None: the method's own (pfedmoap: private, pfedmoap-shared-gate: aggregated)
+    gate_sharing: str | None = None
     pool_view: str = "snapshot"  # "live" reproduces the reference code's mid-round pool mutation
 
     # --- optimisation (SGD, fresh per client per round)
@@ -120,6 +125,7 @@ class Config:
     comm_dtype: str = "float32"  # dtype of prompts on the wire
     eval_batch_size: int = 512
     progress: bool = True
+    tensorboard: bool = False  # also log every round to RUN_DIR/tensorboard (pip install 'pfedmoap[tensorboard]')
     out: str | None = None
     preset: str | None = None  # the preset this config started from (informational)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
@@ -153,7 +159,15 @@ class Config:
         _choice("dataset", self.dataset, tuple(list_datasets()))
         _choice("partition", self.partition, PARTITIONS)
         _choice("reduction", self.reduction, REDUCTIONS)
-        _choice("expert_selection", self.expert_selection, EXPERT_SELECTIONS)
+        registry.selection_class(self.expert_selection)
+        _choice("expert_distance", self.expert_distance, EXPERT_DISTANCES)
+        if self.expert_distance != "l2" and self.expert_selection != "knn":
+            raise ConfigError(
+                f"expert_distance={self.expert_distance} applies to expert_selection=knn only "
+                f"(got expert_selection={self.expert_selection})"
+            )
+        if self.gate_sharing is not None:
+            _choice("gate_sharing", self.gate_sharing, GATE_SHARINGS)
         _choice("pool_view", self.pool_view, POOL_VIEWS)
         _choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
         _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
@@ -229,7 +243,7 @@ class Config:
                 raise ConfigError(f"attn_scale={self.attn_scale!r}: use a positive number or 'sqrt'")
         # what only some methods and gates need is checked by them (their classes carry their own rules)
         registry.gate_class(self.gate).check_config(self)
-        method.check_config(self)
+        method.resolve(self).check_config(self)
         return self
 
 

@@ -29,6 +29,7 @@ from .rounds import History, RoundDriver, RoundRecord
 from .rundir import RunDir
 from .runtime import ClientRuntime
 from .server import Server
+from .tensorboard import check_available, open_board
 from .world import World
 
 
@@ -52,6 +53,8 @@ class Federation:
         self.log = log or (lambda msg: tqdm.write(msg))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.tensorboard:
+            check_available()  # before anything is built
         self.ops = ops or select_ops(cfg.fused)
         if cfg.fused:
             for backend, reason in unavailable_backends().items():
@@ -145,12 +148,19 @@ class Federation:
         checkpointed (``checkpoints/last.pt``, atomically) so that ``--resume`` continues exactly.
         """
         driver = self.driver
-        for t in driver.remaining():
-            record = self.run_round(t)
-            if run_dir is not None:
-                run_dir.append_round(record.to_json())
-                checkpoint.save(self.state_dict(), checkpoint.checkpoint_path(run_dir.path))
-            self.log(record.line(driver.round_indices[-1]))
+        board = open_board(self.cfg, run_dir)
+        try:
+            for t in driver.remaining():
+                record = self.run_round(t)
+                if run_dir is not None:
+                    run_dir.append_round(record.to_json())
+                    checkpoint.save(self.state_dict(), checkpoint.checkpoint_path(run_dir.path))
+                if board is not None:
+                    board.add(record)
+                self.log(record.line(driver.round_indices[-1]))
+        finally:
+            if board is not None:
+                board.close()
         summary = driver.summary(backends=self.backends)
         if run_dir is not None:
             run_dir.write_summary(summary)

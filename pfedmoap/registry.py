@@ -1,4 +1,4 @@
-"""The plug-in registries: federated methods and mixture gates, each looked up by name.
+"""The plug-in registries: federated methods, mixture gates and expert-selection rules, each looked up by name.
 
 A method or a gate is one class in one file, registered with a decorator::
 
@@ -25,11 +25,13 @@ T = TypeVar("T", bound=type)
 
 _METHODS: dict[str, type] = {}
 _GATES: dict[str, type] = {}
+_SELECTIONS: dict[str, type] = {}
 
 
 def _builtins() -> None:
     importlib.import_module("pfedmoap.methods")
     importlib.import_module("pfedmoap.gates")
+    importlib.import_module("pfedmoap.selection")
 
 
 def register_method(cls: T) -> T:
@@ -41,6 +43,12 @@ def register_method(cls: T) -> T:
 def register_gate(cls: T) -> T:
     """Class decorator: make a :class:`~pfedmoap.gates.base.Gate` subclass available by its ``name``."""
     _GATES[_name_of(cls)] = cls
+    return cls
+
+
+def register_selection(cls: T) -> T:
+    """Class decorator: make an :class:`~pfedmoap.selection.ExpertSelection` rule available by its ``name``."""
+    _SELECTIONS[_name_of(cls)] = cls
     return cls
 
 
@@ -65,6 +73,20 @@ def gate_class(name: str) -> Any:
     if name not in _GATES:
         raise ConfigError(f"gate={name!r} is not one of: {', '.join(sorted(_GATES))}")
     return _GATES[name]
+
+
+def selection_class(name: str) -> Any:
+    """The registered expert-selection rule called ``name``; ConfigError (one line, the valid names) otherwise."""
+    _builtins()
+    if name not in _SELECTIONS:
+        raise ConfigError(f"expert_selection={name!r} is not one of: {', '.join(sorted(_SELECTIONS))}")
+    return _SELECTIONS[name]
+
+
+def selections() -> dict[str, Any]:
+    """Every registered expert-selection rule, by name."""
+    _builtins()
+    return dict(sorted(_SELECTIONS.items()))
 
 
 def methods() -> dict[str, Any]:

@@ -332,6 +332,7 @@ class RoundDriver:
             cfg.expert_selection,
             cfg.max_prompt_norm,
             knn=knn,
+            expert_distance=cfg.expert_distance,
         )
         return cls(cfg, method, server)
 

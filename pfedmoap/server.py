@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import registry
 from .ops import REFERENCE, KnnFn
 from .profiling import nvtx_range
 from .seeding import Stream, stream
@@ -29,6 +30,7 @@ class Server:
         expert_selection: str = "knn",
         max_norm: float | None = None,
         knn: KnnFn = REFERENCE.knn,
+        expert_distance: str = "l2",
     ):
         self.num_clients = num_clients
         self.prompt_shape = tuple(init_prompt.shape)
@@ -41,6 +43,7 @@ class Server:
         self.train_sizes = list(train_sizes)
         self.frac = frac
         self.expert_selection = expert_selection
+        self.selection = registry.selection_class(expert_selection)(expert_distance)
         self.max_norm = max_norm
         self.knn = knn
         self.sample_rng = stream(seed, Stream.SAMPLE)
@@ -64,7 +67,8 @@ class Server:
 
     @nvtx_range("server.select_experts")
     def select_experts(self, cid: int, view: Mapping[int, torch.Tensor], k: int) -> list[int]:
-        """The K experts for client ``cid``: other pool entries, nearest by L2 (knn) or at random.
+        """The K experts for client ``cid`` from the other pool entries, by the run's selection rule
+        (:mod:`pfedmoap.selection`: knn, random, fixed).
 
         A client with no pool entry (first participation) gets none; fewer than K candidates -> all.
         """
@@ -73,15 +77,7 @@ class Server:
         others = sorted(j for j in view if j != cid)
         if not others:
             return []
-        if self.expert_selection == "random":
-            take = min(k, len(others))
-            return [int(j) for j in self.select_rng.choice(others, size=take, replace=False)]
-        ids = sorted(view)
-        pool = torch.stack([view[j].reshape(-1).float() for j in ids])
-        present = torch.ones(len(ids), dtype=torch.bool)
-        query = torch.tensor([ids.index(cid)])
-        nearest = self.knn(pool, present, query, k)[0]
-        return [ids[int(i)] for i in nearest]
+        return self.selection.select(self, cid, view, others, k)
 
     # --------------------------------------------------------------------------------- uploads
     def check_upload(self, prompt: torch.Tensor) -> str | None:

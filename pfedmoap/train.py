@@ -22,7 +22,8 @@ from .config import (
     DEFAULT_PRESET,
     DEVICES,
     EVAL_SPLITS,
-    EXPERT_SELECTIONS,
+    EXPERT_DISTANCES,
+    GATE_SHARINGS,
     PARTITIONS,
     POOL_VIEWS,
     REDUCTIONS,
@@ -83,7 +84,9 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--heads", "heads", int, "gate attention heads"),
     ("--attn-scale", "attn_scale", _attn_scale, "score scaling: a number (reference: 10) or sqrt"),
     ("--reduction", "reduction", str, " | ".join(REDUCTIONS)),
-    ("--expert-selection", "expert_selection", str, " | ".join(EXPERT_SELECTIONS)),
+    ("--expert-selection", "expert_selection", str, " | ".join(registry.selections()) + " (how experts are chosen)"),
+    ("--expert-distance", "expert_distance", str, " | ".join(EXPERT_DISTANCES) + " (knn's distance)"),
+    ("--gate-sharing", "gate_sharing", str, " | ".join(GATE_SHARINGS) + " (private = paper; aggregated = FedAvg'd)"),
     ("--pool-view", "pool_view", str, " | ".join(POOL_VIEWS) + " (snapshot = paper)"),
     ("--lr-prompt", "lr_prompt", float, "prompt learning rate"),
     ("--lr-gate", "lr_gate", float, "gate learning rate"),
@@ -121,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", help=f"named settings (default: {DEFAULT_PRESET}); see --list-presets")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    parser.add_argument("--list-methods", action="store_true", help="print the methods and gates and exit")
+    parser.add_argument(
+        "--list-methods", action="store_true", help="print the methods, gates and expert-selection rules and exit"
+    )
     parser.add_argument(
         "--print-config", action="store_true", help="check the flags, print the resolved config as JSON, run nothing"
     )
@@ -136,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + flip")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    parser.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also log every round to RUN_DIR/tensorboard (pip install 'pfedmoap[tensorboard]')",
+    )
     parser.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight Systems (PFEDMOAP_NVTX=1)")
     parser.add_argument(
         "--profile", metavar="TRACE", help="run under torch.profiler: write a Chrome trace, print the time per range"
@@ -153,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {preset_description(name)}")
         return 0
     if args.pop("list_methods", False):
-        for kind, table in (("method", registry.methods()), ("gate", registry.gates())):
+        tables = (("method", registry.methods()), ("gate", registry.gates()), ("select", registry.selections()))
+        for kind, table in tables:
             for name, cls in table.items():
                 print(f"{kind:6s} {name:24s} {cls.help}")
         return 0

@@ -84,7 +84,7 @@ BAD = [
     (["--dp-epsilon", "5", "--dp-delta", "1"], "dp_delta=1.0 is outside (0, 1)"),
     (["--dp-epsilon", "5", "--method", "local"], "method=local uploads nothing"),
     (["--dp-epsilon", "5", "--method", "pfedmoap-shared-gate"], "also uploads its gate"),
-    (["--gate", "softmax"], "gate='softmax' is not one of: attention, linear"),
+    (["--gate", "softmax"], "gate='softmax' is not one of: attention, average, linear"),
     (["--seed", "-1"], "seed=-1 must be an integer in 0..4294967295"),
     (["--seed", "99999999999999999999"], "seed=99999999999999999999 must be an integer"),
     (["--n-ctx", "80"], "n_ctx=80 leaves no room for the class names"),

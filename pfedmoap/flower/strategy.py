@@ -35,6 +35,7 @@ from ..prompt import initial_prompt
 from ..rounds import SPLITS, History, RoundDriver, RoundRecord
 from ..rundir import RunDir
 from ..server import Server
+from ..tensorboard import TensorBoardLog, open_board
 from .task import CONFIG, METRICS, PAYLOAD, UPLOAD, check_flower_config, config_json, decode_tensors, encode_tensor
 
 
@@ -69,6 +70,7 @@ class PFedMoAPStrategy(Strategy):
     ):
         self.cfg = check_flower_config(cfg.validate())
         self.run_dir = run_dir
+        self.board: TensorBoardLog | None = None  # --tensorboard, opened by run()
         self.log = log or logging.getLogger("flwr").info
         self.round_timeout = round_timeout
         self.connect_timeout = connect_timeout
@@ -301,6 +303,8 @@ class PFedMoAPStrategy(Strategy):
         record = driver.finish(accs, attention, eval_failed, split_acc)
         if self.run_dir is not None:
             self.run_dir.append_round(record.to_json())
+        if self.board is not None:
+            self.board.add(record)
         self.log(record.line(driver.round_indices[-1]))
         return MetricRecord(
             {
@@ -333,7 +337,12 @@ class PFedMoAPStrategy(Strategy):
         if self.run_dir is not None:
             self.run_dir.write_config({**self.cfg.to_dict(), "_meta": self.meta()})
         rounds = len(self.driver.round_indices)
-        self.start(grid, self.initial_arrays(), num_rounds=rounds, timeout=self.round_timeout)
+        self.board = open_board(self.cfg, self.run_dir)
+        try:
+            self.start(grid, self.initial_arrays(), num_rounds=rounds, timeout=self.round_timeout)
+        finally:
+            if self.board is not None:
+                self.board.close()
         summary = self.driver.summary(engine="flower")
         if self.run_dir is not None:
             self.run_dir.write_summary(summary)

@@ -1,7 +1,8 @@
 """Mixture gates: one module call from (image features, expert features, gamma, local logits, lambda) to logits.
 
 ``attention`` is the paper's gate (:class:`AttentionGate`); ``linear`` its linear-projection ablation
-(:class:`LinearGate`). A new gate is one file with a :class:`Gate` subclass decorated with
+(:class:`LinearGate`); ``average`` a learned weighted mean of the experts (:class:`AverageGate`). A new gate is
+one file with a :class:`Gate` subclass decorated with
 :func:`~pfedmoap.registry.register_gate`, imported here.
 """
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..ops import REFERENCE, OpTable
 from ..registry import gate_class, register_gate
 from .attention import AttentionGate
+from .average import AverageGate
 from .base import Gate, pfedmoap_logits, reduce_features
 from .linear import LinearGate
 
@@ -26,6 +28,7 @@ def create_gate(cfg: Config, ops: OpTable = REFERENCE) -> Gate:
 
 __all__ = [
     "AttentionGate",
+    "AverageGate",
     "Gate",
     "LinearGate",
     "create_gate",

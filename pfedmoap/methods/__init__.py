@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def create_method(cfg: Config) -> Method:
     """The method object ``cfg.method`` names, for this config."""
-    return method_class(cfg.method)(cfg)
+    return method_class(cfg.method).resolve(cfg)(cfg)
 
 
 __all__ = [

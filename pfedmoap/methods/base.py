@@ -150,8 +150,22 @@ class Method:
         return cls.uploads
 
     @classmethod
+    def resolve(cls, cfg: Config) -> type[Method]:
+        """The class that runs this method under ``cfg`` (e.g. pFedMoAP with ``gate_sharing=aggregated`` is its
+        shared-gate variant). Default: the class itself."""
+        return cls
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Refuse settings this method cannot run with (ConfigError, one line naming the value)."""
+        if cfg.gate_sharing == "aggregated" and not cls.uses_gate:
+            from ..registry import methods
+
+            gated = ", ".join(name for name, m in methods().items() if m.uses_gate)
+            raise ConfigError(
+                f"gate_sharing=aggregated needs a method with a gate, and method={cfg.method} has none "
+                f"(methods with a gate: {gated})"
+            )
         if cfg.dp_epsilon is not None and not cls.supports_dp():
             from ..registry import methods
 

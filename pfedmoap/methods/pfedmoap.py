@@ -64,6 +64,14 @@ class PFedMoAP(Method):
     uses_gate = True
 
     @classmethod
+    def resolve(cls, cfg: Config) -> type[Method]:
+        if cfg.gate_sharing == "aggregated":
+            from .shared_gate import PFedMoAPSharedGate
+
+            return PFedMoAPSharedGate
+        return cls
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
         if cfg.experts >= cfg.clients:

@@ -7,7 +7,7 @@ global gate, starts its own gate from it, trains its prompt and the gate, and up
 the accepted gates (weighted by training-set size, like the prompts) into the global gate. A client is
 evaluated with the gate it last trained (the global gate after its own local epochs), as its prompt is. The
 gate's 4(d^2 + d) values are counted on the wire in both directions. DP on uploads covers prompts only, so this
-method refuses ``--dp-epsilon``.
+method refuses ``--dp-epsilon``. ``--method pfedmoap --gate-sharing aggregated`` runs this class.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..client import Client, Objective
+from ..errors import ConfigError
 from ..gates import create_gate
 from ..registry import register_method
 from .base import GlobalState, Payload, Upload
@@ -39,7 +40,16 @@ def _gate_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class PFedMoAPSharedGate(PFedMoAP):
     name = "pfedmoap-shared-gate"
     help = "pFedMoAP with the gate FedAvg'd across clients instead of kept private (the paper's ablation)"
-    dp_refusal = "also uploads its gate, which DP on prompt uploads does not cover"
+    dp_refusal = "aggregates the gate, so it also uploads its gate, which DP on prompt uploads does not cover"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.gate_sharing == "private":
+            raise ConfigError(
+                f"gate_sharing=private contradicts method={cfg.method}, which aggregates its gate "
+                "(use method=pfedmoap for a private gate)"
+            )
+        super().check_config(cfg)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
