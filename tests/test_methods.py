@@ -108,7 +108,7 @@ def test_private_gate_method_never_shares_a_gate(tiny_clip, small_world):
 
 
 def test_shared_gate_refuses_dp_and_a_bad_gate_upload(tiny_clip, small_world):
-    with pytest.raises(ConfigError, match="method=pfedmoap-shared-gate aggregates the gate, so it also uploads its gate"):
+    with pytest.raises(ConfigError, match="pfedmoap-shared-gate aggregates the gate, so it also uploads its gate"):
         small_config(method="pfedmoap-shared-gate", dp_epsilon=10.0)
     fed = build(tiny_clip, small_world, method="pfedmoap-shared-gate", rounds=2)
     method = fed.method
