@@ -172,7 +172,7 @@ def resolve_device(name: str) -> torch.device:
 def load_clip(model_name: str, pretrained: str, device: torch.device, progress: bool = True) -> FrozenCLIP:
     """Load an open_clip model by architecture name and weights.
 
-    ``pretrained`` is "synthetic" (the embedded tiny model, pretrained on first use and cached), "none"
+    ``pretrained`` is "synthetic" (the embedded tiny model: weights shipped in the package), "none"
     (random weights, for tests and benchmarks), a path to a weights file, or an open_clip pretrained tag.
     """
     import open_clip

@@ -3,10 +3,11 @@
 The federation needs a CLIP whose zero-shot accuracy on its target domain is well above chance but far from
 perfect, so that prompt learning has something to learn. Pretraining on some styles of the synthetic world
 (:data:`~pfedmoap.data.synthetic.PRETRAIN_STYLES`) and evaluating on the held-out ones gives exactly that,
-offline and in a few CPU minutes. Weights are cached per configuration (see :func:`ensure_tiny_clip`).
+offline and in about 10 CPU minutes. The default configuration's weights ship in the package
+(``pfedmoap/weights/``); others are cached per configuration (see :func:`ensure_tiny_clip`).
 
 Command line: ``python -m pfedmoap.pretrain [--steps N] [--batch-size B] [--seed S] [--threads T]
-[--cache-dir DIR] [--force] [--eval] [--eval-per-class N] [--no-progress]`` prints where the weights are
+[--cache-dir DIR] [--force] [--eval] [--eval-per-class N] [--no-progress] [--ship]`` prints where the weights are
 and, with ``--eval``, the zero-shot accuracy per style.
 """
 
@@ -48,6 +49,22 @@ RENDER_SIZE = 32  # the synthetic world's images are drawn at 32 px (5x faster t
 _MAX_LOGIT_SCALE = math.log(100.0)
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 EVAL_SEED = 12345  # the CLI's evaluation images stay the same whatever the training seed
+
+# The default config's weights ship inside the package (pfedmoap/weights/), so a new user's first run needs no
+# pretraining and every machine runs the same model (pretraining on another CPU type gives other weights).
+# Rebuild with `python -m pfedmoap.pretrain --force --ship` after changing the world, the model or the recipe.
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_SHA256 = "93efd76f7850f17368645cd6d644ed849e0ee9bb83bc4f5988235376defa6e60"
+# their zero-shot accuracy per style (EVAL_SEED, 50 images per class; `python -m pfedmoap.pretrain --eval`)
+SHIPPED_ZERO_SHOT = {
+    "photo": 0.999,
+    "noisy": 0.975,
+    "striped": 0.969,
+    "cluttered": 0.992,
+    "outline": 0.170,
+    "faded": 0.497,
+}
+_log = logging.getLogger("pfedmoap")
 
 
 @dataclass(frozen=True)
@@ -260,22 +277,49 @@ def weights_path(cfg: PretrainConfig, cache: Path | str | None = None) -> Path:
     return (cache_dir() if cache is None else Path(cache)) / f"tiny-clip-{cfg.digest()}.pt"
 
 
+def shipped_path(cfg: PretrainConfig | None = None) -> Path:
+    """Where the package's own weights for ``cfg`` would be (they exist for the default config only)."""
+    cfg = PretrainConfig() if cfg is None else cfg
+    return SHIPPED_DIR / f"tiny-clip-{cfg.digest()}.safetensors"
+
+
+_verified: dict[Path, bool] = {}
+
+
+def shipped_weights(cfg: PretrainConfig | None = None) -> Path | None:
+    """The shipped weights for ``cfg`` if the package has them and they pass their SHA-256 check, else None (a
+    file that fails the check is said in one log line and not used)."""
+    path = shipped_path(cfg)
+    if not path.is_file():
+        return None
+    if path not in _verified:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        _verified[path] = digest == SHIPPED_SHA256
+        if not _verified[path]:
+            _log.warning("shipped tiny-CLIP weights %s fail their SHA-256 check (%s); not using them", path, digest)
+    return path if _verified[path] else None
+
+
 def ensure_tiny_clip(
     cache: Path | str | None = None,
     progress: bool = True,
     cfg: PretrainConfig | None = None,
     force: bool = False,
 ) -> Path:
-    """Path of the cached tiny-CLIP weights for ``cfg`` (default config), pretraining them first if missing.
+    """Path of the tiny-CLIP weights for ``cfg`` (default config): the ones shipped in the package when they are
+    for ``cfg`` and intact, else the cached ones, pretraining them first if missing.
 
     The file is a plain ``state_dict``, loadable with ``open_clip.create_model("pfedmoap-tiny",
     pretrained=path)`` (this function registers the config with open_clip). It is written to a temporary
     file in the cache folder and renamed into place, so an interrupted pretraining never leaves a partial
     file, and concurrent processes at worst both train and one rename wins. ``force`` retrains even if the
-    file exists.
+    file exists (and skips the shipped weights).
     """
     cfg = PretrainConfig() if cfg is None else cfg
     register_model_configs()  # so that the returned path loads with open_clip.create_model right away
+    shipped = None if force else shipped_weights(cfg)
+    if shipped is not None:
+        return shipped
     path = weights_path(cfg, cache)
     if path.is_file() and not force:
         return path
@@ -293,6 +337,24 @@ def ensure_tiny_clip(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def ship(path: Path, cfg: PretrainConfig) -> Path:
+    """Write the weights at ``path`` into the package (float32 safetensors, named by the config digest)."""
+    from safetensors.torch import save_file
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    out = shipped_path(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "model": TINY_MODEL, "pretrain_digest": cfg.digest()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
+    _verified.pop(out, None)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="images per class and style for --eval (default: %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="(maintainers) write the weights into the package as safetensors and print their SHA-256",
+    )
     args = parser.parse_args(argv)
     return run_command(parser.prog, lambda: _pretrain_command(args, defaults), "interrupted; nothing was saved")
 
@@ -345,14 +412,18 @@ def _pretrain_command(args: argparse.Namespace, defaults: PretrainConfig) -> int
         raise UserError(f"--eval-per-class must be at least 1, got {args.eval_per_class}")
 
     cache = args.cache_dir if args.cache_dir is not None else cache_dir()
+    shipped = None if args.force else shipped_weights(cfg)
     cached = weights_path(cfg, cache).is_file() and not args.force
     start = time.perf_counter()
     try:
         path = ensure_tiny_clip(cache, progress=not args.no_progress, cfg=cfg, force=args.force)
     except OSError as exc:
         raise UserError(f"cannot use cache folder {cache}: {exc.strerror or exc}") from None
-    took = "cached" if cached else f"pretrained in {time.perf_counter() - start:.0f} s"
+    took = "shipped" if shipped else "cached" if cached else f"pretrained in {time.perf_counter() - start:.0f} s"
     print(f"weights: {path} ({path.stat().st_size / 1e6:.1f} MB, {took})")
+    if args.ship:
+        out = ship(path, cfg)
+        print(f"shipped: {out} sha256 {hashlib.sha256(out.read_bytes()).hexdigest()} (put it in SHIPPED_SHA256)")
 
     if args.eval:
         n_per_class = args.eval_per_class

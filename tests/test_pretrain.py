@@ -202,3 +202,45 @@ def test_cli_bad_input_subprocess(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "steps" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ shipped weights
+def test_the_default_weights_ship_with_the_package_and_pass_their_hash(monkeypatch, tmp_path) -> None:
+    path = pt.shipped_weights()
+    assert path is not None and path.suffix == ".safetensors" and path.parent == pt.SHIPPED_DIR
+    assert pt.PretrainConfig().digest() in path.name
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: pytest.fail("must not pretrain: the weights ship"))
+    assert ensure_tiny_clip(tmp_path / "empty-cache", progress=False) == path
+    assert not (tmp_path / "empty-cache").exists()  # nothing written
+    assert pt.shipped_weights(TINY) is None  # another config: no shipped weights, its own cache
+
+
+def test_tampered_shipped_weights_are_refused_in_one_log_line(monkeypatch, tmp_path, caplog) -> None:
+    good = pt.shipped_path()
+    bad_dir = tmp_path / "weights"
+    bad_dir.mkdir()
+    data = bytearray(good.read_bytes())
+    data[-1] ^= 0xFF
+    (bad_dir / good.name).write_bytes(bytes(data))
+    monkeypatch.setattr(pt, "SHIPPED_DIR", bad_dir)
+    monkeypatch.setattr(pt, "_verified", {})
+    with caplog.at_level("WARNING", logger="pfedmoap"):
+        assert pt.shipped_weights() is None
+    assert len(caplog.records) == 1 and "fail their SHA-256 check" in caplog.records[0].getMessage()
+    cached = pt.weights_path(pt.PretrainConfig(), tmp_path / "cache")
+    cached.parent.mkdir()
+    cached.write_bytes(b"stand-in")  # the cache is used instead (no pretraining here)
+    assert ensure_tiny_clip(tmp_path / "cache", progress=False) == cached
+
+
+def test_shipped_weights_give_the_documented_zero_shot_accuracy() -> None:
+    model = pt.create_tiny_clip(pretrained=pt.shipped_weights())
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        acc = zero_shot_accuracy(model, tokenizer, list(pt.SHIPPED_ZERO_SHOT), n_per_class=50, seed=pt.EVAL_SEED)
+    finally:
+        torch.set_num_threads(previous)
+    for style, expected in pt.SHIPPED_ZERO_SHOT.items():
+        assert abs(acc[style] - expected) <= 0.01, (style, acc[style], expected)
