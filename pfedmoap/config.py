@@ -80,6 +80,10 @@ class Config:
     # --- prompt
     n_ctx: int = 16
     ctx_init_std: float = 0.02
+    # CoOp's context initialisation from a phrase (e.g. "a photo of a"): its token embeddings become the last
+    # context vectors of P_g^0 (n_ctx = its token count is CoOp's form; more pads with random vectors in front).
+    # None: random N(0, ctx_init_std^2), the paper's default
+    ctx_init: str | None = None
     # all three give the same features: "full" runs all context_length tokens, "truncated" stops at the
     # longest EOT, "shared-prefix" also computes [SOS] + context once per expert instead of once per class
     text_encoder: str = "shared-prefix"
@@ -230,6 +234,8 @@ class Config:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name}={value} must be a non-negative number")
+        if self.ctx_init is not None and (not isinstance(self.ctx_init, str) or not self.ctx_init.strip()):
+            raise ConfigError(f"ctx_init={self.ctx_init!r} must be a non-empty phrase, e.g. 'a photo of a'")
         if not math.isfinite(self.lam):
             raise ConfigError(f"lambda={self.lam} must be a finite number")
         if not (self.dirichlet_alpha > 0):

@@ -27,9 +27,37 @@ def init_prompt(n_ctx: int, width: int, std: float, generator: torch.Generator) 
     return torch.randn(n_ctx, width, generator=generator) * std
 
 
-def initial_prompt(cfg: Config, width: int) -> torch.Tensor:
-    """P_g^0, the common initial context of a run: from the run seed, so every engine and node derives it alike."""
-    return init_prompt(cfg.n_ctx, width, cfg.ctx_init_std, prompt_generator(cfg.seed))
+def initial_prompt(cfg: Config, width: int, phrase: torch.Tensor | None = None) -> torch.Tensor:
+    """P_g^0, the common initial context of a run: from the run seed, so every engine and node derives it alike.
+
+    With ``cfg.ctx_init`` (CoOp's context initialisation from a phrase), ``phrase`` holds the phrase's k token
+    embeddings (:func:`phrase_embedding`): they become the last k context vectors, next to the class name, as in
+    "[SOS] a photo of a {class}." when n_ctx = k (CoOp's own form); with n_ctx > k the first n_ctx - k vectors
+    stay random, a padded phrase. Without it: N(0, ctx_init_std^2) everywhere (CoOp's generic context).
+    """
+    ctx = init_prompt(cfg.n_ctx, width, cfg.ctx_init_std, prompt_generator(cfg.seed))
+    if cfg.ctx_init is None:
+        return ctx
+    if phrase is None:
+        raise ValueError("ctx_init is set: pass the phrase's token embeddings")
+    k = phrase.shape[0]
+    if k > cfg.n_ctx:
+        raise ConfigError(
+            f"ctx_init={cfg.ctx_init!r} is {k} tokens, more than n_ctx={cfg.n_ctx}: use --n-ctx {k} (CoOp's form) "
+            "or more"
+        )
+    ctx[cfg.n_ctx - k :] = phrase.to(ctx.dtype)
+    return ctx
+
+
+def phrase_embedding(clip: FrozenCLIP, phrase: str) -> torch.Tensor:
+    """The frozen token embeddings [k, W] of ``phrase``'s tokens (without [SOS] / [EOS])."""
+    tokens = clip.tokenize([phrase])
+    eot = int(clip.text.eot_positions(tokens)[0])
+    if eot <= 1:
+        raise ConfigError(f"ctx_init={phrase!r} has no tokens")
+    with torch.no_grad():
+        return clip.text.token_embedding(tokens[0, 1:eot]).float().cpu()
 
 
 class PromptEncoder:

@@ -76,6 +76,7 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--test-per-class", "test_per_class", int, "synthetic world: test images per class and domain"),
     ("--data-seed", "data_seed", int, "seed of the generated data"),
     ("--n-ctx", "n_ctx", int, "learnable context vectors"),
+    ("--ctx-init", "ctx_init", str, "initialise the context from a phrase, e.g. 'a photo of a' (CoOp; default random)"),
     ("--text-encoder", "text_encoder", str, " | ".join(TEXT_ENCODERS)),
     ("--experts", "experts", int, "K non-local experts per client"),
     ("--gate", "gate", str, " | ".join(registry.gates()) + " (how a client mixes its experts)"),

@@ -24,7 +24,7 @@ from .data.features import encode_subset
 from .data.subsample import subsample_classes
 from .errors import ConfigError
 from .ops import REFERENCE, OpTable
-from .prompt import PromptEncoder, initial_prompt
+from .prompt import PromptEncoder, initial_prompt, phrase_embedding
 from .seeding import Stream, client_seed, stream
 
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ class World:
         self.encoder = PromptEncoder(
             self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=ops.assemble_prompts
         )
-        self.init_prompt = initial_prompt(cfg, self.clip.width)  # P_g^0: the common start of every prompt
+        phrase = phrase_embedding(self.clip, cfg.ctx_init) if cfg.ctx_init is not None else None
+        self.init_prompt = initial_prompt(cfg, self.clip.width, phrase)  # P_g^0: the common start of every prompt
         self._data: dict[int, ClientData] = {}
         self._eval_sets: list[EvalSet] | None = None
 

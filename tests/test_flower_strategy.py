@@ -146,6 +146,7 @@ def silent(_: Message, reply: Message) -> None:
         {"method": "fedpgp", "client_dropout": 0.3},
         {"subsample": "base", "eval_split": "base2novel", "frac": 0.5},
         {"method": "fedotp", "subsample": "base", "eval_split": "base2novel"},
+        {"ctx_init": "a photo of a", "n_ctx": 4, "method": "promptfl"},
     ],
     ids=[
         "pfedmoap",
@@ -160,6 +161,7 @@ def silent(_: Message, reply: Message) -> None:
         "fedpgp",
         "base2novel",
         "fedotp-base2novel",
+        "ctx-init",
     ],
 )
 def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):

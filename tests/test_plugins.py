@@ -201,3 +201,27 @@ def test_tensorboard_missing_says_how_to_install(tiny_clip, small_world, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'pfedmoap\[tensorboard\]'"):
         build(tiny_clip, small_world, tensorboard=True)
+
+
+# ------------------------------------------------------------------------------------------ context init
+def test_ctx_init_in_coops_form_starts_at_the_hand_written_prompt(tiny_clip, small_world) -> None:
+    """n_ctx = the phrase's token count: P_g^0's text features are those of "a photo of a {class}." exactly."""
+    fed = build(tiny_clip, small_world, ctx_init="a photo of a", n_ctx=4, method="promptfl")
+    torch.testing.assert_close(fed.encoder.encode(fed.server.global_prompt), fed.world.zero_shot_text())
+    rec = fed.run_round(1)
+    assert rec.mean_acc == rec.mean_acc  # trains from there
+
+
+def test_ctx_init_pads_with_random_vectors_in_front_and_refuses_too_short_contexts(tiny_clip, small_world) -> None:
+    from pfedmoap.prompt import phrase_embedding
+
+    padded = build(tiny_clip, small_world, ctx_init="a photo of a", n_ctx=6).server.global_prompt
+    plain = build(tiny_clip, small_world, n_ctx=6).server.global_prompt
+    phrase = phrase_embedding(tiny_clip, "a photo of a")
+    assert phrase.shape == (4, tiny_clip.width)
+    torch.testing.assert_close(padded[2:], phrase)
+    torch.testing.assert_close(padded[:2], plain[:2])  # the same random draw where the phrase is not
+    with pytest.raises(ConfigError, match="is 4 tokens, more than n_ctx=3: use --n-ctx 4"):
+        build(tiny_clip, small_world, ctx_init="a photo of a", n_ctx=3)
+    with pytest.raises(ConfigError, match="must be a non-empty phrase"):
+        small_config(ctx_init="  ")

@@ -78,7 +78,14 @@ class PFedMoAPStrategy(Strategy):
         self.width = prompt_width(self.cfg.model)
         # the same P_g^0 as every node and the in-process run; train sizes arrive with the handshake (FedAvg only
         # ever weighs partitions that answered it)
-        init = initial_prompt(self.cfg, self.width)
+        phrase = None
+        if self.cfg.ctx_init is not None:  # CoOp's phrase init needs the text tower's token embeddings
+            from ..clip import load_clip
+            from ..prompt import phrase_embedding
+
+            clip = load_clip(self.cfg.model, self.cfg.pretrained, torch.device("cpu"), progress=False)
+            phrase = phrase_embedding(clip, self.cfg.ctx_init)
+        init = initial_prompt(self.cfg, self.width, phrase)
         sizes = [0] * self.cfg.clients
         self.driver = RoundDriver.for_config(self.cfg, self.method, init, sizes, select_ops(self.cfg.fused).knn)
         self.config_json = config_json(self.cfg)
