@@ -42,6 +42,8 @@ def unbalanced_sinkhorn(
         raise ValueError(f"eps must be positive, got {eps}")
     if not 0 < top_percent:
         raise ValueError(f"top_percent must be positive, got {top_percent}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     with torch.no_grad():
         s = sim.detach()
         s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
@@ -55,8 +57,6 @@ def unbalanced_sinkhorn(
         top = s.amax(dim=-2, keepdim=True)  # [..., 1, N]
         kernel = torch.exp((s - top) / eps)  # [..., M, N]
         a, b = 1.0 / m, gamma / n
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be at least 1, got {max_iter}")
         # iteration 1 from v = 1, i.e. v'' = d (tiny): u = min(a / (K 1), 1), with K 1 summed in the log domain
         u = torch.clamp(math.log(a) - torch.logsumexp(-(1.0 - s) / eps, dim=-1), max=0.0).exp()
         v = b / (kernel * u[..., :, None]).sum(-2)  # v'' = d v

@@ -73,6 +73,16 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert a["final_mean_acc"] == b["final_mean_acc"] and a["last5_mean_acc"] == b["last5_mean_acc"]
 
 
+def _resume_to(run_dir, rounds):
+    """Continue a finished run directory to ``rounds`` rounds (its config raised, its summary dropped)."""
+    cfg_path = run_dir / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["rounds"] = rounds
+    cfg_path.write_text(json.dumps(data))
+    (run_dir / "summary.json").unlink()
+    return resume(run_dir, log=lambda m: None)
+
+
 def test_resume_after_a_stopped_run_is_exact(tmp_path):
     """A run stopped after round 2 and resumed to round 4 equals a 4-round run, random expert selection
     included (the server's RNG state travels in the checkpoint)."""
@@ -82,12 +92,7 @@ def test_resume_after_a_stopped_run_is_exact(tmp_path):
     assert len(short.rounds) == 2
     state = torch.load(tmp_path / "short" / "checkpoints" / LAST_CHECKPOINT, weights_only=True)
     assert [r["round"] for r in state["driver"]["rounds"]] == [1, 2]
-    cfg_path = tmp_path / "short" / "config.json"
-    data = json.loads(cfg_path.read_text())
-    data["rounds"] = 4
-    cfg_path.write_text(json.dumps(data))
-    (tmp_path / "short" / "summary.json").unlink()
-    resumed = resume(tmp_path / "short", log=lambda m: None)
+    resumed = _resume_to(tmp_path / "short", 4)
     assert [r.client_acc for r in resumed.rounds] == [r.client_acc for r in ref.rounds]
     assert [r.experts for r in resumed.rounds] == [r.experts for r in ref.rounds]
     assert torch.equal(resumed.federation.server.global_prompt, ref.federation.server.global_prompt)
@@ -108,12 +113,7 @@ def test_competitors_and_base2novel_resume_exactly(tmp_path, overrides):
     cfg = small_config(clients=4, experts=2, rounds=3, **overrides)
     ref = run(cfg, out=tmp_path / "ref", log=lambda m: None)
     run(cfg.replace(rounds=1), out=tmp_path / "short", log=lambda m: None)
-    cfg_path = tmp_path / "short" / "config.json"
-    data = json.loads(cfg_path.read_text())
-    data["rounds"] = 3
-    cfg_path.write_text(json.dumps(data))
-    (tmp_path / "short" / "summary.json").unlink()
-    resumed = resume(tmp_path / "short", log=lambda m: None)
+    resumed = _resume_to(tmp_path / "short", 3)
     assert [r.to_json() | {"seconds": 0, "phase_seconds": {}} for r in resumed.rounds] == [
         r.to_json() | {"seconds": 0, "phase_seconds": {}} for r in ref.rounds
     ]

@@ -22,7 +22,9 @@ SUBSAMPLES = ("all", "base", "new")
 def base_novel_classes(num_classes: int) -> tuple[list[int], list[int]]:
     """Label ids of the base classes (the first ceil(C / 2)) and of the novel ones (the rest)."""
     if num_classes < 2:
-        raise ConfigError(f"a base-to-novel split needs at least 2 classes, the dataset has {num_classes}")
+        raise ConfigError(
+            f"subsample=base / new (a base-to-novel split) needs at least 2 classes, the dataset has {num_classes}"
+        )
     cut = math.ceil(num_classes / 2)
     return list(range(cut)), list(range(cut, num_classes))
 
