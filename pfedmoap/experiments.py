@@ -6,6 +6,12 @@
 Each (preset, method, seed) run gets its own run directory under ``--out``; the table goes to
 ``results.md`` / ``results.json`` and the plots to ``plots/<preset>/*.png`` (needs matplotlib). A run
 whose ``summary.json`` exists is skipped, so an interrupted sweep resumes where it stopped.
+
+    python -m pfedmoap.experiments --suite ablations --out runs/ablations
+
+runs an ablation suite instead (:mod:`pfedmoap.ablations`: the built-in ``ablations``, or a JSON file of your
+own grid) and writes ``ablations.md``, ``ablations.json`` and ``plots/<study>.png``; ``--readme README.md`` also
+fills the README's "Ablations" section from it.
 "pfedmoap-lambda0" is pFedMoAP with lambda = 0 (the paper's ablation row); "fedotp" and "fedpgp" are the
 competitors. A base-to-novel preset (``*-b2n``) also gets a Local / Base / Novel / HM table, beside the averages
 pFedMMA reports for the methods it compares.
@@ -25,6 +31,7 @@ from .config import make_config
 from .errors import UserError
 
 PROG = "pfedmoap.experiments"
+DEFAULT_ROWS = "zeroshot,local,promptfl,pfedmoap"
 
 # table rows: name -> (method, config overrides); labels as in the paper's tables
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -227,13 +234,14 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m pfedmoap.experiments", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="synthetic", help="comma-separated presets")
+    p.add_argument("--preset", help="comma-separated presets (default: synthetic)")
+    p.add_argument("--methods", help=f"comma-separated rows from: {', '.join(VARIANTS)} (default: {DEFAULT_ROWS})")
+    p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 1,2,3, or the suite's)")
     p.add_argument(
-        "--methods",
-        default="zeroshot,local,promptfl,pfedmoap",
-        help=f"comma-separated rows from: {', '.join(VARIANTS)}",
+        "--suite",
+        help="run an ablation suite instead of a table: a built-in name (ablations) or a JSON file of your own grid",
     )
-    p.add_argument("--seeds", type=_ints, default=[1, 2, 3])
+    p.add_argument("--readme", help="with --suite: fill this README's ablation section from the suite's report")
     p.add_argument("--rounds", type=int, help="override the presets' rounds (e.g. for a quick check)")
     p.add_argument("--out", default="runs/experiments")
     p.add_argument(
@@ -247,12 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     args = p.parse_args(argv)
-    variants = [v for v in args.methods.split(",") if v]
+    if args.suite is None and args.readme is not None:
+        return fail(PROG, "--readme needs --suite")
+    if args.suite is not None:
+        given = [flag for flag, value in (("--preset", args.preset), ("--methods", args.methods)) if value]
+        if given:
+            return fail(PROG, f"{given[0]} does not apply to --suite (a suite names its own presets and methods)")
+    if args.seeds is not None and not args.seeds:
+        return fail(PROG, "seeds is empty")
+    variants = [v for v in (args.methods or DEFAULT_ROWS).split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         return fail(PROG, f"methods={bad[0]!r} is not one of: {', '.join(VARIANTS)}")
-    if not args.seeds:
-        return fail(PROG, "seeds is empty")
     overrides: dict[str, Any] = {"progress": args.progress}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -265,10 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
     out = Path(args.out)
-    presets = [x for x in args.preset.split(",") if x]
+    if args.suite is not None:
+        from .ablations import main_suite
+
+        overrides.pop("progress")  # a suite's runs never draw bars; it prints one line per run
+        readme = Path(args.readme) if args.readme else None
+        return run_command(
+            PROG,
+            lambda: main_suite(args.suite, out, overrides, args.seeds, args.plots, readme),
+            "interrupted (finished runs are kept, the interrupted one resumes from its last round; rerun to go on)",
+        )
+    presets = [x for x in (args.preset or "synthetic").split(",") if x]
+    seeds = args.seeds or [1, 2, 3]
     return run_command(
         PROG,
-        lambda: _report(presets, variants, args.seeds, out, overrides, args.plots),
+        lambda: _report(presets, variants, seeds, out, overrides, args.plots),
         "interrupted (finished runs are kept; rerun to resume)",
     )
 

@@ -38,6 +38,7 @@ def run_meta(fed: Federation) -> dict[str, Any]:
         "client_train_sizes": [c.data.num_train for c in fed.clients],
         "client_test_sizes": [c.data.num_test for c in fed.clients],
         "prompt_tokens": fed.encoder.length,
+        "prompt_width": fed.clip.width,
         "gamma": fed.clip.gamma,
     }
 

@@ -102,3 +102,91 @@ def bytes_per_round(runs: Runs, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- ablation studies
+# Each takes one study of :func:`pfedmoap.ablations.summarise`: its ``axes``, ``title`` and ``rows`` (each with
+# ``values``, ``label``, ``final`` = (mean, std) and bytes).
+
+
+def metric_vs_value(study: dict[str, Any], path: Path) -> Path:
+    """Final accuracy (mean ± std over seeds) against the study's one varied field."""
+    plt = _pyplot()
+    axis = study["axes"][0]
+    rows = study["rows"]
+    xs = list(range(len(rows)))
+    mean = [r["final"][0] for r in rows]
+    std = [r["final"][1] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(xs, mean, yerr=std, marker="o", capsize=4)
+    ax.set_xticks(xs, [str(r["values"][axis]) for r in rows])
+    ax.set(xlabel=axis, ylabel="final mean client accuracy (%)", title=study["title"])
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def case_bars(study: dict[str, Any], path: Path) -> Path:
+    """One bar per case (mean ± std over seeds)."""
+    plt = _pyplot()
+    rows = study["rows"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.8))
+    ax.bar(range(len(rows)), [r["final"][0] for r in rows], yerr=[r["final"][1] for r in rows], capsize=4)
+    ax.set_xticks(range(len(rows)), [r["label"].replace(", ", "\n") for r in rows], fontsize=7)
+    low = min(r["final"][0] - r["final"][1] for r in rows)
+    ax.set_ylim(max(0.0, low - 5), None)
+    ax.set(ylabel="final mean client accuracy (%)", title=study["title"])
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def bytes_vs_value(study: dict[str, Any], path: Path) -> Path:
+    """Measured and theoretical bytes per round (down and up) against the varied field, accuracy beside."""
+    plt = _pyplot()
+    axis = study["axes"][0]
+    rows = study["rows"]
+    xs = [r["values"][axis] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key, style in (("down", "-"), ("up", "--")):
+        left.plot(xs, [r[f"last_round_bytes_{key}"] / 1024 for r in rows], "o" + style, label=f"measured {key}")
+        if all(f"theoretical_bytes_{key}" in r for r in rows):
+            left.plot(xs, [r[f"theoretical_bytes_{key}"] / 1024 for r in rows], "x:", label=f"theoretical {key}")
+    left.set(xlabel=axis, ylabel="KiB per round", title="Bytes per round (last round)")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log", base=2)
+    left.set_xticks(xs, [str(x) for x in xs])
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    right.errorbar(xs, [r["final"][0] for r in rows], yerr=[r["final"][1] for r in rows], marker="o", capsize=4)
+    right.set_xscale("log", base=2)
+    right.set_xticks(xs, [str(x) for x in xs])
+    right.set(xlabel=axis, ylabel="final mean client accuracy (%)", title="Accuracy")
+    right.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def accuracy_heatmap(study: dict[str, Any], path: Path) -> Path:
+    """Final accuracy over the study's two varied fields (rows: the first, columns: the second)."""
+    plt = _pyplot()
+    first, second = study["axes"]
+    rows = study["rows"]
+    ys = list(dict.fromkeys(r["values"][first] for r in rows))
+    xs = list(dict.fromkeys(r["values"][second] for r in rows))
+    grid = np.full((len(ys), len(xs)), np.nan)
+    std = np.full_like(grid, np.nan)
+    for r in rows:
+        i, j = ys.index(r["values"][first]), xs.index(r["values"][second])
+        grid[i, j], std[i, j] = r["final"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.9 * len(ys) + 1.8))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if grid[i, j] == grid[i, j]:
+                ax.text(j, i, f"{grid[i, j]:.1f}\n± {std[i, j]:.1f}", ha="center", va="center", fontsize=8, color="w")
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+    ax.set(xlabel=second, ylabel=first, title=study["title"])
+    ax.title.set_fontsize(8)
+    fig.colorbar(image, ax=ax, label="final accuracy (%)")
+    return _save(fig, path)
