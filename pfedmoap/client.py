@@ -11,7 +11,7 @@ an :class:`Objective`, i.e. parameter groups with their learning rates and the l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from .profiling import nvtx_range
 if TYPE_CHECKING:
     from .clip import FrozenCLIP
     from .config import Config
+    from .prompt import PromptEncoder
 
 
 @dataclass
@@ -68,14 +69,45 @@ class Objective:
 
     prompt: nn.Parameter
     expert_text: torch.Tensor | None = None
+    encoder: PromptEncoder
 
     def param_groups(self) -> list[dict[str, Any]]:
         """torch.optim parameter groups, each with its ``lr``."""
         raise NotImplementedError
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of one batch of (L2-normalised image features, labels)."""
+        """The loss of one batch of (L2-normalised image features, labels): the text features of
+        :meth:`contexts`, encoded in one pass, scored by :meth:`loss_from_text`."""
+        with nvtx_range("step.text_encode"):
+            text = self.encoder.encode(self.contexts())
+        return self.loss_from_text(features, labels, text)
+
+    def contexts(self) -> torch.Tensor:
+        """The prompt contexts one step encodes, [P, n_ctx, W], with their gradients. Splitting the encoding from
+        the loss lets several clients' steps share one pass of the text encoder (``--parallel-clients``)."""
         raise NotImplementedError
+
+    def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch, given the text features [P, C, D] of :meth:`contexts`."""
+        raise NotImplementedError
+
+    def vector_state(self) -> dict[str, torch.Tensor] | None:
+        """The client's own tensors that :meth:`loss_from_text` reads (its gate's parameters, its experts'
+        features, ...), so that a group of clients' losses can be one vectorised call (``torch.func.vmap`` over
+        the stacked states). None (the default): this objective's losses are computed one by one."""
+        return None
+
+    def vector_loss(
+        self, state: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`loss_from_text` with the client's tensors read from ``state`` (the keys of :meth:`vector_state`)
+        and nothing else that differs between clients: it runs once, vectorised, for a whole group."""
+        raise NotImplementedError
+
+    @property
+    def batchable(self) -> bool:
+        """Whether this objective splits its loss into contexts() and loss_from_text() (else it trains alone)."""
+        return type(self).contexts is not Objective.contexts
 
     def private_state(self) -> dict[str, torch.Tensor]:
         """Trained tensors the client keeps besides its prompt and gate (``Client.private``), detached."""
@@ -166,30 +198,54 @@ class Client:
         images = random_crop_flip(self.data.train_images[idx], self.generator)
         return encode_images(clip, images, local=self.data.local_features)
 
+    def batch_indices(self, settings: TrainSettings) -> Iterator[torch.Tensor]:
+        """The local update's batches (train indices), ``settings.epochs`` epochs in the order of this client's own
+        generator, drawn lazily: fetch each batch (:meth:`batch`) before asking for the next, and augmentation
+        draws from the same generator in the same order as in a sequential run, however steps are scheduled."""
+        n = self.data.num_train
+        for _ in range(settings.epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, settings.batch_size):
+                yield order[start : start + settings.batch_size]
+
+    def batch(self, clip: FrozenCLIP, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image features, labels) of the train images ``idx``, on the CLIP's device."""
+        device = clip.device
+        feats = self._batch_features(clip, idx.to(device) if device.type != "cpu" else idx)
+        labels = self.data.train_labels.to(device)
+        return feats, labels[idx.to(labels.device)]
+
+    def optimizer(
+        self, param_groups: list[dict[str, Any]], settings: TrainSettings, foreach: bool | None = None
+    ) -> torch.optim.Optimizer:
+        """A fresh SGD for one local update: no state leaks between rounds or clients. ``foreach`` picks torch's
+        multi-tensor implementation (same update per parameter; None: torch's default for the device)."""
+        return torch.optim.SGD(
+            param_groups, momentum=settings.momentum, weight_decay=settings.weight_decay, foreach=foreach
+        )
+
     @nvtx_range("local_train")
     def train(self, objective: Objective, settings: TrainSettings, clip: FrozenCLIP) -> None:
         """Local update: ``settings.epochs`` epochs of SGD on the objective's parameter groups, batches in the
         order of this client's own generator. A fresh optimiser every call: no state leaks between rounds or
         clients."""
-        device = clip.device
-        opt = torch.optim.SGD(objective.param_groups(), momentum=settings.momentum, weight_decay=settings.weight_decay)
-        labels = self.data.train_labels.to(device)
-        n = self.data.num_train
+        opt = self.optimizer(objective.param_groups(), settings)
         objective.begin()
-        for _ in range(settings.epochs):
-            order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, settings.batch_size):
-                idx = order[start : start + settings.batch_size]
-                with nvtx_range("step"):
-                    with nvtx_range("step.features"):
-                        feats = self._batch_features(clip, idx.to(device) if device.type != "cpu" else idx)
-                    loss = objective.loss(feats, labels[idx.to(labels.device)])
-                    with nvtx_range("step.backward"):
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                    with nvtx_range("step.optimizer"):
-                        opt.step()
+        for idx in self.batch_indices(settings):
+            with nvtx_range("step"):
+                with nvtx_range("step.features"):
+                    feats, labels = self.batch(clip, idx)
+                loss = objective.loss(feats, labels)
+                with nvtx_range("step.backward"):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                with nvtx_range("step.optimizer"):
+                    opt.step()
         objective.end()
+        self.trained()
+
+    def trained(self) -> None:
+        """Count a finished local update (its state changed: cached evaluations are stale)."""
         self.rounds_trained += 1
         self.version += 1
 

@@ -102,6 +102,9 @@ class Config:
     # paper's ablation); None: the method's own (pfedmoap: private, pfedmoap-shared-gate: aggregated)
     gate_sharing: str | None = None
     pool_view: str = "snapshot"  # "live" reproduces the reference code's mid-round pool mutation
+    # how many sampled clients train in lock step, sharing each step's text-encoder pass (0: all of a round's);
+    # None: the device's default (CUDA: all, CPU: 1). Needs the snapshot pool (clients must not see each other).
+    parallel_clients: int | None = None
 
     # --- optimisation (SGD, fresh per client per round)
     lr_prompt: float = 0.002
@@ -209,6 +212,13 @@ class Config:
                 raise ConfigError(f"{name}={value!r} must be an integer in 0..{MAX_SEED}")
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
+        if self.parallel_clients is not None:
+            _at_least("parallel_clients", self.parallel_clients, 0)
+            if self.parallel_clients != 1 and self.pool_view == "live":
+                raise ConfigError(
+                    f"parallel_clients={self.parallel_clients} needs pool_view=snapshot: with the live pool each "
+                    "client sees the uploads of the clients before it, so they cannot train together (use 1)"
+                )
         if not (0.0 <= self.client_dropout < 1.0):
             raise ConfigError(f"client_dropout={self.client_dropout} is outside [0, 1)")
         if self.max_prompt_norm is not None and not (self.max_prompt_norm > 0 and math.isfinite(self.max_prompt_norm)):

@@ -23,6 +23,7 @@ from .data import DatasetBundle
 from .errors import UserError
 from .methods import create_method
 from .ops import OpTable, backend_warnings, select_ops, unavailable_backends
+from .parallel import default_parallel_clients
 from .profiling import nvtx_range, ranged
 from .prompt import PromptEncoder
 from .rounds import History, RoundDriver, RoundRecord
@@ -68,6 +69,8 @@ class Federation:
         self.world = World(cfg, self.ops, clip=clip, dataset=dataset)
         self.clients: list[Client] = self.world.new_clients(progress=cfg.progress)
         self.runtime = ClientRuntime(cfg, self.world, self.method, self.ops)
+        auto = 1 if cfg.pool_view == "live" else default_parallel_clients(self.device)
+        self.parallel_clients = auto if cfg.parallel_clients is None else cfg.parallel_clients
         self.driver = RoundDriver.for_config(
             cfg, self.method, self.world.init_prompt, self.world.train_sizes, self.ops.knn
         )
@@ -114,14 +117,26 @@ class Federation:
         evaluation. Returns the round's record."""
         driver = self.driver
         sampled = driver.begin(round_index)
-        bar = tqdm(sampled, desc=f"round {round_index}", leave=False, disable=not self.cfg.progress)
-        for cid in ranged(bar, "client_update"):
-            wire = driver.dispatch(cid)
-            if wire is None:  # dropped out after the download
-                continue
-            payload = wire.map(torch.Tensor.float)  # as received
-            upload = self.runtime.local_update(self.clients[cid], payload, self.server, driver.open_round.phases)
-            driver.upload(cid, upload)
+        if self.parallel_clients == 1:
+            bar = tqdm(sampled, desc=f"round {round_index}", leave=False, disable=not self.cfg.progress)
+            for cid in ranged(bar, "client_update"):
+                wire = driver.dispatch(cid)
+                if wire is None:  # dropped out after the download
+                    continue
+                payload = wire.map(torch.Tensor.float)  # as received
+                upload = self.runtime.local_update(self.clients[cid], payload, self.server, driver.open_round.phases)
+                driver.upload(cid, upload)
+        else:
+            # every download first (the snapshot pool: no client sees another's upload), then the local updates in
+            # lock-step groups, then the uploads, each in sampled order
+            wires = {cid: driver.dispatch(cid) for cid in sampled}
+            jobs = [(self.clients[cid], w.map(torch.Tensor.float)) for cid, w in wires.items() if w is not None]
+            with nvtx_range("client_update"):
+                uploads = self.runtime.local_updates(
+                    jobs, self.server, driver.open_round.phases, together=self.parallel_clients
+                )
+            for (client, _), upload in zip(jobs, uploads, strict=True):
+                driver.upload(client.cid, upload)
         driver.aggregate()
         with driver.phase("eval"):
             accs = self.evaluate()

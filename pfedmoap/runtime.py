@@ -8,17 +8,18 @@ The in-process engine calls it for each sampled client, a Flower node for its on
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import comm
-from .client import Client, TrainSettings, accuracy
+from .client import Client, Objective, TrainSettings, accuracy
 from .gates import create_gate
 from .methods import GlobalState, Method, Payload, Upload
 from .ops import REFERENCE, OpTable
+from .parallel import train_together
 from .privacy import run_noise_multiplier
 from .profiling import timed
 
@@ -52,12 +53,37 @@ class ClientRuntime:
         """One sampled client's work after its download (``payload`` in float32): build the method's objective
         (pFedMoAP encodes its K frozen experts here, once), train, keep the new local state, and return the
         upload as it goes on the wire (DP noise added when on), or None when the method uploads nothing."""
-        cfg, method = self.cfg, self.method
+        return self.local_updates([(client, payload)], state, phases)[0]
+
+    def local_updates(
+        self,
+        jobs: Sequence[tuple[Client, Payload]],
+        state: GlobalState,
+        phases: dict[str, float] | None = None,
+        together: int = 1,
+    ) -> list[Upload | None]:
+        """:meth:`local_update` for several clients of one round, in order; up to ``together`` of them (0: all)
+        train in lock step, sharing each step's text-encoder pass (:mod:`pfedmoap.parallel`)."""
         phases = phases if phases is not None else defaultdict(float)
-        with timed(phases, "prepare"):
-            objective = method.objective(self, state, client, payload)
-        with timed(phases, "train"):
-            client.train(objective, self.settings, self.clip)
+        size = len(jobs) if together <= 0 else together
+        uploads: list[Upload | None] = []
+        for start in range(0, len(jobs), max(1, size)):
+            chunk = jobs[start : start + max(1, size)]
+            with timed(phases, "prepare"):
+                objectives = [self.method.objective(self, state, client, payload) for client, payload in chunk]
+            with timed(phases, "train"):
+                batchable = [o.batchable and o.encoder is self.encoder for o in objectives]
+                if len(chunk) > 1 and all(batchable):
+                    train_together([c for c, _ in chunk], objectives, self.settings, self.clip)
+                else:
+                    for (client, _), objective in zip(chunk, objectives, strict=True):
+                        client.train(objective, self.settings, self.clip)
+            uploads += [self._finish(c, p, o) for (c, p), o in zip(chunk, objectives, strict=True)]
+        return uploads
+
+    def _finish(self, client: Client, payload: Payload, objective: Objective) -> Upload | None:
+        """After training: keep the client's new local state, return its upload as it goes on the wire."""
+        cfg, method = self.cfg, self.method
         client.prompt = objective.prompt.detach().cpu()
         client.private = {**client.private, **{k: v.detach().cpu() for k, v in objective.private_state().items()}}
         client.expert_ids = list(payload.expert_ids)

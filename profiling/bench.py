@@ -23,6 +23,10 @@ Sections (default: all but text-encoder):
                 counting only the token positions and causal attention pairs it needs) / the measured rate
                 of a same-dtype dense GEMM of comparable size.
   text-encoder  one training step with each prompt text encoder: full (77 tokens) vs truncated vs shared-prefix.
+  parallel      one round's local training of 10 sampled clients (pFedMoAP with experts, K = 9) one after another
+                vs in lock step (--parallel-clients: one text-encoder pass per step for all of them): torch ops
+                dispatched (counted with a TorchDispatchMode: the same on every machine), wall time, and the
+                trained prompts' largest difference; beside the reference pattern when `round` ran too.
 
 Timing: every variant runs once as a warm-up (its peak memory is measured then), then the variants of a
 section are interleaved within each of --repeats rounds and the median is taken, so that machine drift hits
@@ -58,6 +62,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from refstyle import RefStyleClient, RefStyleGate  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from pfedmoap import comm, ops  # noqa: E402
 from pfedmoap import profiling as prof  # noqa: E402
@@ -66,11 +71,12 @@ from pfedmoap.clip import FrozenCLIP, load_clip  # noqa: E402
 from pfedmoap.gates import AttentionGate, pfedmoap_logits  # noqa: E402
 from pfedmoap.methods.pfedmoap import MixtureObjective  # noqa: E402
 from pfedmoap.ops import OpTable  # noqa: E402
+from pfedmoap.parallel import train_together  # noqa: E402
 from pfedmoap.prompt import PromptEncoder, init_prompt  # noqa: E402
 from pfedmoap.server import Server  # noqa: E402
 
 PAPER_PROMPT_VALUES = 16 * 512  # n_ctx x W for RN50 / ViT-B/16 (SPEC §2)
-SECTIONS = ("bytes", "knn", "gate", "round", "efficiency", "text-encoder")
+SECTIONS = ("bytes", "knn", "gate", "round", "efficiency", "text-encoder", "parallel")
 DEFAULT_SECTIONS = ("bytes", "knn", "gate", "round", "efficiency")
 
 # one- to four-word class names, like the CLIP benchmarks' ("english marigold", "giant white arum lily")
@@ -134,6 +140,7 @@ class Sizes:
     eff_classes: list[int] = field(default_factory=lambda: [10, 102])
     text_classes: list[int] = field(default_factory=lambda: [10, 102])
     text_modes: list[str] = field(default_factory=lambda: ["full", "truncated", "shared-prefix"])
+    parallel_epochs: int = 5  # local epochs of the parallel section's round (the CPU size shortens it)
 
 
 SIZES = {
@@ -150,9 +157,10 @@ SIZES = {
         knn_repeats=2,
         eff_classes=[10],
         text_classes=[10],
+        parallel_epochs=1,
     ),
     # the end-to-end rounds of ours run 2 local epochs (20 steps at C = 102) to stay within 5 minutes
-    "cpu": Sizes(models=["ViT-B-16"], classes=[10, 102], accuracy_epochs=2),
+    "cpu": Sizes(models=["ViT-B-16"], classes=[10, 102], accuracy_epochs=2, parallel_epochs=1),
     "full": Sizes(
         models=["RN50", "ViT-B-16"],
         classes=[10, 102],
@@ -939,6 +947,107 @@ def bench_text_encoder(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP)
 
 
 # ---------------------------------------------------------------------------------------------- targets
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (forward, backward and optimiser alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def bench_parallel(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP) -> list[dict]:
+    rows = []
+    for n_cls in sizes.classes:
+        rows.extend(_parallel_one(sizes, clip, n_cls))
+    return rows
+
+
+def _parallel_one(sizes: Sizes, clip: FrozenCLIP, n_cls: int) -> list[dict]:
+    """One round's local training of ``sizes.clients`` clients, each with its own prompt, gate, SGD and batch
+    order, K experts each: sequential (``Client.train`` per client) vs lock step (``train_together``)."""
+    device, m, k = clip.device, sizes.clients, sizes.experts
+    names = class_names(n_cls)
+    owned = max(1, round(n_cls / m))
+    n_train = owned * sizes.shots
+    g = torch.Generator().manual_seed(3000 + n_cls)
+    encoder = PromptEncoder(clip, names, 16, mode="shared-prefix")
+    start = init_prompt(16, clip.width, 0.02, g)
+    pool = torch.stack([start + init_prompt(16, clip.width, 0.01, g) for _ in range(m)])
+    settings = TrainSettings(epochs=sizes.parallel_epochs, batch_size=sizes.batch, momentum=0.9, weight_decay=5e-4)
+    data = []
+    for i in range(m):
+        classes = [(i * owned + j) % n_cls for j in range(owned)]
+        labels = torch.tensor(classes).repeat_interleave(sizes.shots)
+        feats = F.normalize(torch.randn(n_train, clip.embed_dim, generator=g), dim=-1).to(device)
+        data.append(
+            ClientData(train_labels=labels, test_labels=labels[:1], test_features=feats[:1], train_features=feats)
+        )
+    with torch.no_grad():  # each client's K experts (the K others after it), encoded once per round
+        expert_text = [encoder.encode(pool[[(i + 1 + j) % m for j in range(k)]]) for i in range(m)]
+    table = bench_ops(False)
+
+    def setup() -> tuple[list[Client], list[MixtureObjective]]:
+        clients, objectives = [], []
+        for i in range(m):
+            client = Client(i, data[i], seed=500 + i)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(500 + i)
+                gate = AttentionGate(sizes.d_gate, sizes.heads, 10.0, ops=table).to(device)
+            clients.append(client)
+            objectives.append(MixtureObjective(encoder, start, 0.002, gate, expert_text[i], 0.5, 0.01))
+        return clients, objectives
+
+    def sequential(clients: list[Client], objectives: list[MixtureObjective]) -> None:
+        for client, objective in zip(clients, objectives, strict=True):
+            client.train(objective, settings, clip)
+
+    def together(clients: list[Client], objectives: list[MixtureObjective]) -> None:
+        train_together(clients, objectives, settings, clip)
+
+    counts, prompts = {}, {}
+    for name, fn in (("sequential", sequential), ("lock step", together)):
+        clients, objectives = setup()
+        counter = OpCounter()  # the training only: the clients' and gates' set-up is the same either way
+        with counter:
+            fn(clients, objectives)
+        counts[name] = counter.count
+        prompts[name] = torch.stack([o.prompt.detach().cpu() for o in objectives])
+    diff = float((prompts["sequential"] - prompts["lock step"]).abs().max())
+    stats = measure(
+        {"sequential": lambda: sequential(*setup()), "lock step": lambda: together(*setup())}, sizes.repeats, device
+    )
+    steps = settings.epochs * math.ceil(n_train / sizes.batch)
+    rows = []
+    for name in ("sequential", "lock step"):
+        rows.append(
+            {
+                "model": clip.model_name,
+                "classes": n_cls,
+                "clients": m,
+                "experts": k,
+                "epochs": settings.epochs,
+                "steps_per_client": steps,
+                "variant": name,
+                "ops": counts[name],
+                "ops_ratio": counts["sequential"] / counts[name],
+                "seconds": stats[name]["seconds"],
+                "speedup": stats["sequential"]["seconds"] / stats[name]["seconds"],
+                "prompt_max_abs_diff": diff,
+            }
+        )
+    print(
+        f"parallel {clip.model_name} C={n_cls}: ops {counts['sequential']:,} -> {counts['lock step']:,}, "
+        f"{stats['sequential']['seconds']:.2f} s -> {stats['lock step']['seconds']:.2f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return rows
+
+
 def targets(results: dict[str, list[dict]], device: torch.device) -> list[dict]:
     """The issue's targets, evaluated on this run's ratios."""
     out = []
@@ -973,6 +1082,24 @@ def targets(results: dict[str, list[dict]], device: torch.device) -> list[dict]:
                 "met": r["vs_cdist_topk"] >= 1.0,
             }
         )
+    for r in results.get("parallel", []):
+        if r["variant"] != "lock step":
+            continue
+        out.append(
+            {
+                "target": f"{r['clients']}-client round, {r['model']}, C = {r['classes']}: >= 8x fewer dispatched ops",
+                "measured": f"{r['ops_ratio']:.1f}x",
+                "met": r["ops_ratio"] >= 8,
+            }
+        )
+        if device.type == "cpu" and r["classes"] == 10:
+            out.append(
+                {
+                    "target": f"{r['clients']}-client round, {r['model']}, C = 10, CPU: lock step >= 1.3x sequential",
+                    "measured": f"{r['speedup']:.2f}x",
+                    "met": r["speedup"] >= 1.3,
+                }
+            )
     for r in results.get("efficiency", []):
         if device.type == "cpu":
             out.append(
@@ -1115,6 +1242,31 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
                 f"{r['token_positions']:,} | {r['step_seconds'] * 1000:.1f} | {speed} |"
             )
         parts.append("\n".join(lines))
+    if results.get("parallel"):
+        r0 = results["parallel"][0]
+        lines = _header(
+            f"### One round's local training, {r0['clients']} clients, K = {r0['experts']}, {r0['epochs']} local "
+            "epoch(s): sequential vs lock step (--parallel-clients)",
+            "| model | C | steps / client | training | ops dispatched | fewer ops | round (s) | speed-up "
+            "| vs reference pattern | max abs Δ prompt |",
+        )
+        refs = {
+            (r["model"], r["classes"]): r
+            for r in results.get("round", [])
+            if r["variant"] == "reference-style" and r.get("steps")
+        }
+        for r in results["parallel"]:
+            ref = refs.get((r["model"], r["classes"]))
+            vs_ref = "n/a (run `round` too)"
+            if ref is not None:  # the reference pattern's client round, scaled to these steps and clients
+                ref_round = ref["round_s"] * r["steps_per_client"] / ref["steps"] * r["clients"]
+                vs_ref = f"{ref_round / r['seconds']:.1f}x"
+            lines.append(
+                f"| {r['model']} | {r['classes']} | {r['steps_per_client']} | {r['variant']} | {r['ops']:,} | "
+                f"{r['ops_ratio']:.1f}x | {r['seconds']:.2f} | {r['speedup']:.2f}x | {vs_ref} | "
+                f"{r['prompt_max_abs_diff']:.1e} |"
+            )
+        parts.append("\n".join(lines))
     if target_rows:
         lines = _header("### Targets", "| target | measured | met |")
         for t in target_rows:
@@ -1217,12 +1369,17 @@ def main(argv: list[str] | None = None) -> int:
         results["knn"] = bench_knn(sizes, args)
     if "gate" in sections:
         results["gate"] = bench_gate(sizes, args)
-    model_sections = [s for s in ("round", "efficiency", "text-encoder") if s in sections]
+    model_sections = [s for s in ("round", "efficiency", "text-encoder", "parallel") if s in sections]
     if model_sections:
         for model in sizes.models:
             clip = load_clip(model, "none", device, progress=False)
             for s in model_sections:
-                fn = {"round": bench_round, "efficiency": bench_efficiency, "text-encoder": bench_text_encoder}[s]
+                fn = {
+                    "round": bench_round,
+                    "efficiency": bench_efficiency,
+                    "text-encoder": bench_text_encoder,
+                    "parallel": bench_parallel,
+                }[s]
                 results.setdefault(s, []).extend(fn(sizes, args, clip))
             del clip
     target_rows = targets(results, device)

@@ -92,6 +92,11 @@ def check_flower_config(cfg: Config) -> Config:
             "pool_view='live' needs the clients of a round to run one after another; Flower runs them in "
             "parallel: use --pool-view snapshot (the paper) or --engine local"
         )
+    if cfg.parallel_clients not in (None, 1):
+        raise ConfigError(
+            f"parallel_clients={cfg.parallel_clients} applies to the in-process engine; a Flower node trains its one "
+            "client: drop --parallel-clients or use --engine local"
+        )
     return cfg
 
 

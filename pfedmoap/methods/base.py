@@ -120,13 +120,25 @@ class PromptObjective(Objective):
         """A term added to the cross-entropy (a regulariser), or None."""
         return None
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with nvtx_range("step.text_encode"):
-            text = self.encoder.encode(self.prompt)
+    def contexts(self) -> torch.Tensor:
+        return self.prompt[None]
+
+    def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         with nvtx_range("step.gate"):
-            loss = F.cross_entropy(self.logits(features, text), labels)
+            loss = F.cross_entropy(self.logits(features, text[0]), labels)
             extra = self.extra_loss()
             return loss if extra is None else loss + extra
+
+    def vector_state(self) -> dict[str, torch.Tensor] | None:
+        # CoOp's loss reads nothing of the client's but the text; a subclass with its own logits or extra term
+        # must say what it reads
+        plain = type(self).logits is PromptObjective.logits and type(self).extra_loss is PromptObjective.extra_loss
+        return {} if plain else None
+
+    def vector_loss(
+        self, state: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        return F.cross_entropy(self.gamma * features @ text[0].t(), labels)
 
 
 class Method:

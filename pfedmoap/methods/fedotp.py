@@ -72,9 +72,10 @@ class TransportObjective(Objective):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.prompt, self.local_prompt], "lr": self.cfg.lr_prompt}]
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with nvtx_range("step.text_encode"):
-            text = self.encoder.encode(torch.stack([self.prompt, self.local_prompt]))  # one pass for both
+    def contexts(self) -> torch.Tensor:
+        return torch.stack([self.prompt, self.local_prompt])  # one pass for both
+
+    def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         with nvtx_range("step.gate"):
             return F.cross_entropy(ot_logits(self.cfg, self.gamma, features, text), labels)
 

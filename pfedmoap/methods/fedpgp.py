@@ -65,11 +65,12 @@ class LowRankObjective(Objective):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.prompt, self.u, self.v], "lr": self.cfg.lr_prompt}]
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def contexts(self) -> torch.Tensor:
+        return torch.stack([self.prompt + self.u @ self.v, self.prompt])  # personalised and global: one pass
+
+    def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        with nvtx_range("step.text_encode"):
-            # personalised and global prompt in one batched pass
-            personal, global_text = self.encoder.encode(torch.stack([self.prompt + self.u @ self.v, self.prompt]))
+        personal, global_text = text
         with nvtx_range("step.gate"):
             ce = F.cross_entropy(self.gamma * features @ personal.t(), labels)
             if cfg.fedpgp_mu <= 0:

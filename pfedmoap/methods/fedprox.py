@@ -31,6 +31,17 @@ class ProximalObjective(PromptObjective):
             return None
         return 0.5 * self.mu * (self.prompt - self.anchor).pow(2).sum()
 
+    def vector_state(self) -> dict[str, torch.Tensor] | None:
+        return {"prompt": self.prompt, "anchor": self.anchor}
+
+    def vector_loss(
+        self, state: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        loss = super().vector_loss(state, features, labels, text)
+        if self.mu <= 0:
+            return loss
+        return loss + 0.5 * self.mu * (state["prompt"] - state["anchor"]).pow(2).sum()
+
 
 @register_method
 class FedProx(PromptFL):

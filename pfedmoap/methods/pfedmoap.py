@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..client import Client, Objective
@@ -49,6 +50,26 @@ class MixtureObjective(PromptObjective):
 
     def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return pfedmoap_logits(features, text, self.expert_text, self.gate, self.gamma, self.lam)[0]
+
+    def vector_state(self) -> dict[str, torch.Tensor] | None:
+        ops = getattr(self.gate, "ops", None)
+        if ops is not None and ops.backends.get("gate_score", "reference") != "reference":
+            return None  # the fused kernels' autograd functions have no vmap rule: one by one
+        state = {f"gate.{name}": p for name, p in self.gate.named_parameters()}
+        state.update({f"gate_buffer.{name}": b for name, b in self.gate.named_buffers()})
+        return {**state, "expert_text": self.expert_text}
+
+    def vector_loss(
+        self, state: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        # pfedmoap_logits with the gate's tensors from ``state`` (torch.func.functional_call)
+        local_text = text[0]
+        gate_state = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(("gate.", "gate_buffer."))}
+        experts = torch.cat([local_text[None], state["expert_text"].to(local_text.dtype)], dim=0)
+        local_logits = self.gamma * features @ local_text.t()
+        kwargs = {"gamma": self.gamma, "local_logits": local_logits, "lam": self.lam}
+        logits, _ = torch.func.functional_call(self.gate, gate_state, (features, experts), kwargs)
+        return F.cross_entropy(logits, labels)
 
     def begin(self) -> None:
         self.gate.train()

@@ -1,0 +1,113 @@
+"""Client-parallel local training (``--parallel-clients``) equals the sequential run: every client's prompt, gate
+and private tensors, the server's pool and global prompt, and the accuracies, round after round."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pfedmoap.runtime as runtime_module
+from pfedmoap.config import make_config
+from pfedmoap.errors import ConfigError
+from pfedmoap.federation import Federation
+from tests.conftest import small_config
+
+RTOL = 1e-5  # a taller batched GEMM may sum in another order (on these CPUs the results were bit-equal)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _client_tensors(fed: Federation) -> dict[str, torch.Tensor]:
+    out = {}
+    for c in fed.clients:
+        if c.prompt is not None:
+            out[f"{c.cid}.prompt"] = c.prompt
+        if c.gate is not None:
+            out.update({f"{c.cid}.gate.{k}": v for k, v in c.gate.state_dict().items()})
+        out.update({f"{c.cid}.private.{k}": v for k, v in c.private.items()})
+    out["server.global"] = fed.server.global_prompt
+    out.update({f"server.pool.{cid}": p for cid, p in fed.server.pool.items()})
+    return out
+
+
+def _assert_same(seq: Federation, par: Federation) -> None:
+    a, b = _client_tensors(seq), _client_tensors(par)
+    assert a.keys() == b.keys()
+    worst = max((_rel(b[k], a[k]), k) for k in a)
+    assert worst[0] <= RTOL, worst
+
+
+def _run_both(cfg, rounds: int, together: int = 0) -> tuple[Federation, Federation, list[int]]:
+    seq = Federation(cfg.replace(parallel_clients=1), log=lambda _: None)
+    par = Federation(cfg.replace(parallel_clients=together), log=lambda _: None)
+    groups = []
+    spy = runtime_module.train_together
+
+    def counting(clients, objectives, *args, **kwargs):
+        groups.append(len(clients))
+        return spy(clients, objectives, *args, **kwargs)
+
+    runtime_module.train_together = counting
+    try:
+        for t in range(1, rounds + 1):
+            ra, rb = seq.run_round(t), par.run_round(t)
+            _assert_same(seq, par)
+            assert ra.client_acc == pytest.approx(rb.client_acc, abs=1e-9, nan_ok=True)
+            assert ra.client_bytes_up == rb.client_bytes_up and ra.dropped == rb.dropped and ra.failed == rb.failed
+    finally:
+        runtime_module.train_together = spy
+    return seq, par, groups
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["pfedmoap", "promptfl", "fedprox", "local", pytest.param("fedotp", marks=pytest.mark.slow), "fedpgp"],
+)
+def test_parallel_round_equals_sequential(method):
+    # round 1: every client's first participation (pFedMoAP: prompt only); round 2: with experts and gates
+    cfg = small_config(method=method, clients=4, experts=2, rounds=2)
+    _, _, groups = _run_both(cfg, rounds=2)
+    assert groups == [4, 4]  # every sampled client trained in one lock-step group
+
+
+def test_parallel_with_partial_participation_dropout_dp_and_groups():
+    cfg = small_config(
+        method="pfedmoap", clients=6, experts=2, rounds=3, frac=0.7, client_dropout=0.25, dp_epsilon=50.0
+    )
+    seq, _, groups = _run_both(cfg, rounds=3, together=2)
+    assert all(g <= 2 for g in groups) and groups
+    assert sum(len(r.dropped) for r in seq.rounds) > 0  # dropout happened, identically
+
+
+def test_parallel_aggregated_gate():
+    _run_both(small_config(method="pfedmoap", gate_sharing="aggregated", clients=4, experts=2, rounds=2), rounds=2)
+
+
+def test_bad_parallel_settings_are_one_line():
+    with pytest.raises(ConfigError, match=r"parallel_clients=-1 must be an integer >= 0"):
+        make_config("synthetic", parallel_clients=-1)
+    with pytest.raises(ConfigError, match="parallel_clients=0 needs pool_view=snapshot"):
+        make_config("synthetic", parallel_clients=0, pool_view="live")
+    make_config("synthetic", parallel_clients=1, pool_view="live")  # sequential is fine with the live pool
+    pytest.importorskip("flwr")
+    from pfedmoap.flower.task import check_flower_config
+
+    with pytest.raises(ConfigError, match="parallel_clients=4 applies to the in-process engine"):
+        check_flower_config(make_config("synthetic", parallel_clients=4))
+
+
+def test_cpu_default_is_sequential():
+    fed = Federation(small_config(clients=2, experts=1, rounds=1), log=lambda _: None)
+    assert fed.device.type != "cpu" or fed.parallel_clients == 1
+
+
+@pytest.mark.slow
+def test_default_run_parallel_accuracy_within_half_a_point():
+    """The default run (shipped weights, 10 rounds), all clients in lock step: per-round mean accuracy within 0.5."""
+    cfg = make_config("synthetic", progress=False)
+    seq = Federation(cfg.replace(parallel_clients=1), log=lambda _: None).run()
+    par = Federation(cfg.replace(parallel_clients=0), log=lambda _: None).run()
+    for a, b in zip(seq.rounds, par.rounds, strict=True):
+        assert abs(a.mean_acc - b.mean_acc) <= 0.5, (a.round, a.mean_acc, b.mean_acc)
