@@ -104,6 +104,23 @@ def test_fp32_forward_and_backward_match_reference(shape):
     check_bk(grads, grads_r, 1e-4)
 
 
+@needs_runner
+def test_expert_gradient_torch_twin_equals_the_kernel(monkeypatch):
+    """Widths past EXPERT_KERNEL_MAX_D_PAD take dK, dV from the torch twin (the kernel would not fit in shared
+    memory): at a width both can run, the twin gives the kernel's gradients."""
+    shape = (20, 6, 10, 128, 8)
+    query, feats, weights, local = make_inputs(*shape[:4], torch.float32, DEVICE, seed=11)
+    (_, _, kernel_grads), _ = both(query, feats, weights, local, shape[4])
+    monkeypatch.setattr(triton_gate, "EXPERT_KERNEL_MAX_D_PAD", 0)
+    (_, _, twin_grads), (_, _, ref_grads) = both(query, feats, weights, local, shape[4])
+    for i, (g, g_k, g_r) in enumerate(zip(twin_grads, kernel_grads, ref_grads, strict=True)):
+        if i == 5:  # b_K: zero in exact arithmetic
+            continue
+        assert rel(g, g_k) < 1e-5, i
+        assert rel(g, g_r) < FP32_TOL["grad"], i
+    assert triton_gate._launch_config(16, 1024, 8)[1] > 256  # d = 1024 takes the twin in a real run
+
+
 def check_low_precision(batch, classes, experts, dim, heads, dtype, device, seed):
     """Both ops run on the same bf16/fp16 inputs; against an fp32 evaluation of those very values, the fused
     op (fp32 accumulation) must be at least about as accurate as the plain-torch op in that dtype."""

@@ -73,13 +73,26 @@ def _runs_here(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")
 
 
-def _launch_config(batch: int, dim: int, heads: int) -> tuple[int, int, int]:
+# A program holds about six [BLOCK_B, D_PAD] fp32 tiles at once (q and u, their products with one key or value
+# row, and in the query backward the dq and du accumulators). ptxas spills past 255 registers per thread, so
+# the tile size bounds BLOCK_B and the warp count grows with the tile: TILE_PER_THREAD values per tile and thread.
+TILE_PER_THREAD = 16
+MAX_BLOCK_B = 64
+
+
+def _launch_config(batch: int, dim: int, heads: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, D_PAD, H_PAD, num_warps) for a [batch, dim] query with ``heads`` heads.
+
+    BLOCK_B is at least 16 (``tl.dot``'s minimum) and at most 64, as many rows as keep a tile within
+    4 warps x 32 threads x TILE_PER_THREAD values; wider gates take more warps (up to 32) instead of spilling.
+    ``python -m pfedmoap.ops.triton_aot`` compiles every result for sm_80 / sm_90 and reports registers and
+    spills (kernels/README.md)."""
     kernels = _load_kernels()
     d_pad = kernels.padded(dim)
     h_pad = kernels.padded(heads)
-    # keep the two [BLOCK_B, d] fp32 tiles of a program within ~16K values
-    block_b = max(16, min(64, 8192 // d_pad, kernels.padded(batch)))
-    return block_b, d_pad, h_pad
+    block_b = max(16, min(MAX_BLOCK_B, 128 * TILE_PER_THREAD // d_pad, kernels.padded(batch)))
+    num_warps = min(32, max(4, block_b * d_pad // (32 * TILE_PER_THREAD)))
+    return block_b, d_pad, h_pad, num_warps
 
 
 class _GateScore(torch.autograd.Function):
@@ -94,7 +107,7 @@ class _GateScore(torch.autograd.Function):
         k = torch.nn.functional.linear(flat, wk, bk).contiguous()
         v = torch.nn.functional.linear(flat, wv, bv).contiguous()
         qb = (query.float() @ bo.float()).contiguous()
-        block_b, d_pad, h_pad = _launch_config(batch, dim, heads)
+        block_b, d_pad, h_pad, num_warps = _launch_config(batch, dim, heads)
         dev = query.device
         out = torch.empty(batch, n_cls, device=dev, dtype=torch.float32)
         lse = torch.empty(batch, n_cls, h_pad, device=dev, dtype=torch.float32)
@@ -106,10 +119,11 @@ class _GateScore(torch.autograd.Function):
             q, u, k, v, qb, local.contiguous() if has_local else out, out, lse, mix, weights,
             batch, n_cls, n_exp, dim, heads, dim // heads, float(gamma), float(lam),
             BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, HAS_LOCAL=has_local, NEED_WEIGHTS=need_weights,
+            num_warps=num_warps,
         )  # fmt: skip
         ctx.save_for_backward(query, flat, wq, wk, wv, wo, bo, q, u, k, v, lse, mix)
         ctx.shape = (batch, n_exp, n_cls, dim, heads)
-        ctx.consts = (float(scaling), float(gamma), float(lam), block_b, d_pad, h_pad, has_local)
+        ctx.consts = (float(scaling), float(gamma), float(lam), block_b, d_pad, h_pad, num_warps, has_local)
         ctx.dtypes = (query.dtype, experts.dtype, wq.dtype, None if local is None else local.dtype)
         if need_weights:
             ctx.mark_non_differentiable(weights)
@@ -121,7 +135,7 @@ class _GateScore(torch.autograd.Function):
         kernels = _load_kernels()
         query, flat, wq, wk, wv, wo, bo, q, u, k, v, lse, mix = ctx.saved_tensors
         batch, n_exp, n_cls, dim, heads = ctx.shape
-        scaling, gamma, lam, block_b, d_pad, h_pad, has_local = ctx.consts
+        scaling, gamma, lam, block_b, d_pad, h_pad, num_warps, has_local = ctx.consts
         q_dtype, x_dtype, w_dtype, local_dtype = ctx.dtypes
         g = grad_out.float().contiguous()
         g_mix = (gamma * g).contiguous()
@@ -133,14 +147,17 @@ class _GateScore(torch.autograd.Function):
         du = torch.empty(groups, batch, dim, device=dev, dtype=torch.float32)
         kernels.gate_score_bwd_query_kernel[(triton_cdiv(batch, block_b), groups)](
             q, u, k, v, lse, mix, g_mix, dq, du, batch, n_cls, n_exp, dim, dim // heads, per_group,
-            BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad,
+            BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, num_warps=num_warps,
         )  # fmt: skip
-        dk = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
-        dv = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
-        kernels.gate_score_bwd_expert_kernel[(n_cls, n_exp)](
-            q, u, k, v, lse, mix, g_mix, dk, dv, batch, n_cls, n_exp, dim, dim // heads,
-            BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad,
-        )  # fmt: skip
+        if d_pad > EXPERT_KERNEL_MAX_D_PAD:
+            dk, dv = expert_grads_torch(q, u, k, v, lse, mix, g_mix, n_exp, n_cls, heads)
+        else:
+            dk = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
+            dv = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
+            kernels.gate_score_bwd_expert_kernel[(n_cls, n_exp)](
+                q, u, k, v, lse, mix, g_mix, dk, dv, batch, n_cls, n_exp, dim, dim // heads,
+                BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, num_warps=num_warps,
+            )  # fmt: skip
         dq = dq.sum(0) * scaling  # the kernels saw the scaled queries
         du = du.sum(0)
 
@@ -162,6 +179,40 @@ class _GateScore(torch.autograd.Function):
             (lam * g).to(local_dtype) if has_local else None,
         )
         return (*grads, None, None, None, None, None)
+
+
+# Above this padded width the expert-gradient kernel needs more shared memory than one block may have (compiled
+# for sm_80 / sm_90 by pfedmoap.ops.triton_aot: 168-172 KB at D_PAD = 512, 332-336 KB at 1024, against 163 KB on
+# A100 and 227 KB on H100), so it would fail to launch: those widths take dK and dV from expert_grads_torch.
+EXPERT_KERNEL_MAX_D_PAD = 256
+
+
+def expert_grads_torch(
+    q: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    mix: torch.Tensor,
+    g_mix: torch.Tensor,
+    n_exp: int,
+    n_cls: int,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK and dV [E * C, d] (fp32) from the forward's saved statistics, in torch: the twin of
+    ``gate_score_bwd_expert_kernel`` (same inputs, same outputs)."""
+    batch, dim = q.shape
+    hd = dim // heads
+    qh, uh = q.float().view(batch, heads, hd), u.float().view(batch, heads, hd)
+    kh, vh = k.float().view(n_exp, n_cls, heads, hd), v.float().view(n_exp, n_cls, heads, hd)
+    score = torch.einsum("bhd,echd->bche", qh, kh)
+    value = torch.einsum("bhd,echd->bche", uh, vh)
+    attn = torch.exp(score - lse[:, :, :heads, None])
+    d_value = g_mix[:, :, None, None] * attn
+    d_score = d_value * (value - mix[:, :, :heads, None])
+    dk = torch.einsum("bche,bhd->echd", d_score, qh).reshape(n_exp * n_cls, dim)
+    dv = torch.einsum("bche,bhd->echd", d_value, uh).reshape(n_exp * n_cls, dim)
+    return dk.contiguous(), dv.contiguous()
 
 
 def triton_cdiv(a: int, b: int) -> int:
