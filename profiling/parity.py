@@ -37,6 +37,8 @@ CONFIGS: dict[str, list[str]] = {
     "fedprox": ["--method", "fedprox", "--rounds", "2", "--fedprox-mu", "0.5"],
     "local": ["--method", "local", "--rounds", "2"],
     "zeroshot": ["--method", "zeroshot"],
+    "fedotp": ["--method", "fedotp", "--rounds", "1", "--local-epochs", "2"],
+    "fedpgp": ["--method", "fedpgp", "--rounds", "2"],
     "dp": ["--rounds", "2", "--dp-epsilon", "50", "--dp-delta", "0.05", "--dp-clip", "0.3", "--frac", "0.5"],
     "wire-live": ["--rounds", "2", "--comm-dtype", "float16", "--pool-view", "live", "--lambda", "0"],
     "fused": ["--rounds", "2", "--fused"],
