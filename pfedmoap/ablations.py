@@ -221,7 +221,9 @@ def load_suite(spec: str, overrides: dict[str, Any] | None = None, seeds: list[i
             except ConfigError as exc:
                 label = ", ".join(f"{k}={_show(v)}" for k, v in point.items())
                 raise ConfigError(f"{where} ({label}): {exc}") from None
-            cases.append(Case(values={a: point.get(a) for a in axes}, config=cfg, key=_diff_key(cfg)))
+            # a field a case leaves out shows the value the run has (e.g. knn's distance in a selection study)
+            shown = {a: point[a] if a in point else getattr(cfg, a) for a in axes}
+            cases.append(Case(values=shown, config=cfg, key=_diff_key(cfg)))
         studies.append(
             Study(
                 name=sname,
@@ -253,6 +255,10 @@ def check_folder(cfg: Config, run_dir: Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         saved = None
     wanted = _comparable(cfg.to_dict())
+    if saved is not None:
+        # a field added to Config after the run was made: the run had its default behaviour
+        defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+        saved = {**{k: defaults[k] for k in wanted if k not in saved and k in defaults}, **saved}
     if saved is None or _comparable(saved) != wanted:
         different = (
             ["config.json unreadable"]
@@ -335,15 +341,20 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
     for study in suite.studies:
         rows = []
         for case in study.cases:
-            finals, bests, seconds, summaries = [], [], [], []
+            finals, bests, seconds, done = [], [], [], []
             for seed in suite.seeds:
-                run_dir = out / "runs" / run_folder(case) / f"seed{seed}"
-                summary = json.loads((run_dir / "summary.json").read_text())
-                summaries.append(summary)
+                summary_file = out / "runs" / run_folder(case) / f"seed{seed}" / "summary.json"
+                if not summary_file.is_file():
+                    continue  # not run yet (--report-only on an unfinished suite)
+                summary = json.loads(summary_file.read_text())
+                done.append(seed)
                 finals.append(summary["final_mean_acc"])
                 bests.append(summary["best_mean_acc"])
                 seconds.append(summary["seconds"])
-            first = out / "runs" / run_folder(case) / f"seed{suite.seeds[0]}"
+            if not done:
+                rows.append({"values": case.values, "label": case.label, "run": run_folder(case), "seeds_done": []})
+                continue
+            first = out / "runs" / run_folder(case) / f"seed{done[0]}"
             last = read_metrics(first)[-1]
             meta = json.loads((first / "config.json").read_text()).get("_meta", {})
             participants = len(last["client_bytes_down"])
@@ -351,6 +362,7 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
                 "values": case.values,
                 "label": case.label,
                 "run": run_folder(case),
+                "seeds_done": done,
                 "final": _stats(finals),
                 "best": _stats(bests),
                 "final_per_seed": finals,
@@ -365,7 +377,7 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
                 down, up = theoretical_bytes(case.config, width, participants, element)
                 row.update(prompt_width=width, theoretical_bytes_down=down, theoretical_bytes_up=up)
             rows.append(row)
-        best = max(rows, key=lambda r: r["final"][0])
+        measured = [r for r in rows if r["seeds_done"]]
         studies[study.name] = {
             "title": study.title,
             "axes": list(study.axes),
@@ -373,9 +385,10 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
             "paper": study.paper,
             "scale": study.scale,
             "rows": rows,
-            "best": best["label"],
-            "spread": max(r["final"][0] for r in rows) - min(r["final"][0] for r in rows),
-            "max_seed_std": max(r["final"][1] for r in rows),
+            "complete": all(len(r["seeds_done"]) == len(suite.seeds) for r in rows),
+            "best": max(measured, key=lambda r: r["final"][0])["label"] if measured else None,
+            "spread": max(r["final"][0] for r in measured) - min(r["final"][0] for r in measured) if measured else 0.0,
+            "max_seed_std": max((r["final"][1] for r in measured), default=0.0),
         }
     result["studies"] = studies
     return result
@@ -399,7 +412,13 @@ def study_markdown(name: str, study: dict[str, Any], seeds: list[int], image: st
     lines.append("|" + "---|" * len(header))
     for row in study["rows"]:
         cells = [_show(row["values"][a]) for a in axes]
-        cells += [_cell(row["final"]), _cell(row["best"])]
+        if not row["seeds_done"]:
+            lines.append("| " + " | ".join(cells + ["not run yet"] + ["-"] * (len(header) - len(cells) - 1)) + " |")
+            continue
+        final = _cell(row["final"])
+        if len(row["seeds_done"]) < len(seeds):
+            final += f" (seeds {', '.join(map(str, row['seeds_done']))} only)"
+        cells += [final, _cell(row["best"])]
         cells += [format_bytes(row["last_round_bytes_down"]), format_bytes(row["last_round_bytes_up"])]
         if bytes_cols:
             down, up = row.get("theoretical_bytes_down"), row.get("theoretical_bytes_up")
@@ -409,11 +428,13 @@ def study_markdown(name: str, study: dict[str, Any], seeds: list[int], image: st
                 ratio = (row["last_round_bytes_down"] + row["last_round_bytes_up"]) / (down + up)
                 cells += [format_bytes(down), format_bytes(up), f"{ratio:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
+    summary = (
         f"Best: {study['best']}; the means span {study['spread']:.2f} points; the largest std over seeds is "
-        f"{study['max_seed_std']:.2f}. Bytes: the last round, all participants, seed {seeds[0]}.",
-    ]
+        f"{study['max_seed_std']:.2f}. Bytes: the last round, all participants, the first seed run."
+    )
+    if not study.get("complete", True):
+        summary = "**Incomplete: the suite has not finished this study (rerun it to go on).** " + summary
+    lines += ["", summary]
     scale = study.get("scale")
     if bytes_cols and scale:
         lines += ["", scale_table(study, scale)]
@@ -461,9 +482,10 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     from . import plots
 
     written = []
-    for name, study in result["studies"].items():
-        kind, path = study["plot"], folder / f"{name}.png"
-        if kind is None:
+    for name, original in result["studies"].items():
+        kind, path = original["plot"], folder / f"{name}.png"
+        study = {**original, "rows": [r for r in original["rows"] if r["seeds_done"]]}
+        if kind is None or not study["rows"]:
             continue
         if kind == "line":
             plots.metric_vs_value(study, path)
@@ -473,7 +495,7 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
             plots.bytes_vs_value(study, path)
         elif kind == "heatmap":
             plots.accuracy_heatmap(study, path)
-        study["image"] = path.name
+        original["image"] = path.name
         written.append(path)
     return written
 
@@ -506,10 +528,17 @@ def main_suite(
     plots: bool,
     readme: Path | None = None,
     log: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> int:
-    """``python -m pfedmoap.experiments --suite ...``: load, run, report (and fill the README)."""
+    """``python -m pfedmoap.experiments --suite ...``: load, run (unless ``report_only``: report the finished
+    runs, marking the rest), report (and fill the README)."""
     suite = load_suite(spec, overrides, seeds)
-    result = run_suite(suite, out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if report_only:
+        for case, seed in suite.runs():
+            check_folder(case.config.replace(seed=seed), out / "runs" / run_folder(case) / f"seed{seed}")
+        result = summarise(suite, out)
+    else:
+        result = run_suite(suite, out, log=lambda line: print(line, file=sys.stderr, flush=True))
     images: list[Path] = []
     if plots:
         try:

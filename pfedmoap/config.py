@@ -102,8 +102,8 @@ class Config:
     # paper's ablation); None: the method's own (pfedmoap: private, pfedmoap-shared-gate: aggregated)
     gate_sharing: str | None = None
     pool_view: str = "snapshot"  # "live" reproduces the reference code's mid-round pool mutation
-    # how many sampled clients train in lock step, sharing each step's text-encoder pass (0: all of a round's);
-    # None: the device's default (CUDA: all, CPU: 1). Needs the snapshot pool (clients must not see each other).
+    # how many sampled clients train in lock step, sharing each step's text-encoder pass (at least the sampled
+    # count: the whole round); None: the device's default (CUDA: all, CPU: 1). Needs the snapshot pool.
     parallel_clients: int | None = None
 
     # --- optimisation (SGD, fresh per client per round)
@@ -213,7 +213,7 @@ class Config:
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
         if self.parallel_clients is not None:
-            _at_least("parallel_clients", self.parallel_clients, 0)
+            _at_least("parallel_clients", self.parallel_clients, 1)
             if self.parallel_clients != 1 and self.pool_view == "live":
                 raise ConfigError(
                     f"parallel_clients={self.parallel_clients} needs pool_view=snapshot: with the live pool each "

@@ -242,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run an ablation suite instead of a table: a built-in name (ablations) or a JSON file of your own grid",
     )
     p.add_argument("--readme", help="with --suite: fill this README's ablation section from the suite's report")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="with --suite: run nothing, report the finished runs (an unfinished study is marked as such)",
+    )
     p.add_argument("--rounds", type=int, help="override the presets' rounds (e.g. for a quick check)")
     p.add_argument("--out", default="runs/experiments")
     p.add_argument(
@@ -255,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots")
     args = p.parse_args(argv)
-    if args.suite is None and args.readme is not None:
-        return fail(PROG, "--readme needs --suite")
+    if args.suite is None and (args.readme is not None or args.report_only):
+        return fail(PROG, f"{'--readme' if args.readme is not None else '--report-only'} needs --suite")
     if args.suite is not None:
         given = [flag for flag, value in (("--preset", args.preset), ("--methods", args.methods)) if value]
         if given:
@@ -286,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         readme = Path(args.readme) if args.readme else None
         return run_command(
             PROG,
-            lambda: main_suite(args.suite, out, overrides, args.seeds, args.plots, readme),
+            lambda: main_suite(
+                args.suite, out, overrides, args.seeds, args.plots, readme, report_only=args.report_only
+            ),
             "interrupted (finished runs are kept, the interrupted one resumes from its last round; rerun to go on)",
         )
     presets = [x for x in (args.preset or "synthetic").split(",") if x]

@@ -89,7 +89,7 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--expert-distance", "expert_distance", str, " | ".join(EXPERT_DISTANCES) + " (knn's distance)"),
     ("--gate-sharing", "gate_sharing", str, " | ".join(GATE_SHARINGS) + " (private = paper; aggregated = FedAvg'd)"),
     ("--pool-view", "pool_view", str, " | ".join(POOL_VIEWS) + " (snapshot = paper)"),
-    ("--parallel-clients", "parallel_clients", int, "sampled clients trained in lock step (0: all; CUDA: all, CPU: 1)"),
+    ("--parallel-clients", "parallel_clients", int, "sampled clients trained in lock step (CUDA: all, CPU: 1)"),
     ("--lr-prompt", "lr_prompt", float, "prompt learning rate"),
     ("--lr-gate", "lr_gate", float, "gate learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),

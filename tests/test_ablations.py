@@ -99,6 +99,8 @@ def test_unknown_suite_and_flags_that_do_not_apply(tmp_path, capsys):
     assert "--methods does not apply to --suite" in capsys.readouterr().err
     assert main(["--readme", "README.md", "--out", str(tmp_path / "o")]) == 2
     assert "--readme needs --suite" in capsys.readouterr().err
+    assert main(["--report-only", "--out", str(tmp_path / "o")]) == 2
+    assert "--report-only needs --suite" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -106,6 +108,10 @@ def test_smoke_suite_end_to_end_resumes_and_fills_the_readme(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = _write(tmp_path, SMOKE)
     out = tmp_path / "out"
+    # before anything ran: --report-only runs nothing and marks every point
+    assert main(["--suite", str(path), "--out", str(out), "--report-only"]) == 0
+    assert "| 1 | not run yet |" in (out / "smoke.md").read_text() and not (out / "runs").exists()
+    capsys.readouterr()
     assert main(["--suite", str(path), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     # 2 + 1 new (average) + 1 new (n_ctx=4) synthetic configs, 4 dirichlet ones: one seed each

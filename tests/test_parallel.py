@@ -39,7 +39,7 @@ def _assert_same(seq: Federation, par: Federation) -> None:
     assert worst[0] <= RTOL, worst
 
 
-def _run_both(cfg, rounds: int, together: int = 0) -> tuple[Federation, Federation, list[int]]:
+def _run_both(cfg, rounds: int, together: int = 100) -> tuple[Federation, Federation, list[int]]:
     seq = Federation(cfg.replace(parallel_clients=1), log=lambda _: None)
     par = Federation(cfg.replace(parallel_clients=together), log=lambda _: None)
     groups = []
@@ -86,10 +86,10 @@ def test_parallel_aggregated_gate():
 
 
 def test_bad_parallel_settings_are_one_line():
-    with pytest.raises(ConfigError, match=r"parallel_clients=-1 must be an integer >= 0"):
-        make_config("synthetic", parallel_clients=-1)
-    with pytest.raises(ConfigError, match="parallel_clients=0 needs pool_view=snapshot"):
-        make_config("synthetic", parallel_clients=0, pool_view="live")
+    with pytest.raises(ConfigError, match=r"parallel_clients=0 must be an integer >= 1"):
+        make_config("synthetic", parallel_clients=0)
+    with pytest.raises(ConfigError, match="parallel_clients=10 needs pool_view=snapshot"):
+        make_config("synthetic", parallel_clients=10, pool_view="live")
     make_config("synthetic", parallel_clients=1, pool_view="live")  # sequential is fine with the live pool
     pytest.importorskip("flwr")
     from pfedmoap.flower.task import check_flower_config
@@ -108,6 +108,6 @@ def test_default_run_parallel_accuracy_within_half_a_point():
     """The default run (shipped weights, 10 rounds), all clients in lock step: per-round mean accuracy within 0.5."""
     cfg = make_config("synthetic", progress=False)
     seq = Federation(cfg.replace(parallel_clients=1), log=lambda _: None).run()
-    par = Federation(cfg.replace(parallel_clients=0), log=lambda _: None).run()
+    par = Federation(cfg.replace(parallel_clients=cfg.clients), log=lambda _: None).run()
     for a, b in zip(seq.rounds, par.rounds, strict=True):
         assert abs(a.mean_acc - b.mean_acc) <= 0.5, (a.round, a.mean_acc, b.mean_acc)

@@ -206,8 +206,11 @@ def test_ctrl_c_mid_round_exits_130_and_resumes(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    assert err.strip().splitlines()[-1].startswith("pfedmoap.train: interrupted")
-    assert "Traceback" not in err
-    assert main(["--resume", str(out), "--no-progress"]) == 0
-    assert [r[0] for r in _metrics(out)] == list(range(1, 41))
+    # the messages carry what a failure needs to be understood (this test once failed in a slow-suite run on a
+    # loaded machine and passed on its rerun; the assertion that failed was not recorded)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1].startswith("pfedmoap.train: interrupted"), err[-2000:]
+    assert "Traceback" not in err, err[-4000:]
+    done_before = [r[0] for r in _metrics(out)]
+    assert main(["--resume", str(out), "--no-progress"]) == 0, done_before
+    assert [r[0] for r in _metrics(out)] == list(range(1, 41)), done_before
