@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import re
 import shutil
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 from .comm import format_bytes
 from .config import Config, load_preset, make_config
 from .errors import ConfigError, UserError
+from .experiments import seed_stats
 
 SUITE_KEYS = ("description", "seeds", "preset", "method", "set", "studies")
 STUDY_KEYS = ("name", "title", "preset", "method", "set", "vary", "cases", "plot", "paper", "scale")
@@ -318,12 +318,6 @@ def run_suite(suite: Suite, out: Path, log: Callable[[str], None] = print) -> di
     return summarise(suite, out)
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def theoretical_bytes(cfg: Config, width: int, participants: int, element_size: int) -> tuple[int, int]:
     """Bytes per round with experts in the pool: each participant downloads P_g and its K experts and
     uploads its prompt, each n_ctx x width values."""
@@ -363,10 +357,10 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
                 "label": case.label,
                 "run": run_folder(case),
                 "seeds_done": done,
-                "final": _stats(finals),
-                "best": _stats(bests),
+                "final": seed_stats(finals),
+                "best": seed_stats(bests),
                 "final_per_seed": finals,
-                "seconds": _stats(seconds),
+                "seconds": seed_stats(seconds),
                 "last_round_bytes_down": last["bytes_down"],
                 "last_round_bytes_up": last["bytes_up"],
                 "last_round_participants": participants,

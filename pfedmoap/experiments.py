@@ -129,7 +129,8 @@ def paper_table(results: dict[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
+def seed_stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (n - 1) over seeds; std 0 for one seed."""
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return mean, std
@@ -174,13 +175,13 @@ def run_sweep(
             results[preset][name] = {
                 "label": label,
                 "seeds": seeds,
-                "final": _stats(finals),
-                "best": _stats(bests),
-                "last5": _stats(last5s),
+                "final": seed_stats(finals),
+                "best": seed_stats(bests),
+                "last5": seed_stats(last5s),
                 "final_per_seed": finals,
             }
             if all(len(v) == len(seeds) for v in b2n.values()):
-                results[preset][name]["b2n"] = {k: _stats(v) for k, v in b2n.items()}
+                results[preset][name]["b2n"] = {k: seed_stats(v) for k, v in b2n.items()}
     return results
 
 
