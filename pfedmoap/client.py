@@ -212,8 +212,8 @@ class Client:
         """(image features, labels) of the train images ``idx``, on the CLIP's device."""
         device = clip.device
         feats = self._batch_features(clip, idx.to(device) if device.type != "cpu" else idx)
-        labels = self.data.train_labels.to(device)
-        return feats, labels[idx.to(labels.device)]
+        labels = self.data.train_labels
+        return feats, labels[idx.to(labels.device)].to(device)  # only the batch's labels move
 
     def optimizer(
         self, param_groups: list[dict[str, Any]], settings: TrainSettings, foreach: bool | None = None
