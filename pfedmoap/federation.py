@@ -148,8 +148,13 @@ class Federation:
     @torch.no_grad()
     def evaluate(self) -> list[float]:
         """Accuracy (%) of every client on its own test split. A client whose evaluated state did not change
-        since its last evaluation keeps its accuracy (exact: same state, same data)."""
+        since its last evaluation keeps its accuracy (exact: same state, same data). With clients trained in lock
+        step (``parallel_clients != 1``) the text features of every evaluated prompt are encoded in one pass first
+        (:meth:`~pfedmoap.runtime.ClientRuntime.prefetch_text`)."""
         shared_text: dict[tuple, torch.Tensor] = {}
+        if self.parallel_clients != 1:  # batched like the training: every client's text features in one pass
+            with nvtx_range("evaluate.text"):
+                self.runtime.prefetch_text(self.clients, self.server, shared_text)
         accs = [self.runtime.evaluate_client(client, self.server, shared_text) for client in self.clients]
         for client in self.clients:  # expert features were only kept for this evaluation: bound memory
             client.expert_text = None

@@ -108,32 +108,104 @@ class ClientRuntime:
         """Accuracy (%) of one client with the state its method evaluates it with, on its own test split; with
         ``--eval-split base2novel`` also on the shared base and novel sets (``client.split_acc``). An unchanged
         state keeps its accuracies (exact: same state, same data). ``shared_text`` shares text features between
-        clients evaluated with the same prompt (e.g. every never-trained client with P_g)."""
+        clients evaluated with the same prompt (e.g. every never-trained client with P_g), and holds those
+        :meth:`prefetch_text` encoded for all clients at once."""
         shared_text = {} if shared_text is None else shared_text
         method, batch = self.method, self.cfg.eval_batch_size
         view = method.eval_state(state, client)
         if client.eval_key == view.key and client.accuracy is not None:
             return client.accuracy
-
-        def text_over(encoder: PromptEncoder, space: str) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
-            def text(key: tuple, prompts: torch.Tensor) -> torch.Tensor:
-                if space == "own" and key[:1] == ("experts",):
-                    cached = client.expert_text  # encoded by this round's update already
-                    if cached is not None and cached[0] == client.version:
-                        return cached[1]
-                if (space, *key) not in shared_text:
-                    shared_text[(space, *key)] = encoder.encode(prompts)
-                return shared_text[(space, *key)]
-
-            return text
-
-        scorer = method.scorer(self, client, view, self.encoder, text_over(self.encoder, "own"))
+        scorer = method.scorer(self, client, view, self.encoder, self._text_source(client, "own", shared_text))
         acc = client.evaluate_with(scorer, batch, weights=view.use_gate)
         split_acc = {}
         for es in self.world.eval_sets():
             same = es.encoder is self.encoder  # base classes: the client's own label space
-            score = scorer if same else method.scorer(self, client, view, es.encoder, text_over(es.encoder, es.name))
+            score = (
+                scorer
+                if same
+                else method.scorer(self, client, view, es.encoder, self._text_source(client, es.name, shared_text))
+            )
             split_acc[es.name] = accuracy(score, es.features, es.labels, batch)[0]
         client.split_acc = split_acc
         client.eval_key, client.accuracy = view.key, acc
         return acc
+
+    @torch.no_grad()
+    def prefetch_text(
+        self, clients: Sequence[Client], state: GlobalState, shared_text: dict[tuple, torch.Tensor]
+    ) -> int:
+        """Encode the text features the evaluation of ``clients`` will ask for, all of them in one text-encoder
+        pass per class set (chunked to :data:`EVAL_TEXT_ROWS` class sequences), into ``shared_text``; the
+        evaluations then find them there. Each method's scorer is asked what it needs with placeholders on the
+        meta device (no compute). Returns the number of encoder passes."""
+        spaces: dict[str, tuple[PromptEncoder, dict[tuple, torch.Tensor]]] = {"own": (self.encoder, {})}
+        for es in self.world.eval_sets():
+            if es.encoder is not self.encoder:
+                spaces[es.name] = (es.encoder, {})
+        for client in clients:
+            view = self.method.eval_state(state, client)
+            if client.eval_key == view.key and client.accuracy is not None:
+                continue  # kept: evaluate_client will not encode
+            for space, (encoder, wanted) in spaces.items():
+                self.method.scorer(self, client, view, encoder, self._text_source(client, space, shared_text, wanted))
+        passes = 0
+        for encoder, wanted in spaces.values():
+            for chunk in _row_chunks(list(wanted.items()), encoder.num_classes, EVAL_TEXT_ROWS):
+                stacks = [p if p.dim() == 3 else p[None] for _, p in chunk]
+                feats = encoder.encode(torch.cat([s.to(self.device, torch.float32) for s in stacks]))
+                passes += 1
+                parts = feats.split([s.shape[0] for s in stacks])
+                for (key, prompts), part in zip(chunk, parts, strict=True):
+                    shared_text[key] = part if prompts.dim() == 3 else part[0]
+        return passes
+
+    def _text_source(
+        self,
+        client: Client,
+        space: str,
+        shared_text: dict[tuple, torch.Tensor],
+        wanted: dict[tuple, torch.Tensor] | None = None,
+    ) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
+        """A scorer's ``text(key, prompts)`` for ``client`` over one class set (``space``: "own" or an evaluation
+        set's name): the expert features this round's update encoded, else ``shared_text``, else encoded now; with
+        ``wanted``, a request is recorded there instead and answered with a placeholder on the meta device."""
+        encoder = self.encoder
+        if space != "own":
+            encoder = next(es.encoder for es in self.world.eval_sets() if es.name == space)
+
+        def text(key: tuple, prompts: torch.Tensor) -> torch.Tensor:
+            if space == "own" and key[:1] == ("experts",):
+                cached = client.expert_text  # encoded by this round's update already
+                if cached is not None and cached[0] == client.version:
+                    return cached[1]
+            full = (space, *key)
+            if full not in shared_text:
+                if wanted is not None:
+                    wanted.setdefault(full, prompts)
+                    shape = (*prompts.shape[:-2], encoder.num_classes, self.clip.embed_dim)
+                    return torch.empty(shape, device="meta")
+                shared_text[full] = encoder.encode(prompts)
+            return shared_text[full]
+
+        return text
+
+
+EVAL_TEXT_ROWS = 8192
+"""At most this many class sequences (prompts x classes) per text-encoder pass of :meth:`ClientRuntime.prefetch_text`
+(with RN50's 77-token, 512-wide text tower, about 1.3 GB of activations per layer in float32)."""
+
+
+def _row_chunks(
+    items: list[tuple[tuple, torch.Tensor]], classes: int, limit: int
+) -> list[list[tuple[tuple, torch.Tensor]]]:
+    """Consecutive groups of requests whose prompts x classes stay within ``limit`` (a larger request alone)."""
+    chunks: list[list[tuple[tuple, torch.Tensor]]] = []
+    rows = 0
+    for item in items:
+        n = (item[1].shape[0] if item[1].dim() == 3 else 1) * classes
+        if not chunks or rows + n > limit:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(item)
+        rows += n
+    return chunks

@@ -85,6 +85,60 @@ def test_parallel_aggregated_gate():
     _run_both(small_config(method="pfedmoap", gate_sharing="aggregated", clients=4, experts=2, rounds=2), rounds=2)
 
 
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("pfedmoap", {}), ("fedotp", {}), ("pfedmoap", {"eval_split": "base2novel", "subsample": "base", "frac": 0.5})],
+)
+def test_parallel_evaluation_encodes_all_clients_in_one_pass(method, extra, monkeypatch):
+    """Issue 15, item 2: the evaluation of a lock-step run encodes every evaluated prompt's text in one pass per
+    class set (the experts a client trained with this round come from its update), with the sequential accuracies.
+    """
+    cfg = small_config(method=method, clients=4, experts=2, rounds=2, **extra)
+    seq = Federation(cfg.replace(parallel_clients=1), log=lambda _: None)
+    par = Federation(cfg.replace(parallel_clients=4), log=lambda _: None)
+    world = par.runtime.world
+    encoders = [par.encoder] + [es.encoder for es in world.eval_sets() if es.encoder is not par.encoder]
+    calls: list[tuple[int, int]] = []  # (which encoder, how many prompts) of every encode call
+    for i, enc in enumerate(encoders):
+        monkeypatch.setattr(enc, "encode", _recording(enc.encode, i, calls))
+    prefetched: list[tuple[int, int]] = []  # what prefetch_text reported: (passes, encode calls)
+    evaluated: list[list[tuple[int, int]]] = []  # the encode calls of each whole evaluation
+    prefetch, evaluate = par.runtime.prefetch_text, par.evaluate
+
+    def counting_prefetch(*args, **kwargs):
+        start = len(calls)
+        count = prefetch(*args, **kwargs)
+        prefetched.append((count, len(calls) - start))
+        return count
+
+    def counting_evaluate():
+        start = len(calls)
+        out = evaluate()
+        evaluated.append(calls[start:])
+        return out
+
+    monkeypatch.setattr(par.runtime, "prefetch_text", counting_prefetch)
+    monkeypatch.setattr(par, "evaluate", counting_evaluate)
+    for t in (1, 2):
+        ra, rb = seq.run_round(t), par.run_round(t)
+        assert ra.client_acc == pytest.approx(rb.client_acc, abs=1e-9, nan_ok=True)
+        assert ra.split_acc == rb.split_acc
+        made = evaluated[-1]
+        # every encode of the evaluation is prefetch's, one per class set
+        assert prefetched[-1] == (len(made), len(made)) and len(made) == len({i for i, _ in made}), made
+        if t == 2 and method == "pfedmoap" and not extra:
+            # every client trained this round and keeps its experts' features: its own 4 new prompts, one pass
+            assert made == [(0, 4)]
+
+
+def _recording(encode, which: int, calls: list[tuple[int, int]]):
+    def wrapped(ctx: torch.Tensor) -> torch.Tensor:
+        calls.append((which, 1 if ctx.dim() == 2 else ctx.shape[0]))
+        return encode(ctx)
+
+    return wrapped
+
+
 def test_bad_parallel_settings_are_one_line():
     with pytest.raises(ConfigError, match=r"parallel_clients=0 must be an integer >= 1"):
         make_config("synthetic", parallel_clients=0)
