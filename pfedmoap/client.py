@@ -11,6 +11,7 @@ an :class:`Objective`, i.e. parameter groups with their learning rates and the l
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from torch import nn
 
 from .data.features import encode_images, random_crop_flip
 from .gates import pfedmoap_logits
+from .graphs import resolve_cuda_graphs
+from .precision import autocast
 from .profiling import nvtx_range
 
 if TYPE_CHECKING:
@@ -54,10 +57,18 @@ class TrainSettings:
     batch_size: int
     momentum: float
     weight_decay: float
+    precision: str = "fp32"  # the step's forward runs under this autocast (pfedmoap.precision)
+    cuda_graphs: bool = False  # capture the step once per shape and replay it (pfedmoap.graphs; CUDA only)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> TrainSettings:
-        return cls(cfg.local_epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay)
+    def from_config(cls, cfg: Config, device: torch.device | None = None) -> TrainSettings:
+        """The loop's settings of ``cfg``; ``device`` (the run's) resolves ``cuda_graphs=auto``."""
+        graphs = device is not None and resolve_cuda_graphs(cfg.cuda_graphs, device)
+        return cls(cfg.local_epochs, cfg.batch_size, cfg.momentum, cfg.weight_decay, cfg.precision, graphs)
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        """The forward pass's autocast on ``device`` (nothing at fp32); the backward runs outside it."""
+        return autocast(self.precision, device)
 
 
 class Objective:
@@ -103,6 +114,12 @@ class Objective:
         """:meth:`loss_from_text` with the client's tensors read from ``state`` (the keys of :meth:`vector_state`)
         and nothing else that differs between clients: it runs once, vectorised, for a whole group."""
         raise NotImplementedError
+
+    @property
+    def graphable(self) -> bool:
+        """Whether a step on this objective can be captured in a CUDA graph: no host synchronisation, no
+        data-dependent shape or branch in :meth:`loss` (default: not known, so no)."""
+        return False
 
     @property
     def batchable(self) -> bool:
@@ -231,11 +248,17 @@ class Client:
         clients."""
         opt = self.optimizer(objective.param_groups(), settings)
         objective.begin()
+        if settings.cuda_graphs and objective.graphable and clip.device.type == "cuda":
+            self._train_graphed(objective, settings, clip, opt)
+            objective.end()
+            self.trained()
+            return
         for idx in self.batch_indices(settings):
             with nvtx_range("step"):
-                with nvtx_range("step.features"):
-                    feats, labels = self.batch(clip, idx)
-                loss = objective.loss(feats, labels)
+                with settings.autocast(clip.device):
+                    with nvtx_range("step.features"):
+                        feats, labels = self.batch(clip, idx)
+                    loss = objective.loss(feats, labels)
                 with nvtx_range("step.backward"):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -243,6 +266,30 @@ class Client:
                     opt.step()
         objective.end()
         self.trained()
+
+    def _train_graphed(
+        self, objective: Objective, settings: TrainSettings, clip: FrozenCLIP, opt: torch.optim.Optimizer
+    ) -> None:
+        """:meth:`train`'s loop with each step captured in a CUDA graph and replayed (:mod:`pfedmoap.graphs`); the
+        batches are fetched outside the graph and copied into its inputs."""
+        from .graphs import StepGraphs
+
+        graphs = StepGraphs(clip.device)
+
+        def step(feats: torch.Tensor, labels: torch.Tensor) -> None:
+            with settings.autocast(clip.device):
+                loss = objective.loss(feats, labels)
+            with nvtx_range("step.backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with nvtx_range("step.optimizer"):
+                opt.step()
+
+        for idx in self.batch_indices(settings):
+            with nvtx_range("step"):
+                with nvtx_range("step.features"), settings.autocast(clip.device):
+                    feats, labels = self.batch(clip, idx)
+                graphs.run(step, (feats, labels))
 
     def trained(self) -> None:
         """Count a finished local update (its state changed: cached evaluations are stale)."""

@@ -17,6 +17,8 @@ from typing import Any
 from . import registry
 from .data.registry import list_datasets
 from .errors import ConfigError
+from .graphs import CUDA_GRAPHS
+from .precision import PRECISIONS
 
 PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "iid")
 REDUCTIONS = ("strided", "avgpool")
@@ -129,6 +131,11 @@ class Config:
     device: str = "auto"
     threads: int | None = None
     fused: bool = False
+    # fp32, or bf16: autocast of the frozen encoders' forward and the training step, fp32 master prompt and gate
+    # (pfedmoap.precision)
+    precision: str = "fp32"
+    # CUDA graphs of the fixed-shape training step (pfedmoap.graphs): auto = on CUDA, on (CUDA only), off
+    cuda_graphs: str = "auto"
     comm_dtype: str = "float32"  # dtype of prompts on the wire
     eval_batch_size: int = 512
     progress: bool = True
@@ -179,6 +186,8 @@ class Config:
         _choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
         _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
         _choice("subsample", self.subsample, SUBSAMPLES)
         _choice("eval_split", self.eval_split, EVAL_SPLITS)
         if self.subsample == "new" and method.trains:

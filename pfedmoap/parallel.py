@@ -18,11 +18,13 @@ applied), as if it had stopped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from .graphs import StepGraphs
 from .profiling import nvtx_range
 
 if TYPE_CHECKING:
@@ -61,6 +63,25 @@ def train_together(
     active = list(range(len(clients)))
     for o in objectives:
         o.begin()
+
+    def step(active: list[int], *flat: torch.Tensor) -> None:
+        """One lock step of the ``active`` clients on their batches (features, labels, features, labels, ...)."""
+        with settings.autocast(clip.device):  # the forward only: the backward runs outside autocast
+            contexts = [objectives[i].contexts() for i in active]
+            with nvtx_range("step.text_encode"):
+                text = encoder.encode(torch.cat(contexts))  # one pass for every active client
+            parts = text.split([c.shape[0] for c in contexts])
+            pairs = [(flat[2 * j], flat[2 * j + 1]) for j in range(len(active))]
+            with nvtx_range("step.gate"):
+                losses = _losses([objectives[i] for i in active], pairs, parts)
+        with nvtx_range("step.backward"):
+            opt.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()
+        with nvtx_range("step.optimizer"):
+            opt.step()
+
+    graphed = settings.cuda_graphs and clip.device.type == "cuda" and all(o.graphable for o in objectives)
+    graphs = StepGraphs(clip.device) if graphed else None
     while True:
         indices = {}
         for i in active:
@@ -71,21 +92,12 @@ def train_together(
         if not active:
             break
         with nvtx_range("step"):
-            with nvtx_range("step.features"):
-                batches = {i: clients[i].batch(clip, idx) for i, idx in indices.items()}
-            contexts = [objectives[i].contexts() for i in active]
-            with nvtx_range("step.text_encode"):
-                text = encoder.encode(torch.cat(contexts))  # one pass for every active client
-            parts = dict(zip(active, text.split([c.shape[0] for c in contexts]), strict=True))
-            with nvtx_range("step.gate"):
-                losses = _losses(
-                    [objectives[i] for i in active], [batches[i] for i in active], [parts[i] for i in active]
-                )
-            with nvtx_range("step.backward"):
-                opt.zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()
-            with nvtx_range("step.optimizer"):
-                opt.step()
+            with nvtx_range("step.features"), settings.autocast(clip.device):
+                flat = [t for i in active for t in clients[i].batch(clip, indices[i])]
+            if graphs is None:
+                step(active, *flat)
+            else:  # one graph per set of active clients (clients finish at different steps when sizes differ)
+                graphs.run(functools.partial(step, active), flat, key=tuple(active))
     for o, c in zip(objectives, clients, strict=True):
         o.end()
         c.trained()

@@ -112,6 +112,7 @@ class PromptEncoder:
         self.length = length
         self.tokens = tokens
         self._zero_shot: torch.Tensor | None = None
+        self._layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # shared-prefix layout per expert count
 
     @property
     def num_classes(self) -> int:
@@ -138,7 +139,11 @@ class PromptEncoder:
             # [SOS] + context is identical for every class: one copy per expert
             shared = torch.cat([self.prefix[:1].expand(experts, 1, -1), stack], dim=1)
             suffix = self.suffix[None].expand(experts, *self.suffix.shape)
-            feats = self.clip.text.encode_shared_prefix(shared, suffix, self.eot).float()
+            if experts not in self._layouts:
+                self._layouts[experts] = self.clip.text.shared_prefix_layout(
+                    self.eot, experts, shared.shape[1], suffix.shape[2]
+                )
+            feats = self.clip.text.encode_shared_prefix(shared, suffix, self.eot, self._layouts[experts]).float()
         else:
             seqs = self.assemble(stack)
             feats = self.clip.text.encode_embeddings(seqs, self.eot.repeat(experts)).float()

@@ -7,6 +7,7 @@ The in-process engine calls it for each sampled client, a Flower node for its on
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -17,9 +18,10 @@ from torch import nn
 from . import comm
 from .client import Client, Objective, TrainSettings, accuracy
 from .gates import create_gate
-from .methods import GlobalState, Method, Payload, Upload
+from .methods import EvalState, GlobalState, Method, Payload, Upload
 from .ops import REFERENCE, OpTable
 from .parallel import train_together
+from .precision import autocast
 from .privacy import run_noise_multiplier
 from .profiling import timed
 
@@ -40,8 +42,12 @@ class ClientRuntime:
         self.clip = world.clip
         self.encoder = world.encoder
         self.device = world.device
-        self.settings = TrainSettings.from_config(cfg)
+        self.settings = TrainSettings.from_config(cfg, self.device)
         self.dp_noise_multiplier = run_noise_multiplier(cfg)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The run's ``--precision`` autocast on its device, for forward passes (nothing at fp32)."""
+        return autocast(self.cfg.precision, self.device)
 
     def make_gate(self) -> nn.Module:
         """A fresh gate of the run's kind, with the run's fused ops (clients call it under their own seed)."""
@@ -69,7 +75,7 @@ class ClientRuntime:
         uploads: list[Upload | None] = []
         for start in range(0, len(jobs), max(1, size)):
             chunk = jobs[start : start + max(1, size)]
-            with timed(phases, "prepare"):
+            with timed(phases, "prepare"), self.autocast():  # pFedMoAP encodes its experts here
                 objectives = [self.method.objective(self, state, client, payload) for client, payload in chunk]
             with timed(phases, "train"):
                 batchable = [o.batchable and o.encoder is self.encoder for o in objectives]
@@ -111,10 +117,14 @@ class ClientRuntime:
         clients evaluated with the same prompt (e.g. every never-trained client with P_g), and holds those
         :meth:`prefetch_text` encoded for all clients at once."""
         shared_text = {} if shared_text is None else shared_text
-        method, batch = self.method, self.cfg.eval_batch_size
-        view = method.eval_state(state, client)
+        view = self.method.eval_state(state, client)
         if client.eval_key == view.key and client.accuracy is not None:
             return client.accuracy
+        with self.autocast():
+            return self._evaluate(client, view, shared_text)
+
+    def _evaluate(self, client: Client, view: EvalState, shared_text: dict[tuple, torch.Tensor]) -> float:
+        method, batch = self.method, self.cfg.eval_batch_size
         scorer = method.scorer(self, client, view, self.encoder, self._text_source(client, "own", shared_text))
         acc = client.evaluate_with(scorer, batch, weights=view.use_gate)
         split_acc = {}
@@ -149,15 +159,22 @@ class ClientRuntime:
             for space, (encoder, wanted) in spaces.items():
                 self.method.scorer(self, client, view, encoder, self._text_source(client, space, shared_text, wanted))
         passes = 0
-        for encoder, wanted in spaces.values():
-            for chunk in _row_chunks(list(wanted.items()), encoder.num_classes, EVAL_TEXT_ROWS):
-                stacks = [p if p.dim() == 3 else p[None] for _, p in chunk]
-                feats = encoder.encode(torch.cat([s.to(self.device, torch.float32) for s in stacks]))
-                passes += 1
-                parts = feats.split([s.shape[0] for s in stacks])
-                for (key, prompts), part in zip(chunk, parts, strict=True):
-                    shared_text[key] = part if prompts.dim() == 3 else part[0]
+        with self.autocast():
+            for encoder, wanted in spaces.values():
+                passes += self._encode_all(encoder, wanted, shared_text)
         return passes
+
+    def _encode_all(
+        self, encoder: PromptEncoder, wanted: dict[tuple, torch.Tensor], shared_text: dict[tuple, torch.Tensor]
+    ) -> int:
+        """Encode ``wanted`` (key -> prompts over ``encoder``'s classes) in as few passes as fit; returns the count."""
+        chunks = _row_chunks(list(wanted.items()), encoder.num_classes, EVAL_TEXT_ROWS)
+        for chunk in chunks:
+            stacks = [p if p.dim() == 3 else p[None] for _, p in chunk]
+            feats = encoder.encode(torch.cat([s.to(self.device, torch.float32) for s in stacks]))
+            for (key, prompts), part in zip(chunk, feats.split([s.shape[0] for s in stacks]), strict=True):
+                shared_text[key] = part if prompts.dim() == 3 else part[0]
+        return len(chunks)
 
     def _text_source(
         self,

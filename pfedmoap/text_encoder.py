@@ -126,7 +126,31 @@ class TextTower:
                 return None
         return list(blocks)
 
-    def encode_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def shared_prefix_layout(
+        eot: torch.Tensor, n_exp: int, n_pre: int, n_suf: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed suffix stream's layout for :meth:`encode_shared_prefix`: (``packed``, the flat positions of the
+        real suffix tokens in the padded [E*C*S] layout; ``eot_rows``, each (expert, class) EOT token's row in the
+        packed stream [E*C]). It depends on the classes' EOT positions and the shapes only, so a caller encoding
+        the same classes again passes it back in (no data-dependent ``nonzero`` per call: a CUDA graph can capture
+        the pass, and eager steps lose a host sync)."""
+        rows = eot - n_pre  # each class's EOT row within its suffix
+        valid = torch.arange(n_suf, device=eot.device)[None, :] <= rows[:, None]  # [C, S]
+        flat_valid = valid.expand(n_exp, -1, -1).reshape(-1)
+        packed = flat_valid.nonzero().squeeze(1)  # flat ids in [E*C*S]
+        slot = torch.cumsum(flat_valid.long(), 0) - 1  # position of each padded token in the packed stream
+        n_cls = eot.shape[0]
+        flat_eot = torch.arange(n_exp * n_cls, device=eot.device).view(n_exp, n_cls) * n_suf + rows[None, :]
+        return packed, slot[flat_eot].reshape(-1)
+
+    def encode_shared_prefix(
+        self,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+        eot: torch.Tensor,
+        layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Encode E x C prompts whose first P tokens are shared by all C classes of an expert.
 
         prefix [E, P, W]: token embeddings of [SOS] + context (one copy per expert);
@@ -134,7 +158,8 @@ class TextTower:
         sequence (>= P). The prefix positions' hidden states are computed once per expert (causal
         attention: they never see the suffix) and every suffix token attends to [prefix; its own suffix]
         with the causal mask. Returns the projected EOT features [E, C, D], unnormalised; equal to
-        :meth:`encode_embeddings` on the concatenated sequences up to float rounding.
+        :meth:`encode_embeddings` on the concatenated sequences up to float rounding. ``layout``: this call's
+        :meth:`shared_prefix_layout` (computed here when None).
         """
         blocks = self.shared_prefix_blocks()
         if blocks is None:
@@ -148,10 +173,9 @@ class TextTower:
         # to the longest name would run them through every linear layer. So the suffix stream is packed: only
         # tokens up to each class's EOT, [N, W]. Attention alone uses the padded [E*C, S] layout, where the
         # causal mask keeps a real token from seeing the padding after it.
-        rows = eot.to(prefix.device) - n_pre  # each class's EOT row within its suffix
-        valid = torch.arange(n_suf, device=prefix.device)[None, :] <= rows[:, None]  # [C, S]
-        flat_valid = valid.expand(n_exp, n_cls, n_suf).reshape(-1)
-        packed = flat_valid.nonzero().squeeze(1)  # flat ids in [E*C*S]
+        if layout is None:
+            layout = self.shared_prefix_layout(eot.to(prefix.device), n_exp, n_pre, n_suf)
+        packed, eot_rows = layout
         xs = (suffix.to(cast_dtype) + pos[n_pre : n_pre + n_suf]).reshape(-1, width).index_select(0, packed)
         # additive masks: the prefix is causal in itself; a suffix token sees the whole prefix and the
         # suffix tokens up to itself
@@ -160,10 +184,7 @@ class TextTower:
         suffix_mask = full_mask[n_pre:, :]
         for blk in blocks:
             xp, xs = _shared_prefix_block(blk, xp, xs, packed, n_cls, n_suf, prefix_mask, suffix_mask)
-        # position of each (expert, class) EOT token in the packed stream
-        slot = torch.cumsum(flat_valid.long(), 0) - 1
-        flat_eot = torch.arange(n_exp * n_cls, device=xs.device).view(n_exp, n_cls) * n_suf + rows[None, :]
-        x = xs.index_select(0, slot[flat_eot].reshape(-1)).view(n_exp, n_cls, width)  # [E, C, W]
+        x = xs.index_select(0, eot_rows).view(n_exp, n_cls, width)  # [E, C, W]: each (expert, class) EOT token
         x = self.ln_final(x)
         if isinstance(self.text_projection, nn.Linear):
             x = self.text_projection(x)

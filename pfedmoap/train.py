@@ -34,7 +34,9 @@ from .config import (
     make_config,
     preset_description,
 )
+from .graphs import CUDA_GRAPHS
 from .launch import default_run_dir, resume, run
+from .precision import PRECISIONS
 from .rounds import History
 from .rundir import RunDir
 
@@ -113,6 +115,8 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--device", "device", str, " | ".join(DEVICES)),
     ("--threads", "threads", int, "torch CPU threads"),
     ("--comm-dtype", "comm_dtype", str, " | ".join(COMM_DTYPES) + " (prompts on the wire)"),
+    ("--precision", "precision", str, " | ".join(PRECISIONS) + " (bf16: autocast encoders and step, fp32 masters)"),
+    ("--cuda-graphs", "cuda_graphs", str, " | ".join(CUDA_GRAPHS) + " (capture the training step; auto: on CUDA)"),
     ("--eval-batch-size", "eval_batch_size", int, "evaluation / feature batch size"),
     ("--out", "out", str, "run directory (must not hold another run)"),
 ]

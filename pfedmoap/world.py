@@ -23,7 +23,9 @@ from .data import DatasetBundle, DatasetOptions, create_dataset, partition
 from .data.features import encode_subset
 from .data.subsample import subsample_classes
 from .errors import ConfigError
+from .graphs import resolve_cuda_graphs
 from .ops import REFERENCE, OpTable
+from .precision import autocast, check_precision
 from .prompt import PromptEncoder, initial_prompt, phrase_embedding
 from .seeding import Stream, client_seed, stream
 
@@ -79,6 +81,8 @@ class World:
     ):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        check_precision(cfg.precision, self.device)
+        resolve_cuda_graphs(cfg.cuda_graphs, self.device)  # on without CUDA: one line, before anything is built
         # the data first: a missing dataset should fail before a model is loaded or pretrained
         full = dataset or create_dataset(
             cfg.dataset,
@@ -132,7 +136,8 @@ class World:
         if not 0 <= cid < self.num_clients:
             raise ConfigError(f"client {cid} is outside 0..{self.num_clients - 1}")
         if cid not in self._data:
-            self._data[cid] = self._encode(cid)
+            with autocast(self.cfg.precision, self.device):  # the frozen image encoder's forward (features: fp32)
+                self._data[cid] = self._encode(cid)
         return self._data[cid]
 
     def _encode(self, cid: int) -> ClientData:
@@ -191,5 +196,6 @@ class World:
 
     def _eval_set(self, name: str, encoder: PromptEncoder, bundle: DatasetBundle) -> EvalSet:
         rows = np.arange(len(bundle.test))
-        feats = encode_subset(self.clip, bundle.test, rows, self.cfg.eval_batch_size, local=self.local_features)
+        with autocast(self.cfg.precision, self.device):
+            feats = encode_subset(self.clip, bundle.test, rows, self.cfg.eval_batch_size, local=self.local_features)
         return EvalSet(name, encoder, feats, torch.as_tensor(bundle.test.labels, dtype=torch.long))

@@ -88,6 +88,9 @@ BAD = [
     (["--seed", "-1"], "seed=-1 must be an integer in 0..4294967295"),
     (["--seed", "99999999999999999999"], "seed=99999999999999999999 must be an integer"),
     (["--n-ctx", "80"], "n_ctx=80 leaves no room for the class names"),
+    (["--precision", "fp16"], "precision='fp16' is not one of: fp32, bf16"),
+    (["--parallel-clients", "0"], "parallel_clients=0 must be an integer >= 1"),
+    (["--parallel-clients", "two"], "invalid int value: 'two'"),
 ]
 
 

@@ -144,6 +144,37 @@ def test_low_precision_is_no_worse_than_the_reference(dtype):
 
 
 @needs_runner
+def test_under_autocast_the_bf16_path_runs_with_fp32_logits_and_master_grads(monkeypatch):
+    """--precision bf16: under autocast the fused op casts the query, experts and fp32 gate weights to bf16 and runs
+    the kernels on them (the bf16 path); the logits come back in fp32, the grads in fp32 (the master weights), and
+    they match the fp32 reference evaluated on the bf16-rounded inputs within bf16 accuracy."""
+    query, feats, weights, local = make_inputs(6, 5, 6, 64, torch.float32, DEVICE, seed=5)
+    seen = []
+    apply = triton_gate._GateScore.apply
+    monkeypatch.setattr(triton_gate._GateScore, "apply", lambda *a: seen.append((a[0].dtype, a[2].dtype)) or apply(*a))
+    inputs = [query, feats, *weights, local]
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        out, _ = triton_gate.gate_score(
+            query, feats, *weights, gamma=3.0, heads=8, scaling=0.7, local=local, lam=0.5
+        )  # fmt: skip
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and out.dtype == torch.float32
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    assert all(g.dtype == torch.float32 for g in grads)
+    rounded = [t.detach().to(torch.bfloat16).float().requires_grad_() for t in inputs[:-1]] + [
+        local.detach().requires_grad_()
+    ]
+    out_x, _ = reference.gate_score(
+        rounded[0], rounded[1], *rounded[2:10], gamma=3.0, heads=8, scaling=0.7, local=rounded[10], lam=0.5
+    )  # fmt: skip
+    grads_x = torch.autograd.grad(out_x, rounded, upstream)
+    assert rel(out, out_x) < 2e-2
+    for i, (g, g_x) in enumerate(zip(grads, grads_x, strict=True)):
+        if i != 5:  # b_K: zero in exact arithmetic
+            assert rel(g, g_x) < 4e-2, i
+
+
+@needs_runner
 def test_without_local_logits_and_weights():
     query, feats, weights, _ = make_inputs(4, 3, 5, 32, torch.float32, DEVICE, seed=3, with_local=False)
     (out, attn, grads), (out_r, attn_r, grads_r) = both(query, feats, weights, None, 4, need_weights=False)

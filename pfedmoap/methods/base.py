@@ -113,6 +113,10 @@ class PromptObjective(Objective):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.prompt], "lr": self.lr_prompt}]
 
+    @property
+    def graphable(self) -> bool:
+        return True  # the text pass, the gate and the loss have fixed shapes and never sync
+
     def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.gamma * features @ text.t()
 

@@ -65,6 +65,10 @@ class LowRankObjective(Objective):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.prompt, self.u, self.v], "lr": self.cfg.lr_prompt}]
 
+    @property
+    def graphable(self) -> bool:
+        return True  # fixed shapes, no host sync (the contrastive term's labels are a fill)
+
     def contexts(self) -> torch.Tensor:
         return torch.stack([self.prompt + self.u @ self.v, self.prompt])  # personalised and global: one pass
 

@@ -97,7 +97,9 @@ def _launch_config(batch: int, dim: int, heads: int) -> tuple[int, int, int, int
 
 class _GateScore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, experts, wq, bq, wk, bk, wv, bv, wo, bo, local, heads, scaling, gamma, lam, need_weights):
+    def forward(
+        ctx, query, experts, wq, bq, wk, bk, wv, bv, wo, bo, local, heads, scaling, gamma, lam, need_weights, out_dtype
+    ):
         kernels = _load_kernels()
         batch, dim = query.shape
         n_exp, n_cls, _ = experts.shape
@@ -125,10 +127,11 @@ class _GateScore(torch.autograd.Function):
         ctx.shape = (batch, n_exp, n_cls, dim, heads)
         ctx.consts = (float(scaling), float(gamma), float(lam), block_b, d_pad, h_pad, num_warps, has_local)
         ctx.dtypes = (query.dtype, experts.dtype, wq.dtype, None if local is None else local.dtype)
+        out_dtype = query.dtype if out_dtype is None else out_dtype
         if need_weights:
             ctx.mark_non_differentiable(weights)
-            return out.to(query.dtype), weights.to(query.dtype)
-        return out.to(query.dtype), None
+            return out.to(out_dtype), weights.to(out_dtype)
+        return out.to(out_dtype), None
 
     @staticmethod
     def backward(ctx, grad_out, _grad_weights):
@@ -178,7 +181,7 @@ class _GateScore(torch.autograd.Function):
             (gamma * row_sums @ q32).to(w_dtype),  # b_O
             (lam * g).to(local_dtype) if has_local else None,
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # Above this padded width the expert-gradient kernel needs more shared memory than one block may have (compiled
@@ -238,7 +241,11 @@ def gate_score(
     local: torch.Tensor | None = None,
     lam: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fused twin of :func:`pfedmoap.ops.reference.gate_score` (same arguments, same results)."""
+    """Fused twin of :func:`pfedmoap.ops.reference.gate_score` (same arguments, same results).
+
+    Under autocast (``--precision bf16``) the query, experts and gate weights are cast to the autocast dtype and the
+    kernels run on them as they are (their bf16 path, fp32 accumulation and softmax inside); the logits come back
+    in float32 and the gradients in the dtypes of the tensors passed (the float32 master weights)."""
     weights = (wq, bq, wk, bk, wv, bv, wo, bo)
     if not _runs_here(query):
         return reference.gate_score(
@@ -248,7 +255,15 @@ def gate_score(
     dim = query.shape[-1]
     if dim % heads:
         raise ValueError(f"d_gate={dim} is not divisible by heads={heads}")
+    kind = query.device.type
+    if torch.is_autocast_enabled(kind):
+        low = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return _GateScore.apply(
+                query.to(low).contiguous(), experts.to(low).contiguous(), *(w.to(low) for w in weights), local,
+                heads, scaling, gamma, lam, need_weights, torch.float32,
+            )  # fmt: skip
     experts = experts.to(query.dtype)
     return _GateScore.apply(
-        query.contiguous(), experts.contiguous(), *weights, local, heads, scaling, gamma, lam, need_weights
+        query.contiguous(), experts.contiguous(), *weights, local, heads, scaling, gamma, lam, need_weights, None
     )
