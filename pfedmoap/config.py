@@ -57,6 +57,9 @@ class Config:
     test_per_class: int = 50  # synthetic world only
     data_seed: int = 0  # fixes the generated data; the partition follows `seed`
     augment: bool = False  # random crop + flip; image features are then recomputed every batch
+    # a folder where each client's frozen image features are kept between processes (pfedmoap.feature_cache);
+    # None: encoded in memory each time
+    feature_cache: str | None = None
     # base-to-novel (CoOp's protocol, not in the pFedMoAP paper): the classes clients see, and what is evaluated.
     # "base" keeps the first ceil(C / 2) labels (the partition runs over them); "new" the rest (evaluation only)
     subsample: str = "all"

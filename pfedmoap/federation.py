@@ -66,7 +66,7 @@ class Federation:
         if profiling.is_enabled():
             self.log(profiling.describe())
         self.method = create_method(cfg)
-        self.world = World(cfg, self.ops, clip=clip, dataset=dataset)
+        self.world = World(cfg, self.ops, clip=clip, dataset=dataset, log=self.log)
         self.clients: list[Client] = self.world.new_clients(progress=cfg.progress)
         self.runtime = ClientRuntime(cfg, self.world, self.method, self.ops)
         auto = 1 if cfg.pool_view == "live" else default_parallel_clients(self.device)

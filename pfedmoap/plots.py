@@ -33,6 +33,7 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    _pyplot().close(fig)  # pyplot keeps every figure open otherwise: a suite of many plots would hold them all
     return path
 
 

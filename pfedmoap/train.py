@@ -115,6 +115,7 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--device", "device", str, " | ".join(DEVICES)),
     ("--threads", "threads", int, "torch CPU threads"),
     ("--comm-dtype", "comm_dtype", str, " | ".join(COMM_DTYPES) + " (prompts on the wire)"),
+    ("--feature-cache", "feature_cache", str, "folder keeping each client's image features between runs / processes"),
     ("--precision", "precision", str, " | ".join(PRECISIONS) + " (bf16: autocast encoders and step, fp32 masters)"),
     ("--cuda-graphs", "cuda_graphs", str, " | ".join(CUDA_GRAPHS) + " (capture the training step; auto: on CUDA)"),
     ("--eval-batch-size", "eval_batch_size", int, "evaluation / feature batch size"),

@@ -9,20 +9,24 @@ a process builds.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import registry
+from . import feature_cache, registry
 from .client import Client, ClientData
 from .clip import FrozenCLIP, load_clip, resolve_device
 from .data import DatasetBundle, DatasetOptions, create_dataset, partition
 from .data.features import encode_subset
 from .data.subsample import subsample_classes
 from .errors import ConfigError
+from .feature_cache import FeatureCache
 from .graphs import resolve_cuda_graphs
 from .ops import REFERENCE, OpTable
 from .precision import autocast, check_precision
@@ -78,8 +82,10 @@ class World:
         ops: OpTable = REFERENCE,
         clip: FrozenCLIP | None = None,
         dataset: DatasetBundle | None = None,
+        log: Callable[[str], None] | None = None,
     ):
         self.cfg = cfg
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.device = resolve_device(cfg.device)
         check_precision(cfg.precision, self.device)
         resolve_cuda_graphs(cfg.cuda_graphs, self.device)  # on without CUDA: one line, before anything is built
@@ -115,6 +121,12 @@ class World:
         phrase = phrase_embedding(self.clip, cfg.ctx_init) if cfg.ctx_init is not None else None
         self.init_prompt = initial_prompt(cfg, self.clip.width, phrase)  # P_g^0: the common start of every prompt
         self._data: dict[int, ClientData] = {}
+        self.feature_cache = None
+        if cfg.feature_cache is not None:
+            if Path(cfg.feature_cache).exists() and not Path(cfg.feature_cache).is_dir():
+                raise ConfigError(f"feature_cache={cfg.feature_cache!r} is a file; it must be a folder (or not exist)")
+            self.feature_cache = FeatureCache(cfg.feature_cache, self.log)
+        self._tower_fingerprint: str | None = None
         self._eval_sets: list[EvalSet] | None = None
 
     @property
@@ -136,9 +148,46 @@ class World:
         if not 0 <= cid < self.num_clients:
             raise ConfigError(f"client {cid} is outside 0..{self.num_clients - 1}")
         if cid not in self._data:
-            with autocast(self.cfg.precision, self.device):  # the frozen image encoder's forward (features: fp32)
-                self._data[cid] = self._encode(cid)
+            self._data[cid] = self._cached(cid)
         return self._data[cid]
+
+    def _cached(self, cid: int) -> ClientData:
+        """Client ``cid``'s data from the feature cache when it holds them for exactly this client, else encoded
+        (and stored there)."""
+        cache = self.feature_cache
+        key = None
+        if cache is not None:
+            key = feature_cache.client_key(self._feature_parts(), self.splits[cid].train, self.splits[cid].test)
+            stored = cache.load(cid, key)
+            if stored is not None:
+                return self._from_cache(cid, stored)
+        with autocast(self.cfg.precision, self.device):  # the frozen image encoder's forward (features: fp32)
+            data = self._encode(cid)
+        if cache is not None and key is not None:
+            cache.store(cid, key, {"train_features": data.train_features, "test_features": data.test_features})
+        return data
+
+    def _feature_parts(self) -> dict[str, Any]:
+        """What a client's features depend on besides its split (pfedmoap.feature_cache)."""
+        cfg = self.cfg
+        if self._tower_fingerprint is None:
+            self._tower_fingerprint = feature_cache.tower_fingerprint(self.clip.model.visual)
+        return {
+            "model": cfg.model,
+            "tower": self._tower_fingerprint,
+            "dataset": self.full_dataset.name,
+            "data_root": cfg.data_root,
+            "domains": cfg.domains,
+            "train_per_class": cfg.train_per_class,
+            "test_per_class": cfg.test_per_class,
+            "data_seed": cfg.data_seed,
+            "subsample": cfg.subsample,
+            "images": [len(self.dataset.train), len(self.dataset.test)],
+            "image_size": self.clip.image_size,
+            "precision": cfg.precision,
+            "local_features": self.local_features,
+            "augment": cfg.augment,
+        }
 
     def _encode(self, cid: int) -> ClientData:
         cfg, data, split = self.cfg, self.dataset, self.splits[cid]
@@ -146,8 +195,18 @@ class World:
         # the frozen image encoder runs once per image; with augmentation, train features are per batch
         local = self.local_features
         train_features = None if cfg.augment else encode_subset(self.clip, data.train, split.train, batch, local=local)
+        test_features = encode_subset(self.clip, data.test, split.test, batch, local=local)
+        return self._client_data(cid, train_features, test_features)
+
+    def _from_cache(self, cid: int, stored: dict[str, torch.Tensor | None]) -> ClientData:
+        train, test = stored["train_features"], stored["test_features"]
+        assert test is not None  # the checksum covers what store() wrote
+        return self._client_data(cid, None if train is None else train.to(self.device), test.to(self.device))
+
+    def _client_data(self, cid: int, train_features: torch.Tensor | None, test_features: torch.Tensor) -> ClientData:
+        data, split = self.dataset, self.splits[cid]
         images = None
-        if cfg.augment:
+        if self.cfg.augment:
             imgs = data.train.images
             images = (
                 imgs[torch.as_tensor(split.train)]
@@ -157,10 +216,10 @@ class World:
         return ClientData(
             train_labels=torch.as_tensor(data.train.labels[split.train], dtype=torch.long),
             test_labels=torch.as_tensor(data.test.labels[split.test], dtype=torch.long),
-            test_features=encode_subset(self.clip, data.test, split.test, batch, local=local),
+            test_features=test_features,
             train_features=train_features,
             train_images=images,
-            local_features=local,
+            local_features=self.local_features,
         )
 
     def new_client(self, cid: int) -> Client:

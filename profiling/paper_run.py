@@ -8,7 +8,8 @@ Shape (``--size full``): RN50 (random weights), 102 classes, 10 clients, patholo
 ``pretrained=none``. Images are uniform random uint8 at the model's input size, with Flowers102's counts: 16
 training shots per class, and CoOp's 2,463 test images spread over the 102 classes (24 or 25 each; the per-class
 test counts of CoOp's split are not available offline). The pathological split gives nine clients 10 classes
-(160 training, 240-243 test images) and the last 12 (192 and 291). Accuracy on random data is chance; what is measured is time.
+(160 training, 240-243 test images) and the last 12 (192 and 291). Accuracy on random data is chance; what is
+measured is time.
 
 Configurations, each timed from the world's build (image features encoded) to the last round's evaluation, with
 the frozen CLIP loaded once beforehand and shared (its load is reported separately):

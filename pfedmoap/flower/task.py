@@ -41,7 +41,13 @@ STATE_PRIVATE = "pfedmoap.private"  # a method's other private tensors (Client.p
 # run-config keys that are not Config fields
 RUN_CONFIG_KEYS = ("preset", "config-json", "out", "round-timeout", "connect-timeout")
 # node-config keys a node may set for itself: where its data and weights live, which device, how many threads
-NODE_OVERRIDES = {"data-root": "data_root", "pretrained": "pretrained", "device": "device", "threads": "threads"}
+NODE_OVERRIDES = {
+    "data-root": "data_root",
+    "pretrained": "pretrained",
+    "device": "device",
+    "threads": "threads",
+    "feature-cache": "feature_cache",  # the node's own disk: its features survive its ClientApp processes
+}
 
 
 @dataclass
