@@ -21,7 +21,7 @@ from torch import nn
 
 from .data.features import encode_images, random_crop_flip
 from .gates import pfedmoap_logits
-from .graphs import resolve_cuda_graphs
+from .graphs import StepGraphs, resolve_cuda_graphs
 from .precision import autocast
 from .profiling import nvtx_range
 
@@ -248,36 +248,9 @@ class Client:
         clients."""
         opt = self.optimizer(objective.param_groups(), settings)
         objective.begin()
-        if settings.cuda_graphs and objective.graphable and clip.device.type == "cuda":
-            self._train_graphed(objective, settings, clip, opt)
-            objective.end()
-            self.trained()
-            return
-        for idx in self.batch_indices(settings):
-            with nvtx_range("step"):
-                with settings.autocast(clip.device):
-                    with nvtx_range("step.features"):
-                        feats, labels = self.batch(clip, idx)
-                    loss = objective.loss(feats, labels)
-                with nvtx_range("step.backward"):
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                with nvtx_range("step.optimizer"):
-                    opt.step()
-        objective.end()
-        self.trained()
-
-    def _train_graphed(
-        self, objective: Objective, settings: TrainSettings, clip: FrozenCLIP, opt: torch.optim.Optimizer
-    ) -> None:
-        """:meth:`train`'s loop with each step captured in a CUDA graph and replayed (:mod:`pfedmoap.graphs`); the
-        batches are fetched outside the graph and copied into its inputs."""
-        from .graphs import StepGraphs
-
-        graphs = StepGraphs(clip.device)
 
         def step(feats: torch.Tensor, labels: torch.Tensor) -> None:
-            with settings.autocast(clip.device):
+            with settings.autocast(clip.device):  # the forward only: the backward runs outside autocast
                 loss = objective.loss(feats, labels)
             with nvtx_range("step.backward"):
                 opt.zero_grad(set_to_none=True)
@@ -285,11 +258,20 @@ class Client:
             with nvtx_range("step.optimizer"):
                 opt.step()
 
+        # with --cuda-graphs each step is captured once per shape and replayed (pfedmoap.graphs); the batch is
+        # fetched outside the graph and copied into its inputs
+        graphed = settings.cuda_graphs and objective.graphable and clip.device.type == "cuda"
+        graphs = StepGraphs(clip.device) if graphed else None
         for idx in self.batch_indices(settings):
             with nvtx_range("step"):
                 with nvtx_range("step.features"), settings.autocast(clip.device):
                     feats, labels = self.batch(clip, idx)
-                graphs.run(step, (feats, labels))
+                if graphs is None:
+                    step(feats, labels)
+                else:
+                    graphs.run(step, (feats, labels))
+        objective.end()
+        self.trained()
 
     def trained(self) -> None:
         """Count a finished local update (its state changed: cached evaluations are stale)."""

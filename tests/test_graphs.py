@@ -55,7 +55,7 @@ def _counting(monkeypatch) -> list[graphs_module.StepGraphs]:
             super().__init__(device)
             made.append(self)
 
-    monkeypatch.setattr("pfedmoap.graphs.StepGraphs", Counting)
+    monkeypatch.setattr("pfedmoap.client.StepGraphs", Counting)
     monkeypatch.setattr("pfedmoap.parallel.StepGraphs", Counting)
     return made
 
