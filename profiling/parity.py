@@ -21,34 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+# partial participation with client dropout and random expert selection, over 3 rounds
+PARTIAL = ["--frac", "0.5", "--expert-selection", "random", "--client-dropout", "0.2", "--rounds", "3"]
 # name -> CLI flags. The first two are the "one house" refactor's acceptance runs; the rest reach every method,
 # DP, the wire dtype, the live pool view and the fused backends.
 CONFIGS: dict[str, list[str]] = {
     "default": ["--rounds", "3"],
-    "dirichlet": [
-        "--partition",
-        "dirichlet",
-        "--frac",
-        "0.5",
-        "--expert-selection",
-        "random",
-        "--client-dropout",
-        "0.2",
-        "--rounds",
-        "3",
-    ],
-    "synthetic-dirichlet": [
-        "--preset",
-        "synthetic-dirichlet",
-        "--frac",
-        "0.5",
-        "--expert-selection",
-        "random",
-        "--client-dropout",
-        "0.2",
-        "--rounds",
-        "3",
-    ],
+    "dirichlet": ["--partition", "dirichlet", *PARTIAL],
+    "synthetic-dirichlet": ["--preset", "synthetic-dirichlet", *PARTIAL],
     "promptfl": ["--method", "promptfl", "--rounds", "2"],
     "fedprox": ["--method", "fedprox", "--rounds", "2", "--fedprox-mu", "0.5"],
     "local": ["--method", "local", "--rounds", "2"],
