@@ -21,7 +21,7 @@ from torch import nn
 
 from .data.features import encode_images, random_crop_flip
 from .gates import pfedmoap_logits
-from .graphs import StepGraphs, resolve_cuda_graphs
+from .graphs import resolve_cuda_graphs, step_graphs
 from .precision import autocast
 from .profiling import nvtx_range
 
@@ -260,8 +260,7 @@ class Client:
 
         # with --cuda-graphs each step is captured once per shape and replayed (pfedmoap.graphs); the batch is
         # fetched outside the graph and copied into its inputs
-        graphed = settings.cuda_graphs and objective.graphable and clip.device.type == "cuda"
-        graphs = StepGraphs(clip.device) if graphed else None
+        graphs = step_graphs(settings.cuda_graphs, clip.device, [objective])
         for idx in self.batch_indices(settings):
             with nvtx_range("step"):
                 with nvtx_range("step.features"), settings.autocast(clip.device):

@@ -16,11 +16,15 @@ any step whose capture fails, run eagerly (a failed capture is said once, in a w
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .client import Objective
 
 CUDA_GRAPHS = ("auto", "on", "off")
 
@@ -34,6 +38,14 @@ def resolve_cuda_graphs(setting: str, device: torch.device) -> bool:
             f"cuda_graphs=on needs a CUDA device (this run is on {device.type}); use --cuda-graphs auto or off"
         )
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def step_graphs(enabled: bool, device: torch.device, objectives: Iterable[Objective]) -> StepGraphs | None:
+    """The captured-step runner of one local update, or None (run eagerly): graphs switched on, a CUDA device, and
+    every objective of the update :attr:`~pfedmoap.client.Objective.graphable`."""
+    if enabled and device.type == "cuda" and all(o.graphable for o in objectives):
+        return StepGraphs(device)
+    return None
 
 
 class StepGraphs:

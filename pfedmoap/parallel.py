@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .graphs import StepGraphs
+from .graphs import step_graphs
 from .profiling import nvtx_range
 
 if TYPE_CHECKING:
@@ -80,8 +80,7 @@ def train_together(
         with nvtx_range("step.optimizer"):
             opt.step()
 
-    graphed = settings.cuda_graphs and clip.device.type == "cuda" and all(o.graphable for o in objectives)
-    graphs = StepGraphs(clip.device) if graphed else None
+    graphs = step_graphs(settings.cuda_graphs, clip.device, objectives)
     while True:
         indices = {}
         for i in active:

@@ -154,8 +154,7 @@ class World:
     def _cached(self, cid: int) -> ClientData:
         """Client ``cid``'s data from the feature cache when it holds them for exactly this client, else encoded
         (and stored there)."""
-        cache = self.feature_cache
-        key = None
+        cache, key = self.feature_cache, None
         if cache is not None:
             key = feature_cache.client_key(self._feature_parts(), self.splits[cid].train, self.splits[cid].test)
             stored = cache.load(cid, key)
@@ -163,7 +162,7 @@ class World:
                 return self._from_cache(cid, stored)
         with autocast(self.cfg.precision, self.device):  # the frozen image encoder's forward (features: fp32)
             data = self._encode(cid)
-        if cache is not None and key is not None:
+        if cache is not None:
             cache.store(cid, key, {"train_features": data.train_features, "test_features": data.test_features})
         return data
 

@@ -38,6 +38,21 @@ def small_world():
     return create_dataset("synthetic", DatasetOptions(domains=["faded"], train_per_class=20, test_per_class=6))
 
 
+def federation_tensors(fed) -> dict[str, torch.Tensor]:
+    """Every tensor a run's state holds after a round, by name: each client's prompt, gate and private tensors, the
+    server's global prompt and pool (for comparing two runs that must agree)."""
+    out = {}
+    for c in fed.clients:
+        if c.prompt is not None:
+            out[f"{c.cid}.prompt"] = c.prompt
+        if c.gate is not None:
+            out.update({f"{c.cid}.gate.{k}": v for k, v in c.gate.state_dict().items()})
+        out.update({f"{c.cid}.private.{k}": v for k, v in c.private.items()})
+    out["server.global"] = fed.server.global_prompt
+    out.update({f"server.pool.{cid}": p for cid, p in fed.server.pool.items()})
+    return out
+
+
 def small_config(**overrides):
     """A fast config on the tiny random CLIP: few rounds, one local epoch, a small world."""
     base = dict(

@@ -11,7 +11,7 @@ from pfedmoap.config import make_config
 from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
 from pfedmoap.graphs import resolve_cuda_graphs
-from tests.conftest import small_config
+from tests.conftest import federation_tensors, small_config
 
 
 def test_resolution_and_bad_settings():
@@ -22,6 +22,17 @@ def test_resolution_and_bad_settings():
         resolve_cuda_graphs("on", torch.device("cpu"))
     with pytest.raises(ConfigError, match="cuda_graphs='always' is not one of: auto, on, off"):
         make_config("synthetic", cuda_graphs="always")
+
+
+def test_step_graphs_only_for_cuda_and_graphable_objectives():
+    from types import SimpleNamespace
+
+    yes, no = SimpleNamespace(graphable=True), SimpleNamespace(graphable=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert isinstance(graphs_module.step_graphs(True, cuda, [yes, yes]), graphs_module.StepGraphs)
+    assert graphs_module.step_graphs(False, cuda, [yes]) is None
+    assert graphs_module.step_graphs(True, cpu, [yes]) is None
+    assert graphs_module.step_graphs(True, cuda, [yes, no]) is None  # one ungraphable client: the group runs eagerly
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -35,17 +46,6 @@ def test_cli_refuses_graphs_without_cuda(tmp_path, capsys):
     assert not (out / "config.json").exists()
 
 
-def _tensors(fed: Federation) -> dict[str, torch.Tensor]:
-    out = {"global": fed.server.global_prompt}
-    for c in fed.clients:
-        if c.prompt is not None:
-            out[f"{c.cid}.prompt"] = c.prompt
-        if c.gate is not None:
-            out.update({f"{c.cid}.gate.{k}": v for k, v in c.gate.state_dict().items()})
-        out.update({f"{c.cid}.{k}": v for k, v in c.private.items()})
-    return out
-
-
 def _counting(monkeypatch) -> list[graphs_module.StepGraphs]:
     made: list[graphs_module.StepGraphs] = []
     real = graphs_module.StepGraphs
@@ -55,8 +55,7 @@ def _counting(monkeypatch) -> list[graphs_module.StepGraphs]:
             super().__init__(device)
             made.append(self)
 
-    monkeypatch.setattr("pfedmoap.client.StepGraphs", Counting)
-    monkeypatch.setattr("pfedmoap.parallel.StepGraphs", Counting)
+    monkeypatch.setattr("pfedmoap.graphs.StepGraphs", Counting)  # what step_graphs builds
     return made
 
 
@@ -82,7 +81,7 @@ def test_replay_equals_eager(method, extra, monkeypatch):
     graphed = Federation(cfg.replace(cuda_graphs="on"), log=lambda _: None)
     for t in (1, 2):
         ra, rb = eager.run_round(t), graphed.run_round(t)
-        a, b = _tensors(eager), _tensors(graphed)
+        a, b = federation_tensors(eager), federation_tensors(graphed)
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)

@@ -10,7 +10,7 @@ import pfedmoap.runtime as runtime_module
 from pfedmoap.config import make_config
 from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
-from tests.conftest import small_config
+from tests.conftest import federation_tensors, small_config
 
 RTOL = 1e-5  # a taller batched GEMM may sum in another order (on these CPUs the results were bit-equal)
 
@@ -19,21 +19,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def _client_tensors(fed: Federation) -> dict[str, torch.Tensor]:
-    out = {}
-    for c in fed.clients:
-        if c.prompt is not None:
-            out[f"{c.cid}.prompt"] = c.prompt
-        if c.gate is not None:
-            out.update({f"{c.cid}.gate.{k}": v for k, v in c.gate.state_dict().items()})
-        out.update({f"{c.cid}.private.{k}": v for k, v in c.private.items()})
-    out["server.global"] = fed.server.global_prompt
-    out.update({f"server.pool.{cid}": p for cid, p in fed.server.pool.items()})
-    return out
-
-
 def _assert_same(seq: Federation, par: Federation) -> None:
-    a, b = _client_tensors(seq), _client_tensors(par)
+    a, b = federation_tensors(seq), federation_tensors(par)
     assert a.keys() == b.keys()
     worst = max((_rel(b[k], a[k]), k) for k in a)
     assert worst[0] <= RTOL, worst
