@@ -10,22 +10,79 @@ The building blocks are public for research code: :class:`PromptEncoder`, the ga
 methods (:class:`Method`, :func:`register_method`) and the op tables (:func:`select_ops`).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .client import Client
-from .clip import FrozenCLIP, load_clip
-from .config import Config, list_presets, make_config
-from .data import create_dataset, list_datasets, register_dataset
-from .errors import ConfigError, UserError
-from .federation import Federation
-from .gates import AttentionGate, Gate, LinearGate, create_gate, pfedmoap_logits, reduce_features
-from .launch import resume, run
-from .methods import Method, create_method
-from .ops import OpTable, select_ops
-from .prompt import PromptEncoder
-from .registry import register_gate, register_method
-from .rounds import History, RoundDriver, RoundRecord
-from .server import Server
-from .world import World
+
+# Names are loaded on first use (PEP 562), so that importing a light submodule (the Flower ClientApp, which a
+# deployment starts once per message) does not import torch and open_clip.
+_EXPORTS = {
+    "Client": "client",
+    "FrozenCLIP": "clip",
+    "load_clip": "clip",
+    "Config": "config",
+    "list_presets": "config",
+    "make_config": "config",
+    "create_dataset": "data",
+    "list_datasets": "data",
+    "register_dataset": "data",
+    "ConfigError": "errors",
+    "UserError": "errors",
+    "Federation": "federation",
+    "AttentionGate": "gates",
+    "Gate": "gates",
+    "LinearGate": "gates",
+    "create_gate": "gates",
+    "pfedmoap_logits": "gates",
+    "reduce_features": "gates",
+    "resume": "launch",
+    "run": "launch",
+    "Method": "methods",
+    "create_method": "methods",
+    "OpTable": "ops",
+    "select_ops": "ops",
+    "PromptEncoder": "prompt",
+    "register_gate": "registry",
+    "register_method": "registry",
+    "History": "rounds",
+    "RoundDriver": "rounds",
+    "RoundRecord": "rounds",
+    "Server": "server",
+    "World": "world",
+}
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .clip import FrozenCLIP, load_clip
+    from .config import Config, list_presets, make_config
+    from .data import create_dataset, list_datasets, register_dataset
+    from .errors import ConfigError, UserError
+    from .federation import Federation
+    from .gates import AttentionGate, Gate, LinearGate, create_gate, pfedmoap_logits, reduce_features
+    from .launch import resume, run
+    from .methods import Method, create_method
+    from .ops import OpTable, select_ops
+    from .prompt import PromptEncoder
+    from .registry import register_gate, register_method
+    from .rounds import History, RoundDriver, RoundRecord
+    from .server import Server
+    from .world import World
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "AttentionGate",

@@ -286,10 +286,34 @@ def shipped_path(cfg: PretrainConfig | None = None) -> Path:
 _verified: dict[Path, bool] = {}
 
 
+def installed_copy(path: Path) -> Path | None:
+    """The same file in the installed pfedmoap distribution, when this process imports another copy of the
+    package: a Flower FAB carries only source files (``.py``, ``.json``, ...), so the ClientApp and ServerApp code
+    unpacked from it has no weights folder, while the environment's pfedmoap (a regular or an editable install)
+    has them."""
+    from importlib import metadata
+
+    relative = path.relative_to(SHIPPED_DIR.parent.parent)  # pfedmoap/weights/<name>
+    try:
+        dist = metadata.distribution("pfedmoap")
+    except metadata.PackageNotFoundError:
+        return None
+    candidates = [Path(str(dist.locate_file(relative)))]
+    direct = dist.read_text("direct_url.json")  # an editable install points at its project folder
+    if direct:
+        url = json.loads(direct).get("url", "")
+        if url.startswith("file://"):
+            candidates.append(Path(url.removeprefix("file://")) / relative)
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def shipped_weights(cfg: PretrainConfig | None = None) -> Path | None:
-    """The shipped weights for ``cfg`` if the package has them and they pass their SHA-256 check, else None (a
-    file that fails the check is said in one log line and not used)."""
+    """The shipped weights for ``cfg`` if the package (or, for code unpacked from a Flower FAB, the installed
+    distribution) has them and they pass their SHA-256 check, else None (a file that fails the check is said in
+    one log line and not used)."""
     path = shipped_path(cfg)
+    if not path.is_file():
+        path = installed_copy(path) or path
     if not path.is_file():
         return None
     if path not in _verified:

@@ -234,7 +234,8 @@ def test_each_node_gets_its_own_record_and_the_gate_stays_home(tiny_clip):
     for reply in grid.replies:
         if reply.metadata.message_type != "train":
             continue
-        assert set(reply.content.keys()) <= {"metrics", "upload"}
+        assert set(reply.content.keys()) <= {"metrics", "upload", "notes"}
+        assert set(reply.content["notes"].keys()) == {"state", "problems"}  # where the node's state came from
         assert list(reply.content["upload"].keys()) == ["prompt"]
         assert reply.content["upload"]["prompt"].shape == (16, tiny_clip.width)
     # no array that crossed the grid, either way, is (a piece of) any node's gate

@@ -14,8 +14,25 @@ try:
 except ImportError as exc:  # one clear line instead of a deep traceback
     raise ImportError("pfedmoap.flower needs Flower: pip install 'pfedmoap[flower]'") from exc
 
-from .simulation import run_simulation  # noqa: E402
-from .strategy import PFedMoAPStrategy  # noqa: E402
-from .task import config_from_run_config  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+if TYPE_CHECKING:
+    from .simulation import run_simulation
+    from .strategy import PFedMoAPStrategy
+    from .task import config_from_run_config
+
+# loaded on first use: the ClientApp (pfedmoap.flower.client_app) must import without torch
+_EXPORTS = {"run_simulation": "simulation", "PFedMoAPStrategy": "strategy", "config_from_run_config": "task"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["PFedMoAPStrategy", "config_from_run_config", "run_simulation"]

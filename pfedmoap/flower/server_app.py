@@ -12,12 +12,13 @@ from collections.abc import Callable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from ..config import Config
 from ..launch import default_run_dir
 from ..rounds import History
 from ..rundir import RunDir
-from .strategy import PFedMoAPStrategy
+from .strategy import PFedMoAPStrategy, PromptGrid
 from .task import FlowerOptions, check_flower_config, config_from_run_config
 
 
@@ -52,6 +53,8 @@ def make_server_app(
         strategy = PFedMoAPStrategy(
             config, log=say, round_timeout=opts.round_timeout, connect_timeout=opts.connect_timeout
         )
+        if isinstance(grid, HttpGrid):  # a deployment: collect replies as they come, not every 3 s
+            grid = PromptGrid(grid)
         strategy.connect(grid)  # nodes build their worlds first: a run that cannot start writes nothing
         strategy.run_dir = RunDir.create(target)
         say(f"flower: writing the run to {strategy.run_dir.path.resolve()}")

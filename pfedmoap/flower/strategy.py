@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,7 +37,17 @@ from ..rounds import SPLITS, History, RoundDriver, RoundRecord
 from ..rundir import RunDir
 from ..server import Server
 from ..tensorboard import TensorBoardLog, open_board
-from .task import CONFIG, METRICS, PAYLOAD, UPLOAD, check_flower_config, config_json, decode_tensors, encode_tensor
+from .task import (
+    CONFIG,
+    METRICS,
+    NOTES,
+    PAYLOAD,
+    UPLOAD,
+    check_flower_config,
+    config_json,
+    decode_tensors,
+    encode_tensor,
+)
 
 
 def prompt_width(model_name: str) -> int:
@@ -89,11 +100,16 @@ class PFedMoAPStrategy(Strategy):
         sizes = [0] * self.cfg.clients
         self.driver = RoundDriver.for_config(self.cfg, self.method, init, sizes, select_ops(self.cfg.fused).knn)
         self.config_json = config_json(self.cfg)
+        # names this run's node states on the nodes' disks (node config state-dir); a resumed run keeps it
+        self.run_token = uuid.uuid4().hex
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.node_info: dict[int, dict[str, Any]] = {}  # partition id -> what its node said in the handshake
         self._sent: dict[int, int] = {}  # this round's train messages: node id -> partition id, in sampled order
         self._mark = 0.0  # when the round's current phase began waiting on the nodes
+        self._asked: set[int] = set()  # node ids that were sent a handshake
+        self._handshake_errors: list[str] = []
+        self._has_state: dict[int, bool] = {}  # partitions whose node has replied with a client state before
 
     @property
     def server(self) -> Server:
@@ -125,6 +141,17 @@ class PFedMoAPStrategy(Strategy):
                 said = now
                 self.log(f"flower: waiting for nodes, {len(nodes)} of {cfg.clients} connected")
             time.sleep(0.1)
+        self._handshake(grid, nodes, self.connect_timeout, replace=False)
+        if not self.node_of:
+            first = self._handshake_errors[0] if self._handshake_errors else "no node holds a valid partition"
+            raise UserError(f"no node is ready for the run: {first}")
+        missing = sorted(set(range(cfg.clients)) - set(self.node_of))
+        if missing:
+            self.log(f"flower: partitions {missing} have no node; they count as failed whenever sampled")
+
+    def _handshake(self, grid: Grid, nodes: list[int], timeout: float, replace: bool) -> None:
+        """Ask ``nodes`` for their partition ids and map them. With ``replace``, a node that holds a partition
+        another node held before takes it over (a restarted SuperNode comes back with a new node id)."""
         messages = [
             Message(
                 RecordDict({CONFIG: ConfigRecord({"config-json": self.config_json})}),
@@ -134,34 +161,55 @@ class PFedMoAPStrategy(Strategy):
             )
             for node in nodes
         ]
-        replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=self.connect_timeout)}
-        errors = []
+        replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
+        self._handshake_errors = []
         for node in nodes:
+            self._asked.add(node)
             reply = replies.get(node)
             if reply is None or reply.has_error():
                 reason = "no reply" if reply is None else _error_reason(reply.error.reason)
-                errors.append(reason)
+                self._handshake_errors.append(reason)
                 self.log(f"flower: node {node} failed the handshake: {reason}")
                 continue
             info = dict(reply.content[METRICS])
             pid = int(info["partition-id"])
             if int(info["prompt-width"]) != self.width:
                 raise UserError(
-                    f"node {node} runs a text tower of width {info['prompt-width']}, the server's {cfg.model} "
+                    f"node {node} runs a text tower of width {info['prompt-width']}, the server's {self.cfg.model} "
                     f"has {self.width}: every node must run the same model"
                 )
-            if not 0 <= pid < cfg.clients or pid in self.node_of:
+            if not 0 <= pid < self.cfg.clients or (pid in self.node_of and not replace):
                 self.log(f"flower: node {node} holds partition {pid}, which is out of range or taken: left out")
                 continue
+            if pid in self.node_of:
+                old = self.node_of[pid]
+                self.partition_of.pop(old, None)
+                self.log(f"flower: node {node} rejoins as partition {pid} (it replaces node {old})")
             self.node_of[pid], self.partition_of[node] = node, pid
             self.node_info[pid] = info
             self.server.train_sizes[pid] = int(info["num-examples"])
-        if not self.node_of:
-            first = errors[0] if errors else "no node holds a valid partition"
-            raise UserError(f"no node is ready for the run: {first}")
-        missing = sorted(set(range(cfg.clients)) - set(self.node_of))
-        if missing:
-            self.log(f"flower: partitions {missing} have no node; they count as failed whenever sampled")
+
+    def admit_new_nodes(self, grid: Grid) -> None:
+        """Handshake the nodes that connected since the last round (a SuperNode restarted mid-run, one that
+        joined late), so that the next rounds use them."""
+        new = sorted(set(grid.get_node_ids()) - self._asked)
+        if new:
+            self._handshake(grid, new, min(self.round_timeout, 120.0), replace=True)
+
+    def _note(self, pid: int, reply: Message) -> None:
+        """Log what a node says about its client state when it is news: restored from disk, or a file that
+        did not load."""
+        notes = reply.content.get(NOTES)
+        if not isinstance(notes, ConfigRecord):
+            return
+        for problem in notes.get("problems", []):
+            self.log(f"flower: partition {pid}: a saved node state was not used: {problem}")
+        source = str(notes.get("state", ""))
+        if source.startswith("disk"):
+            self.log(f"flower: partition {pid} restored its client state from its node's {source}")
+        elif source == "fresh" and self._has_state.get(pid):
+            self.log(f"flower: partition {pid} lost its client state (its node restarted without it): starts fresh")
+        self._has_state[pid] = True
 
     # ------------------------------------------------------------------------------------ training
     def configure_train(
@@ -171,6 +219,8 @@ class PFedMoAPStrategy(Strategy):
         ``config`` from ``Strategy.start`` are not used: the driver owns P_g."""
         if not self.node_of:
             self.connect(grid)
+        else:
+            self.admit_new_nodes(grid)
         driver = self.driver
         # rounds are counted here, so that repeated ``start`` calls keep numbering (zero-shot: one round 0)
         index = len(driver.rounds) + 1 if self.method.trains else 0
@@ -202,6 +252,7 @@ class PFedMoAPStrategy(Strategy):
                 "wire-dtype": self.cfg.comm_dtype,
                 "global-version": self.server.global_version,
                 "config-json": self.config_json,
+                "run-token": self.run_token,
             }
         )
         return RecordDict({PAYLOAD: arrays, CONFIG: config})
@@ -240,6 +291,7 @@ class PFedMoAPStrategy(Strategy):
         except (KeyError, TypeError, ValueError) as exc:
             driver.fail(pid, f"malformed reply ({type(exc).__name__})")
             return
+        self._note(pid, reply)
         if not self.method.uploads:
             driver.upload(pid, None)
             return
@@ -272,6 +324,7 @@ class PFedMoAPStrategy(Strategy):
                             "partition-id": pid,
                             "global-version": self.server.global_version,
                             "config-json": self.config_json,
+                            "run-token": self.run_token,
                         }
                     ),
                 }
@@ -297,6 +350,7 @@ class PFedMoAPStrategy(Strategy):
             else:
                 try:
                     metrics = reply.content[METRICS]
+                    self._note(pid, reply)
                     accs[pid] = float(metrics["accuracy"])
                     if "attention" in metrics:
                         attention[pid] = [float(w) for w in metrics["attention"]]
@@ -372,6 +426,54 @@ class PFedMoAPStrategy(Strategy):
             "client_train_sizes": [None if i is None else int(i["num-examples"]) for i in info],
             "client_test_sizes": [None if i is None else int(i["num-test"]) for i in info],
         }
+
+
+class PromptGrid(Grid):
+    """A grid that waits for replies by polling every ``poll`` seconds instead of Flower's fixed 3 s.
+
+    flwr 1.42's deployment grid checks for replies every 3 seconds, which on a round of two phases costs up to 6 s
+    of pure waiting against well under a second of work on the tiny model. Everything else goes to the wrapped
+    grid; replies are pulled with its own ``pull_messages``.
+    """
+
+    def __init__(self, grid: Grid, poll: float = 0.05):
+        self.grid = grid
+        self.poll = poll
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll)
+        return replies
 
 
 def _error_reason(text: str | None) -> str:

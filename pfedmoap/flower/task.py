@@ -31,12 +31,14 @@ PAYLOAD = "payload"  # ArrayRecord: global-prompt, expert-prompts (train); globa
 CONFIG = "config"  # ConfigRecord: round, partition-id, expert-ids, wire-dtype, config-json, ...
 UPLOAD = "upload"  # ArrayRecord: prompt (train reply)
 METRICS = "metrics"  # MetricRecord (every reply)
+NOTES = "notes"  # ConfigRecord (train and evaluate replies): where the node's client state came from, problems
 
 # records inside a node's context.state: they never leave the node
 STATE_ARRAYS = "pfedmoap.client"  # prompt, expert-prompts, generator
 STATE_GATE = "pfedmoap.gate"  # the private gate's state_dict
 STATE_META = "pfedmoap.meta"  # scalars and lists as one JSON string
 STATE_PRIVATE = "pfedmoap.private"  # a method's other private tensors (Client.private)
+STATE_TAG = "pfedmoap.tag"  # the (round, phase) of the message that left this state (node_state.state_tag)
 
 # run-config keys that are not Config fields
 RUN_CONFIG_KEYS = ("preset", "config-json", "out", "round-timeout", "connect-timeout")
@@ -194,6 +196,9 @@ def node_for(cfg_json: str, node_config: Mapping[str, Any]) -> Node:
     data.update(node_config_overrides(node_config))
     cfg = check_flower_config(Config.from_dict(data, source="server config").validate())
     cfg = cfg.replace(progress=False, out=None)
+    # a node is one of many processes on its machine: one torch thread unless the config or node config says more,
+    # set before the world is built (a few processes of 2 threads each on 2 cores run 10x slower)
+    torch.set_num_threads(cfg.threads or 1)
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     node = _NODES.get(key)
     if node is None:

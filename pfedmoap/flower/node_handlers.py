@@ -1,0 +1,169 @@
+"""What a pFedMoAP node answers: one Flower node holds one partition (its ``partition-id`` node config).
+
+:func:`answer` turns a message's content into the reply's content and updates the node's state. It runs in the
+ClientApp's own process (the simulation, ``worker=false``) or in the node's long-lived worker process
+(:mod:`~pfedmoap.flower.node_worker`), which keeps the node's world in memory across Flower's per-message
+ClientApp processes. Three message types:
+
+- ``query``: the handshake. The node builds its world (its own partition only) from the config the server sends
+  and answers with its partition id, train / test sizes and prompt width, so the server can map node ids (random
+  per run) to partition ids before it samples anything.
+- ``train``: the download (P_g, the K experts and any method extras, in the wire dtype); the node trains its
+  prompt and its private gate with the library's ``ClientRuntime`` and replies with the upload (the prompt).
+- ``evaluate``: the round's P_g and its version; the node replies with its accuracy on its own test split (and,
+  with ``--eval-split base2novel``, on the shared base and novel test sets, which every node builds itself).
+
+The client's private state (prompt, gate, RNG, last experts, evaluation cache) lives in ``context.state``
+between messages, and with node config ``state-dir`` also on the node's disk (:mod:`~pfedmoap.flower.node_state`);
+the gate is never put in a reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ..client import Client
+from ..methods import Payload
+from .node_state import NodeStateStore, client_records, message_tag, state_tag
+from .task import (
+    CONFIG,
+    METRICS,
+    NOTES,
+    PAYLOAD,
+    STATE_TAG,
+    UPLOAD,
+    Node,
+    decode_tensors,
+    encode_tensor,
+    node_for,
+    partition_id,
+    save_client_state,
+)
+
+
+def _node(content: RecordDict, node_config: Mapping[str, Any]) -> tuple[ConfigRecord, Node, int]:
+    conf = content[CONFIG]
+    node = node_for(str(conf["config-json"]), node_config)
+    pid = partition_id(node_config, node.cfg.clients)
+    if "partition-id" in conf and int(conf["partition-id"]) != pid:
+        raise ValueError(f"message for partition {conf['partition-id']} reached the node of partition {pid}")
+    return conf, node, pid
+
+
+def _store(node_config: Mapping[str, Any], conf: ConfigRecord, pid: int) -> NodeStateStore | None:
+    """The node's on-disk state store for this run (node config ``state-dir``; None without it)."""
+    root = node_config.get("state-dir")
+    token = conf.get("run-token")
+    if not root or not token:
+        return None
+    return NodeStateStore(str(root), str(token), pid)
+
+
+class _Session:
+    """One message's client: loaded from the newest state made before the message (in ``context.state`` or on the
+    node's disk), saved back to both afterwards. ``notes`` tells the server where the state came from."""
+
+    def __init__(
+        self, kind: str, node_config: Mapping[str, Any], state: RecordDict, conf: ConfigRecord, node: Node, pid: int
+    ):
+        self.state = state
+        self.tag = message_tag(int(conf.get("round", 0)), kind)
+        self.store = _store(node_config, conf, pid)
+        current = state_tag(state)
+        source = "memory" if current is not None else "fresh"
+        if current is not None and current >= self.tag:  # a resumed server redoes a round: not from its future
+            for name in list(client_records(state)):
+                del state[name]
+            current, source = None, "fresh"
+        problems: list[str] = []
+        if self.store is not None:
+            loaded = self.store.load_before(self.tag)
+            problems = loaded.problems
+            if loaded.state is not None and (current is None or loaded.tag > current):
+                for name in list(client_records(state)):
+                    del state[name]
+                for name, record in loaded.state.items():
+                    state[name] = record
+                source = f"disk (round {loaded.tag[0]})"
+        self.notes = ConfigRecord({"state": source, "problems": problems})
+        self.client: Client = node.load_client(pid, state)
+
+    def save(self) -> None:
+        save_client_state(self.client, self.state)
+        self.state[STATE_TAG] = ConfigRecord({"round": self.tag[0], "phase": self.tag[1]})
+        if self.store is not None:
+            self.store.save(self.state, self.tag)
+
+
+def answer_query(content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
+    """Handshake: build this node's world (its partition only) and say which partition it holds."""
+    _, node, pid = _node(content, node_config)
+    data = node.world.client_data(pid)
+    metrics = MetricRecord(
+        {
+            "partition-id": pid,
+            "num-examples": data.num_train,
+            "num-test": data.num_test,
+            "prompt-width": node.world.clip.width,
+            "num-classes": node.world.dataset.num_classes,
+        }
+    )
+    return RecordDict({METRICS: metrics})
+
+
+def answer_train(content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
+    """Local update on the downloaded payload; reply with the upload (in the wire dtype) and counts."""
+    start = time.perf_counter()
+    conf, node, pid = _node(content, node_config)
+    session = _Session("train", node_config, state, conf, node, pid)
+    client = session.client
+    wire = decode_tensors(content[PAYLOAD], str(conf["wire-dtype"]))
+    payload = Payload(expert_ids=[int(j) for j in conf["expert-ids"]]).with_tensors(wire).map(torch.Tensor.float)
+    upload = node.runtime.local_update(client, payload, node.view(conf, payload.global_prompt))
+    session.save()
+    reply = RecordDict(
+        {
+            METRICS: MetricRecord(
+                {
+                    "partition-id": pid,
+                    "num-examples": client.data.num_train,
+                    "train-seconds": time.perf_counter() - start,
+                }
+            ),
+            NOTES: session.notes,
+        }
+    )
+    if upload is not None:
+        reply[UPLOAD] = ArrayRecord({name: encode_tensor(t) for name, t in upload.tensors().items()})
+    return reply
+
+
+def answer_evaluate(content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
+    """Accuracy on the node's own test split with the state the method evaluates it with."""
+    conf, node, pid = _node(content, node_config)
+    session = _Session("evaluate", node_config, state, conf, node, pid)
+    client = session.client
+    global_prompt = decode_tensors(content[PAYLOAD])["global-prompt"].float()
+    acc = node.runtime.evaluate_client(client, node.view(conf, global_prompt))
+    session.save()
+    metrics = MetricRecord({"partition-id": pid, "accuracy": float(acc), "num-examples": client.data.num_test})
+    if client.attention is not None:
+        metrics["attention"] = [float(w) for w in client.attention]
+    for name, value in client.split_acc.items():  # --eval-split base2novel: the shared base and novel sets
+        metrics[f"{name}-accuracy"] = float(value)
+    return RecordDict({METRICS: metrics, NOTES: session.notes})
+
+
+ANSWERS = {"query": answer_query, "train": answer_train, "evaluate": answer_evaluate}
+
+
+def answer(kind: str, content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
+    """The reply content to a message of type ``kind`` (``state`` is the node's ``context.state``, updated)."""
+    if kind not in ANSWERS:
+        raise ValueError(f"message type {kind!r} is not one of {sorted(ANSWERS)}")
+    return ANSWERS[kind](content, node_config, state)

@@ -1,0 +1,153 @@
+"""A node's private client state on its own disk (node config ``state-dir``), so that a SuperNode restarted mid-run
+resumes with its gate, and a resumed server finds every node's state as it was after the last finished round.
+
+Flower keeps a node's ``context.state`` in the SuperNode's memory: a SuperNode that restarts comes back with an
+empty one. With ``state-dir`` set, every message's handler also writes the state it leaves behind (prompt, private
+gate, RNG, last experts, evaluation cache, a method's private tensors: the ``pfedmoap.*`` records of
+``context.state``) to ``STATE_DIR/<run-token>/partition-<pid>.<round>-<phase>.state``, atomically. The run token is
+the server's, made once per run (and kept by a resumed run), so two runs never read each other's states.
+
+Every state is tagged with the message that left it: ``(round, phase)``, the train phase of a round before its
+evaluate phase. A message loads the newest state, in ``context.state`` or on disk, made *before* it: after a
+server resume that redoes a round, the node starts that round from the state the interrupted round started from,
+not from the one it left half-way. The last :data:`KEEP` states are kept.
+
+A file holds one JSON header line (format, run token, partition, tag, payload length and checksum) and Flower's
+protobuf encoding of the records; no pickle. A file that is truncated, corrupt or made for another run or
+partition is not used: the node says why in its reply (the server logs it) and starts from the next older state,
+or fresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+FORMAT = 1
+KEEP = 3  # states kept per partition: the newest, and enough older ones to redo an interrupted round
+PREFIX = "pfedmoap."  # the context.state records that are the client's state
+
+Tag = tuple[int, int]  # (round, phase)
+PHASES = {"train": 0, "evaluate": 1, "query": -1}
+
+
+def message_tag(round_index: int, message_type: str) -> Tag:
+    """The tag of a message: its round and its phase within the round (train before evaluate)."""
+    return int(round_index), PHASES.get(message_type, -1)
+
+
+def state_tag(state: RecordDict) -> Tag | None:
+    """The tag a ``context.state`` was saved with (None: no client state in it yet)."""
+    meta = state.get(PREFIX + "tag")
+    if meta is None:
+        return None
+    return int(meta["round"]), int(meta["phase"])
+
+
+def client_records(state: RecordDict) -> RecordDict:
+    """The client-state records of a ``context.state`` (the ``pfedmoap.*`` ones), as a new RecordDict."""
+    return RecordDict({name: record for name, record in state.items() if name.startswith(PREFIX)})
+
+
+@dataclass
+class Loaded:
+    """What :meth:`NodeStateStore.load_before` found: the state (None: none usable) and what was wrong on the way."""
+
+    state: RecordDict | None
+    tag: Tag | None
+    problems: list[str]
+
+
+class NodeStateStore:
+    """One partition's saved states for one run, in ``root/<run_token>/``."""
+
+    def __init__(self, root: str | os.PathLike, run_token: str, pid: int):
+        if not re.fullmatch(r"[0-9a-f]{8,64}", run_token):
+            raise ValueError(f"run token {run_token!r} is not a hex string")
+        self.folder = Path(root) / run_token
+        self.run_token = run_token
+        self.pid = pid
+
+    def _files(self) -> list[tuple[Tag, Path]]:
+        pattern = re.compile(rf"partition-{self.pid}\.(\d+)-(-?\d+)\.state")
+        found = []
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                m = pattern.fullmatch(path.name)
+                if m:
+                    found.append(((int(m.group(1)), int(m.group(2))), path))
+        return sorted(found)
+
+    def save(self, state: RecordDict, tag: Tag) -> Path:
+        """Write the client records of ``state`` for ``tag`` atomically; keep the newest :data:`KEEP`."""
+        payload = recorddict_to_proto(client_records(state)).SerializeToString()
+        header = {
+            "format": FORMAT,
+            "run": self.run_token,
+            "partition": self.pid,
+            "tag": list(tag),
+            "length": len(payload),
+            "checksum": hashlib.blake2b(payload, digest_size=16).hexdigest(),
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"partition-{self.pid}.{tag[0]}-{tag[1]}.state"
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".partition-{self.pid}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(header).encode() + b"\n" + payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for _, old in self._files()[:-KEEP]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def load_before(self, tag: Tag) -> Loaded:
+        """The newest whole state saved before ``tag``; files that do not load are skipped and said."""
+        problems = []
+        for saved, path in reversed(self._files()):
+            if saved >= tag:
+                continue
+            try:
+                return Loaded(self._read(path, saved), saved, problems)
+            except (OSError, ValueError, KeyError) as exc:
+                problems.append(f"{path.name}: {exc}")
+        return Loaded(None, None, problems)
+
+    def _read(self, path: Path, tag: Tag) -> RecordDict:
+        raw = path.read_bytes()
+        head, sep, payload = raw.partition(b"\n")
+        if not sep:
+            raise ValueError("no header (truncated)")
+        try:
+            header = json.loads(head)
+        except json.JSONDecodeError:
+            raise ValueError("header is not JSON (corrupt)") from None
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, expected {FORMAT}")
+        if header.get("run") != self.run_token or header.get("partition") != self.pid:
+            raise ValueError("made for another run or partition")
+        if tuple(header.get("tag", ())) != tag:
+            raise ValueError("its tag does not match its name")
+        if len(payload) != header["length"]:
+            raise ValueError(f"{len(payload)} of {header['length']} bytes (truncated)")
+        if hashlib.blake2b(payload, digest_size=16).hexdigest() != header["checksum"]:
+            raise ValueError("checksum mismatch (corrupt)")
+        proto = ProtoRecordDict()
+        try:
+            proto.ParseFromString(payload)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
+            raise ValueError(f"does not decode ({type(exc).__name__})") from None
+        return recorddict_from_proto(proto)

@@ -1,0 +1,54 @@
+"""A real Flower deployment on the loopback (profiling/flower_deploy.sh: a SuperLink, SuperNodes in their own
+processes, `flwr run`, node workers): it completes, stops everything it started, and its per-round numbers equal
+the in-process engine's for the same config (CPU, 1 thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's CLI is not on PATH")
+def test_a_loopback_deployment_equals_the_in_process_run(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    out = tmp_path / "deploy"
+    done = subprocess.run(
+        ["bash", "profiling/flower_deploy.sh", "-n", "2", "-r", "2", "-p", "19391", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (out / "deploy.txt").read_text()
+    assert "2 SuperNodes, 2 of 2 rounds" in report and "failed 0" in report
+    # every process it started has stopped (the node workers go with their SuperNodes)
+    left = subprocess.run(["pgrep", "-f", "pfedmoap-deploy\\."], capture_output=True, text=True).stdout.split()
+    assert left == [], left
+
+    local = tmp_path / "local"
+    subprocess.run(
+        [sys.executable, "-m", "pfedmoap.train", "--clients", "2", "--experts", "1", "--rounds", "2",
+         "--threads", "1", "--out", str(local)],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    deployed, in_process = _records(out / "run" / "metrics.jsonl"), _records(local / "metrics.jsonl")
+    assert [r["client_acc"] for r in deployed] == [r["client_acc"] for r in in_process]
+    assert [r["bytes_down"] for r in deployed] == [r["bytes_down"] for r in in_process]
+    assert [r["experts"] for r in deployed] == [r["experts"] for r in in_process]
