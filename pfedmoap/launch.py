@@ -59,11 +59,9 @@ def run(cfg: Config, out: str | Path | None = None, log: Callable[[str], None] |
     return fed.run(run_dir)
 
 
-def resume(path: str | Path, log: Callable[[str], None] | None = None, progress: bool | None = None) -> History:
-    """Continue a run from its directory: the saved config, the last complete round's checkpoint.
-
-    The metrics of a resumed run equal an uninterrupted run's exactly on CPU (same config, same seed).
-    """
+def saved_run(path: str | Path) -> tuple[RunDir, Config, dict[str, Any]]:
+    """An unfinished run's directory, its saved config and its ``_meta`` (engine, versions); a folder that holds no
+    run, a finished run or another version's run is one UserError line."""
     run_dir = RunDir(path)
     config_file = run_dir.path / "config.json"
     if not config_file.is_file():
@@ -80,7 +78,25 @@ def resume(path: str | Path, log: Callable[[str], None] | None = None, progress:
             f"resume={str(run_dir.path)!r} was written by pfedmoap {meta.get('pfedmoap_version')}, "
             f"this is {__version__}"
         )
-    cfg = Config.from_dict(data, source=str(config_file)).validate()
+    return run_dir, Config.from_dict(data, source=str(config_file)).validate(), meta
+
+
+def check_engine(run_dir: RunDir, meta: dict[str, Any], engine: str) -> None:
+    """Refuse to resume a run with another engine than the one that made it."""
+    made = meta.get("engine", "local")
+    if made != engine:
+        raise UserError(
+            f"resume={str(run_dir.path)!r} was made with --engine {made}; resume it with --engine {made}, not {engine}"
+        )
+
+
+def resume(path: str | Path, log: Callable[[str], None] | None = None, progress: bool | None = None) -> History:
+    """Continue a run from its directory: the saved config, the last complete round's checkpoint.
+
+    The metrics of a resumed run equal an uninterrupted run's exactly on CPU (same config, same seed).
+    """
+    run_dir, cfg, meta = saved_run(path)
+    check_engine(run_dir, meta, "local")
     if progress is not None:
         cfg = cfg.replace(progress=progress)
     fed = Federation(cfg, log=log)

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             flags = {dest: flag for flag, dest, _, _ in _OVERRIDES}
             flag = flags.get(others[0], "--" + others[0].replace("_", "-"))
             return fail(PROG, f"--resume takes the config saved in {resume_dir}; drop {flag}")
-        if engine != "local":
-            return fail(PROG, "--resume works with --engine local only")
+        if engine == "flower":
+            return _flower_resume(resume_dir)
         return _finish(lambda: resume(resume_dir, progress=args.get("progress")), trace)
     preset = args.pop("preset", DEFAULT_PRESET)
     if print_config:
@@ -222,6 +222,24 @@ def _flower(preset: str, args: dict[str, Any]) -> int:
 
         cfg = make_config(preset, **args)
         return run_simulation(cfg, out=flower_run_dir(cfg, cfg.out), log=print)
+
+    return _finish(start)
+
+
+def _flower_resume(resume_dir: str) -> int:
+    """``--engine flower --resume RUN_DIR``: continue a Flower simulation run from its last checkpoint."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
+        return fail(PROG, "--engine flower needs Flower: pip install 'pfedmoap[flower]'")
+
+    def start() -> History:
+        from .flower import run_simulation
+        from .launch import check_engine, saved_run
+
+        run_dir, cfg, meta = saved_run(resume_dir)
+        check_engine(run_dir, meta, "flower")
+        return run_simulation(cfg, out=run_dir.path, log=print, resume=True)
 
     return _finish(start)
 

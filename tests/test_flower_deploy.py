@@ -52,3 +52,42 @@ def test_a_loopback_deployment_equals_the_in_process_run(tmp_path):
     assert [r["client_acc"] for r in deployed] == [r["client_acc"] for r in in_process]
     assert [r["bytes_down"] for r in deployed] == [r["bytes_down"] for r in in_process]
     assert [r["experts"] for r in deployed] == [r["experts"] for r in in_process]
+
+
+def test_a_killed_flower_simulation_resumes_to_the_uninterrupted_numbers(tmp_path):
+    """`--engine flower` killed (SIGKILL, the whole process group: the ServerApp and Ray's workers) after two
+    rounds, then `--engine flower --resume RUN_DIR`: the metrics equal an uninterrupted in-process run's (Flower's
+    equal the in-process engine's; CPU, 1 thread)."""
+    import signal
+    import time
+
+    args = ["--clients", "4", "--experts", "2", "--rounds", "6", "--threads", "1", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([sys.executable, "-m", "pfedmoap.train", *args, "--out", str(ref)], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pfedmoap.train", "--engine", "flower", *args, "--out", str(killed)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 2 <= done < 6, "the run must have been killed before it finished"
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pfedmoap.train", "--engine", "flower", "--resume", str(killed)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming {killed.resolve()} after round {done}" in resumed.stdout + resumed.stderr
+    a, b = _records(ref / "metrics.jsonl"), _records(metrics)
+    assert [r["round"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for key in ("client_acc", "sampled", "experts", "bytes_down", "bytes_up"):
+        assert [r[key] for r in b] == [r[key] for r in a], key

@@ -241,3 +241,75 @@ def test_a_worker_error_reaches_the_server_as_a_node_error(tmp_path):
     assert strategy.node_of.keys() == {0}
     assert any("failed the handshake" in line and "partition-id=5 is outside 0..1" in line for line in said)
     assert os.path.isfile(tmp_path / "nodes" / "node-1" / "worker.log")
+
+
+# ---------------------------------------------------------------------------------------------- server resume
+class _ServerDied(Exception):
+    pass
+
+
+def test_a_resumed_flower_server_equals_an_uninterrupted_run(tmp_path):
+    """The server dies after the nodes trained round 3 (its checkpoint is round 2's); a new server process resumes
+    from the run directory with nodes that have new ids and empty memories: every round equals the uninterrupted
+    run's, since each node starts round 3 from its state of the end of round 2 on its disk, not from the round-3
+    state it saved before the server died."""
+    from pfedmoap import checkpoint
+    from pfedmoap.rundir import RunDir, read_metrics
+
+    cfg = cfg_for(rounds=4)
+    whole_dir = RunDir.create(tmp_path / "whole")
+    whole = PFedMoAPStrategy(cfg, run_dir=whole_dir, log=lambda m: None).run(_grid(cfg, tmp_path / "n1"))
+
+    first = _grid(cfg, tmp_path / "n2")
+    send = first.send_and_receive
+
+    def dies_in_round_3(messages, *, timeout=None):
+        messages = list(messages)
+        replies = send(messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" and m.content["config"]["round"] == 3 for m in messages):
+            raise _ServerDied  # the nodes trained round 3 and saved it; the server never aggregated it
+        return replies
+
+    first.send_and_receive = dies_in_round_3
+    run_dir = RunDir.create(tmp_path / "resumed")
+    with pytest.raises(_ServerDied):
+        PFedMoAPStrategy(cfg, run_dir=run_dir, log=lambda m: None).run(first)
+    assert len(read_metrics(run_dir.path)) == 2
+
+    second = FakeGrid(cfg.clients, node_seed=11)  # a new Flower run: new node ids, empty context.state
+    for context in second.contexts.values():
+        context.node_config["state-dir"] = str(tmp_path / "n2" / f"node-{context.node_config['partition-id']}")
+        context.node_config["worker"] = False
+    said: list[str] = []
+    resumed = PFedMoAPStrategy(cfg, run_dir=RunDir(run_dir.path), log=said.append)
+    resumed.load_state_dict(checkpoint.load(checkpoint.checkpoint_path(run_dir.path)))
+    history = resumed.run(second, resumed=True)
+    assert [r.round for r in history.rounds] == [1, 2, 3, 4]
+    assert any("restored its client state from its node's disk (round 2)" in line for line in said)
+    assert _accs(history.rounds) == _accs(whole.rounds)
+    assert [r.experts for r in history.rounds] == [r.experts for r in whole.rounds]
+    assert all(history.server.pool[c].equal(whole.server.pool[c]) for c in range(cfg.clients))
+    assert history.server.global_prompt.equal(whole.server.global_prompt)
+    assert [r["client_acc"] for r in read_metrics(run_dir.path)] == [
+        r["client_acc"] for r in read_metrics(whole_dir.path)
+    ]
+
+
+def test_resume_refuses_a_run_of_the_other_engine(tmp_path):
+    from pfedmoap.rundir import RunDir
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    flower_run = RunDir.create(tmp_path / "flower")
+    flower_run.write_config({**cfg_for().to_dict(), "_meta": {"engine": "flower"}})
+    local_run = RunDir.create(tmp_path / "local")
+    local_run.write_config({**cfg_for().to_dict(), "_meta": {}})
+    for path, flags, made in ((flower_run.path, [], "flower"), (local_run.path, ["--engine", "flower"], "local")):
+        done = subprocess.run(
+            [sys.executable, "-m", "pfedmoap.train", "--resume", str(path), *flags],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"was made with --engine {made}; resume it with --engine {made}" in lines[0]
+        assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in flower_run.path.iterdir()) == ["checkpoints", "config.json"]  # nothing written

@@ -10,26 +10,32 @@ the reply, so both paths give the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from .node_worker import forward, uses_worker
 
 
-def handle(msg: Message, context: Context) -> Message:
-    """Answer one message (query, train or evaluate) with the node's state in ``context.state``."""
-    kind = msg.metadata.message_type
-    if uses_worker(context.node_config):
-        content = forward(kind, msg.content, context)
-    else:
-        from .node_handlers import answer
+def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp serving the three pFedMoAP message types. ``node_defaults`` are node-config values for nodes
+    that do not set them (the simulation gives its nodes a ``state-dir`` on the run's disk)."""
+    defaults = dict(node_defaults or {})
 
-        content = answer(kind, msg.content, context.node_config, context.state)
-    return Message(content, reply_to=msg)
+    def handle(msg: Message, context: Context) -> Message:
+        """Answer one message (query, train or evaluate) with the node's state in ``context.state``."""
+        kind = msg.metadata.message_type
+        node_config = {**defaults, **context.node_config}
+        if uses_worker(node_config):
+            content = forward(kind, msg.content, node_config, context.state)
+        else:
+            from .node_handlers import answer
 
+            content = answer(kind, msg.content, node_config, context.state)
+        return Message(content, reply_to=msg)
 
-def make_client_app() -> ClientApp:
-    """A ClientApp serving the three pFedMoAP message types."""
     app = ClientApp()
     app.query()(handle)
     app.train()(handle)

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, RecordDict
+from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
@@ -108,19 +108,20 @@ def _decode(data: bytes) -> RecordDict:
 
 
 # ------------------------------------------------------------------------------------------ the ClientApp's side
-def forward(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """Have the node's worker answer a message; ``context.state`` is replaced by the state it returns."""
-    state_dir = Path(str(context.node_config["state-dir"]))
+def forward(kind: str, content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
+    """Have the node's worker answer a message; ``state`` (the node's ``context.state``) is replaced by the state
+    it returns."""
+    state_dir = Path(str(node_config["state-dir"]))
     state_dir.mkdir(parents=True, exist_ok=True)
     path = socket_path(state_dir)
-    header = {"protocol": PROTOCOL, "type": kind, "node_config": dict(context.node_config)}
+    header = {"protocol": PROTOCOL, "type": kind, "node_config": dict(node_config)}
     for attempt in range(2):  # a worker that has just exited (idle, or another version) is started again once
         with _connect(path, state_dir) as sock:
-            _send(sock, json.dumps(header).encode(), _encode(content), _encode(context.state))
+            _send(sock, json.dumps(header).encode(), _encode(content), _encode(state))
             try:
                 head = json.loads(_recv(sock))
                 if head.get("ok"):
-                    reply, state = _decode(_recv(sock)), _decode(_recv(sock))
+                    reply, new_state = _decode(_recv(sock)), _decode(_recv(sock))
                     break
             except ConnectionError:
                 if attempt:
@@ -132,11 +133,11 @@ def forward(kind: str, content: RecordDict, context: Context) -> RecordDict:
             raise RuntimeError(str(head.get("error", "the node worker failed")))
     else:
         raise RuntimeError(f"the node worker at {path} keeps refusing this ClientApp's protocol")
-    for name in list(context.state):
-        if name not in state:
-            del context.state[name]
-    for name, record in state.items():
-        context.state[name] = record
+    for name in list(state):
+        if name not in new_state:
+            del state[name]
+    for name, record in new_state.items():
+        state[name] = record
     return reply
 
 

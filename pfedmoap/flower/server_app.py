@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
 
+from .. import checkpoint
 from ..config import Config
 from ..launch import default_run_dir
 from ..rounds import History
@@ -35,9 +37,11 @@ def make_server_app(
     options: FlowerOptions | None = None,
     results: list[History] | None = None,
     log: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp for one run. ``cfg`` / ``options`` default to the run config; the finished
-    :class:`History` is appended to ``results`` (the simulation entry reads it from there)."""
+    :class:`History` is appended to ``results`` (the simulation entry reads it from there). With ``resume``, the
+    run in ``options.out`` continues from its last checkpoint."""
     app = ServerApp()
 
     @app.main()
@@ -48,17 +52,28 @@ def make_server_app(
             config, opts = cfg, options or FlowerOptions()
         config = check_flower_config(config.validate())
         target = flower_run_dir(config, opts.out)
-        RunDir.check(target)
+        if not resume:
+            RunDir.check(target)
         say = log or logging.getLogger("flwr").info
         strategy = PFedMoAPStrategy(
             config, log=say, round_timeout=opts.round_timeout, connect_timeout=opts.connect_timeout
         )
+        ckpt = checkpoint.checkpoint_path(Path(target))
+        if resume and ckpt.is_file():
+            strategy.load_state_dict(checkpoint.load(ckpt))
         if isinstance(grid, HttpGrid):  # a deployment: collect replies as they come, not every 3 s
             grid = PromptGrid(grid)
         strategy.connect(grid)  # nodes build their worlds first: a run that cannot start writes nothing
-        strategy.run_dir = RunDir.create(target)
-        say(f"flower: writing the run to {strategy.run_dir.path.resolve()}")
-        history = strategy.run(grid)
+        if resume:
+            strategy.run_dir = RunDir(target)
+            # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
+            strategy.run_dir.write_rounds([r.to_json() for r in strategy.rounds])
+            done = strategy.rounds[-1].round if strategy.rounds else 0
+            say(f"flower: resuming {strategy.run_dir.path.resolve()} after round {done}")
+        else:
+            strategy.run_dir = RunDir.create(target)
+            say(f"flower: writing the run to {strategy.run_dir.path.resolve()}")
+        history = strategy.run(grid, resumed=resume)
         if results is not None:
             results.append(history)
 

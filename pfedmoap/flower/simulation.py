@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ..config import Config
 from ..rounds import History
 from ..rundir import RunDir
-from .client_app import app as client_app
+from .client_app import make_client_app
 from .server_app import flower_run_dir, make_server_app
 from .task import FlowerOptions, check_flower_config
 
@@ -40,21 +41,29 @@ def run_simulation(
     round_timeout: float = 3600.0,
     log: Callable[[str], None] | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> History:
     """Run a whole federation on Flower's simulation engine (Ray) and return its history.
 
     Writes the same run directory as the in-process engine (``config.json``, ``metrics.jsonl``,
     ``summary.json``); each round's record also lists failed nodes. Nodes run ``cfg.threads`` torch threads
     (1 when unset). With the same config and seed the per-round accuracies equal the in-process run's on CPU.
+
+    The simulated nodes share this machine's disk: each saves its client state under ``RUN_DIR/node-states`` (as
+    a deployment node does under its ``state-dir``), so that ``resume=True`` continues the run in ``out`` from its
+    last checkpoint with every node's gate, and its metrics equal an uninterrupted run's.
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     cfg = check_flower_config(cfg.validate())
     cfg = cfg.replace(threads=cfg.threads or 1, progress=False)
     target = str(out) if out is not None else flower_run_dir(cfg, cfg.out)
-    RunDir.check(target)  # refuse a used folder before Ray starts
+    if not resume:
+        RunDir.check(target)  # refuse a used folder before Ray starts
     results: list[History] = []
-    server_app = make_server_app(cfg, FlowerOptions(out=target, round_timeout=round_timeout), results, log)
+    options = FlowerOptions(out=target, round_timeout=round_timeout)
+    server_app = make_server_app(cfg, options, results, log, resume=resume)
+    client_app = make_client_app({"state-dir": str(Path(target).resolve() / "node-states"), "worker": False})
     # Flower deprecates this Python entry point in favour of `flwr run`; here it is the supported path, so its
     # "use flwr run instead" warning would only mislead
     quiet = _DropMessages("`run_simulation` function is deprecated")

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .. import checkpoint
 from .._version import __version__
 from ..config import Config
 from ..errors import UserError
@@ -121,11 +122,13 @@ class PFedMoAPStrategy(Strategy):
 
     # ------------------------------------------------------------------------------------ handshake
     def connect(self, grid: Grid) -> None:
-        """Wait for ``clients`` nodes, ask each for its partition id, and map node ids to partition ids.
+        """Wait up to ``connect_timeout`` for ``clients`` nodes (then go on with those connected, and say so; none
+        is a UserError), ask each for its partition id, and map node ids to partition ids.
 
         Node ids are random per run; sampling and expert selection work on partition ids only, so a run is
         reproducible from its seed. A node that fails the handshake or repeats a partition id is left out
-        (logged); a partition without a node counts as failed whenever it is sampled.
+        (logged); a partition without a node counts as failed whenever it is sampled, until a node for it connects
+        (it is handshaken at the start of the next round).
         """
         cfg = self.cfg
         begin = time.monotonic()
@@ -133,10 +136,17 @@ class PFedMoAPStrategy(Strategy):
         while len(nodes := sorted(grid.get_node_ids())) < cfg.clients:
             now = time.monotonic()
             if now - begin > self.connect_timeout:
-                raise UserError(
-                    f"only {len(nodes)} of {cfg.clients} nodes connected within {self.connect_timeout:g} s "
-                    "(one node per client: start more SuperNodes, or set the simulation's num-supernodes)"
+                if not nodes:
+                    raise UserError(
+                        f"no node connected within {self.connect_timeout:g} s (one node per client: start the "
+                        "SuperNodes, or set the simulation's num-supernodes)"
+                    )
+                # the run goes on with the nodes it has; a node that connects later joins at the next round
+                self.log(
+                    f"flower: only {len(nodes)} of {cfg.clients} nodes connected within {self.connect_timeout:g} s; "
+                    "going on with them (a partition without a node counts as failed whenever sampled)"
                 )
+                break
             if now - said > 30:
                 said = now
                 self.log(f"flower: waiting for nodes, {len(nodes)} of {cfg.clients} connected")
@@ -364,6 +374,8 @@ class PFedMoAPStrategy(Strategy):
         record = driver.finish(accs, attention, eval_failed, split_acc)
         if self.run_dir is not None:
             self.run_dir.append_round(record.to_json())
+            # the server side only: the nodes' states stay on the nodes (node config state-dir)
+            checkpoint.save(self.state_dict(), checkpoint.checkpoint_path(self.run_dir.path))
         if self.board is not None:
             self.board.add(record)
         self.log(record.line(driver.round_indices[-1]))
@@ -390,14 +402,27 @@ class PFedMoAPStrategy(Strategy):
         """P_g^0 as the ArrayRecord ``Strategy.start`` expects (the driver keeps its own copy)."""
         return ArrayRecord({"global-prompt": encode_tensor(self.server.global_prompt)})
 
-    def run(self, grid: Grid) -> History:
-        """Handshake, every round (one evaluation-only round 0 for zero-shot), summary. Writes the run
-        directory when one was given."""
+    def state_dict(self) -> dict[str, Any]:
+        """The server side of a Flower run's checkpoint: the round driver (pool, P_g, RNG streams, DP releases, the
+        rounds so far) and the run token that names the nodes' saved states."""
+        return {"engine": "flower", "run_token": self.run_token, "driver": self.driver.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint of :meth:`state_dict` (``--engine flower --resume``)."""
+        if state.get("engine") != "flower":
+            raise UserError("this checkpoint was written by the in-process engine: resume it with --engine local")
+        self.driver.load_state_dict(state["driver"])
+        self.run_token = str(state["run_token"])
+
+    def run(self, grid: Grid, resumed: bool = False) -> History:
+        """Handshake, the remaining rounds (every round, or those after a restored checkpoint; one
+        evaluation-only round 0 for zero-shot), summary. Writes the run directory when one was given (a resumed
+        run keeps its config.json)."""
         if not self.node_of:
             self.connect(grid)
-        if self.run_dir is not None:
+        if self.run_dir is not None and not resumed:
             self.run_dir.write_config({**self.cfg.to_dict(), "_meta": self.meta()})
-        rounds = len(self.driver.round_indices)
+        rounds = len(self.driver.remaining())
         self.board = open_board(self.cfg, self.run_dir)
         try:
             self.start(grid, self.initial_arrays(), num_rounds=rounds, timeout=self.round_timeout)

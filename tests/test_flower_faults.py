@@ -1,0 +1,155 @@
+"""Faults in a real Flower deployment on the loopback (a SuperLink, SuperNodes in their own processes, `flwr run`):
+a SuperNode killed during a run and restarted, and a SuperNode that never connects. Slow (CI runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's CLI is not on PATH"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Loopback:
+    """A SuperLink and SuperNodes on 127.0.0.1, each its own process group; everything is killed at the end."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port = root, port
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True)
+        (self.home / "config.toml").write_text(f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.nodes: dict[int, subprocess.Popen] = {}
+
+    def _start(self, args: list[str], log: str) -> subprocess.Popen:
+        with open(self.root / log, "ab") as out:
+            proc = subprocess.Popen(
+                args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def superlink(self) -> None:
+        self._start(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)], "link.log")
+        deadline = time.monotonic() + 60
+        import socket
+
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("the SuperLink did not start")
+
+    def supernode(self, pid: int, clients: int) -> None:
+        state = self.root / f"node-{pid}"
+        config = f"partition-id={pid} num-partitions={clients} state-dir='{state}' feature-cache='{state}/features'"
+        self.nodes[pid] = self._start(
+            ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+             "--port", str(self.port + 10 + pid), "--node-config", config],
+            f"supernode-{pid}.log",
+        )  # fmt: skip
+
+    def kill_node(self, pid: int) -> None:
+        os.killpg(self.nodes[pid].pid, signal.SIGKILL)
+        self.nodes[pid].wait()
+
+    def flwr_run(self, run_config: str) -> subprocess.Popen:
+        return self._start(["flwr", "run", ".", "loopback", "--stream", "--run-config", run_config], "flwr-run.log")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def loopback(tmp_path, request):
+    lb = Loopback(tmp_path, port=19500 + 40 * (hash(request.node.name) % 10))
+    try:
+        yield lb
+    finally:
+        lb.close()
+        deadline = time.monotonic() + 10  # every node worker ends with its SuperNode
+        while time.monotonic() < deadline and _workers(tmp_path):
+            time.sleep(0.1)
+        assert not _workers(tmp_path)
+
+
+def _workers(root: Path) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"node_worker --socket {root}"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def _rounds(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_supernode_killed_mid_run_is_counted_failed_and_rejoins_with_its_gate(loopback, tmp_path):
+    run = tmp_path / "run"
+    loopback.superlink()
+    for pid in range(3):
+        loopback.supernode(pid, 3)
+    flwr = loopback.flwr_run(f"clients=3 experts=2 rounds=5 round-timeout=20 connect-timeout=120 out='{run}'")
+    _wait(lambda: len(_rounds(run)) >= 1, 240, "round 1")
+    loopback.kill_node(2)  # in round 2, before its reply: round 2's messages to it get none
+    time.sleep(1)
+    loopback.supernode(2, 3)  # restarted: a new node id, an empty context.state, the same state-dir
+    assert flwr.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    assert rounds[0]["num_failed"] == 0
+    assert [f["client"] for f in rounds[1]["failed"]] == [2]  # the round completed without it
+    assert rounds[-1]["num_failed"] == 0 and rounds[-1]["num_eval_failed"] == 0  # back in the last rounds
+    log = (tmp_path / "flwr-run.log").read_text()
+    assert "rejoins as partition 2" in log
+    assert "partition 2 restored its client state from its node's disk" in log
+    assert json.loads((run / "summary.json").read_text())["final_mean_acc"] > 0
+
+
+def test_a_supernode_that_never_connects_leaves_its_partition_failed(loopback, tmp_path):
+    run = tmp_path / "run"
+    loopback.superlink()
+    for pid in range(2):  # 3 clients, only 2 SuperNodes
+        loopback.supernode(pid, 3)
+    flwr = loopback.flwr_run(f"clients=3 experts=1 rounds=2 round-timeout=20 connect-timeout=20 out='{run}'")
+    assert flwr.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+    log = (tmp_path / "flwr-run.log").read_text()
+    assert "only 2 of 3 nodes connected within 20 s" in log
+    rounds = _rounds(run)
+    assert len(rounds) == 2
+    for r in rounds:
+        assert [f["client"] for f in r["failed"]] == [2]
+        assert [f["client"] for f in r["eval_failed"]] == [2]
+        assert r["client_acc"][2] != r["client_acc"][2]  # NaN: never evaluated
