@@ -12,13 +12,12 @@ methods (:class:`Method`, :func:`register_method`) and the op tables (:func:`sel
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_exports
 from ._version import __version__
 
-# Names are loaded on first use (PEP 562), so that importing a light submodule (the Flower ClientApp, which a
-# deployment starts once per message) does not import torch and open_clip.
+# names are loaded on first use (pfedmoap._lazy): the Flower ClientApp must import without torch
 _EXPORTS = {
     "Client": "client",
     "FrozenCLIP": "clip",
@@ -72,17 +71,7 @@ if TYPE_CHECKING:
     from .world import World
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "AttentionGate",

@@ -199,6 +199,18 @@ def test_client_app_imports_without_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_every_public_name_of_the_lazy_packages_loads():
+    import pfedmoap
+    import pfedmoap.flower
+
+    for package in (pfedmoap, pfedmoap.flower):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, name
+        assert set(package.__all__) <= set(dir(package))
+        with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+            package.nope  # noqa: B018
+
+
 def test_node_workers_answer_as_the_clientapp_does(tmp_path):
     """Two nodes whose ClientApp hands every message to its worker process: the run equals the in-process one,
     each node started one worker and reused it, and removing the socket ends the worker."""

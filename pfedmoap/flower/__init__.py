@@ -14,7 +14,9 @@ try:
 except ImportError as exc:  # one clear line instead of a deep traceback
     raise ImportError("pfedmoap.flower needs Flower: pip install 'pfedmoap[flower]'") from exc
 
-from typing import TYPE_CHECKING, Any  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from .._lazy import lazy_exports  # noqa: E402
 
 if TYPE_CHECKING:
     from .simulation import run_simulation
@@ -25,14 +27,6 @@ if TYPE_CHECKING:
 _EXPORTS = {"run_simulation": "simulation", "PFedMoAPStrategy": "strategy", "config_from_run_config": "task"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["PFedMoAPStrategy", "config_from_run_config", "run_simulation"]
