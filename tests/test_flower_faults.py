@@ -3,6 +3,7 @@ a SuperNode killed during a run and restarted, and a SuperNode that never connec
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -84,9 +85,12 @@ class Loopback:
                 proc.wait()
 
 
+_PORTS = itertools.count(19500, 40)  # a fresh range of ports per test: no test waits on another's sockets
+
+
 @pytest.fixture
-def loopback(tmp_path, request):
-    lb = Loopback(tmp_path, port=19500 + 40 * (hash(request.node.name) % 10))
+def loopback(tmp_path):
+    lb = Loopback(tmp_path, port=next(_PORTS))
     try:
         yield lb
     finally:
