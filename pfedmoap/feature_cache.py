@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .rundir import atomic_file
 
 FORMAT = 1
 
@@ -107,13 +107,5 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         cpu = {k: None if t is None else t.detach().cpu() for k, t in tensors.items()}
         blob = {"format": FORMAT, "key": key, "checksum": _checksum(cpu), "tensors": cpu}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".client-{cid}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(cid))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.path(cid)) as f:
+            torch.save(blob, f)

@@ -209,12 +209,19 @@ def _print_config(cfg: Config) -> int:
     return 0
 
 
-def _flower(preset: str, args: dict[str, Any]) -> int:
-    """``--engine flower``: the same run on Flower's simulation engine (needs the optional extra)."""
+def _no_flower() -> int | None:
+    """Exit status 2 with one line when the Flower extra (flwr with Ray) is not installed, else None."""
     import importlib.util
 
     if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
         return fail(PROG, "--engine flower needs Flower: pip install 'pfedmoap[flower]'")
+    return None
+
+
+def _flower(preset: str, args: dict[str, Any]) -> int:
+    """``--engine flower``: the same run on Flower's simulation engine (needs the optional extra)."""
+    if (missing := _no_flower()) is not None:
+        return missing
 
     def start() -> History:
         from .flower import run_simulation
@@ -228,10 +235,8 @@ def _flower(preset: str, args: dict[str, Any]) -> int:
 
 def _flower_resume(resume_dir: str) -> int:
     """``--engine flower --resume RUN_DIR``: continue a Flower simulation run from its last checkpoint."""
-    import importlib.util
-
-    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
-        return fail(PROG, "--engine flower needs Flower: pip install 'pfedmoap[flower]'")
+    if (missing := _no_flower()) is not None:
+        return missing
 
     def start() -> History:
         from .flower import run_simulation

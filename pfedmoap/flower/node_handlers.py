@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..client import Client
 from ..methods import Payload
-from .node_state import NodeStateStore, client_records, message_tag, state_tag
+from .node_state import NodeStateStore, message_tag, replace_client_records, state_tag
 from .task import (
     CONFIG,
     METRICS,
@@ -77,18 +77,14 @@ class _Session:
         current = state_tag(state)
         source = "memory" if current is not None else "fresh"
         if current is not None and current >= self.tag:  # a resumed server redoes a round: not from its future
-            for name in list(client_records(state)):
-                del state[name]
+            replace_client_records(state)
             current, source = None, "fresh"
         problems: list[str] = []
         if self.store is not None:
             loaded = self.store.load_before(self.tag)
             problems = loaded.problems
             if loaded.state is not None and (current is None or loaded.tag > current):
-                for name in list(client_records(state)):
-                    del state[name]
-                for name, record in loaded.state.items():
-                    state[name] = record
+                replace_client_records(state, loaded.state)
                 source = f"disk (round {loaded.tag[0]})"
         self.notes = ConfigRecord({"state": source, "problems": problems})
         self.client: Client = node.load_client(pid, state)

@@ -24,13 +24,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from ..rundir import atomic_file
 
 FORMAT = 1
 KEEP = 3  # states kept per partition: the newest, and enough older ones to redo an interrupted round
@@ -56,6 +57,29 @@ def state_tag(state: RecordDict) -> Tag | None:
 def client_records(state: RecordDict) -> RecordDict:
     """The client-state records of a ``context.state`` (the ``pfedmoap.*`` ones), as a new RecordDict."""
     return RecordDict({name: record for name, record in state.items() if name.startswith(PREFIX)})
+
+
+def replace_client_records(state: RecordDict, records: RecordDict | None = None) -> None:
+    """Drop the client-state records of ``state``, then put ``records`` (a saved state) in their place."""
+    for name in list(client_records(state)):
+        del state[name]
+    for name, record in (records or RecordDict()).items():
+        state[name] = record
+
+
+def encode_records(records: RecordDict) -> bytes:
+    """Flower's protobuf encoding of a RecordDict (what a state file and a worker request carry; no pickle)."""
+    return recorddict_to_proto(records).SerializeToString()
+
+
+def decode_records(data: bytes) -> RecordDict:
+    """The RecordDict of :func:`encode_records`; raises ``ValueError`` on bytes that do not decode."""
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
+        raise ValueError(f"does not decode ({type(exc).__name__})") from None
+    return recorddict_from_proto(proto)
 
 
 @dataclass
@@ -89,7 +113,7 @@ class NodeStateStore:
 
     def save(self, state: RecordDict, tag: Tag) -> Path:
         """Write the client records of ``state`` for ``tag`` atomically; keep the newest :data:`KEEP`."""
-        payload = recorddict_to_proto(client_records(state)).SerializeToString()
+        payload = encode_records(client_records(state))
         header = {
             "format": FORMAT,
             "run": self.run_token,
@@ -100,16 +124,8 @@ class NodeStateStore:
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / f"partition-{self.pid}.{tag[0]}-{tag[1]}.state"
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".partition-{self.pid}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(header).encode() + b"\n" + payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target) as f:
+            f.write(json.dumps(header).encode() + b"\n" + payload)
         for _, old in self._files()[:-KEEP]:
             old.unlink(missing_ok=True)
         return target
@@ -145,9 +161,4 @@ class NodeStateStore:
             raise ValueError(f"{len(payload)} of {header['length']} bytes (truncated)")
         if hashlib.blake2b(payload, digest_size=16).hexdigest() != header["checksum"]:
             raise ValueError("checksum mismatch (corrupt)")
-        proto = ProtoRecordDict()
-        try:
-            proto.ParseFromString(payload)
-        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
-            raise ValueError(f"does not decode ({type(exc).__name__})") from None
-        return recorddict_from_proto(proto)
+        return decode_records(payload)

@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from .._version import __version__
+from .node_state import decode_records, encode_records
 
 PROTOCOL = 1
 START_TIMEOUT = 300.0  # seconds for a new worker to listen (it imports torch first; 2 busy cores can be slow)
@@ -97,16 +96,6 @@ def _recv(sock: socket.socket) -> bytes:
     return _recv_exact(sock, _LEN.unpack(_recv_exact(sock, _LEN.size))[0])
 
 
-def _encode(records: RecordDict) -> bytes:
-    return recorddict_to_proto(records).SerializeToString()
-
-
-def _decode(data: bytes) -> RecordDict:
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
-
-
 # ------------------------------------------------------------------------------------------ the ClientApp's side
 def forward(kind: str, content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
     """Have the node's worker answer a message; ``state`` (the node's ``context.state``) is replaced by the state
@@ -115,24 +104,21 @@ def forward(kind: str, content: RecordDict, node_config: Mapping[str, Any], stat
     state_dir.mkdir(parents=True, exist_ok=True)
     path = socket_path(state_dir)
     header = {"protocol": PROTOCOL, "type": kind, "node_config": dict(node_config)}
-    for attempt in range(2):  # a worker that has just exited (idle, or another version) is started again once
-        with _connect(path, state_dir) as sock:
-            _send(sock, json.dumps(header).encode(), _encode(content), _encode(state))
-            try:
+    request = (json.dumps(header).encode(), encode_records(content), encode_records(state))
+    for attempt in range(2):  # a worker that exits (idle) just as this connects is started again, once
+        try:
+            with _connect(path, state_dir) as sock:
+                _send(sock, *request)
                 head = json.loads(_recv(sock))
-                if head.get("ok"):
-                    reply, new_state = _decode(_recv(sock)), _decode(_recv(sock))
-                    break
-            except ConnectionError:
-                if attempt:
-                    raise RuntimeError(
-                        f"the node worker ended while answering a {kind} message (see {state_dir / 'worker.log'})"
-                    ) from None
-                continue
-        if not head.get("restart"):
-            raise RuntimeError(str(head.get("error", "the node worker failed")))
-    else:
-        raise RuntimeError(f"the node worker at {path} keeps refusing this ClientApp's protocol")
+                if not head.get("ok"):
+                    raise RuntimeError(str(head.get("error", "the node worker failed")))
+                reply, new_state = decode_records(_recv(sock)), decode_records(_recv(sock))
+                break
+        except ConnectionError:
+            if attempt:
+                raise RuntimeError(
+                    f"the node worker ended while answering a {kind} message (see {state_dir / 'worker.log'})"
+                ) from None
     for name in list(state):
         if name not in new_state:
             del state[name]
@@ -231,8 +217,7 @@ def serve(path: Path, watch: list[int], idle_exit: float = IDLE_EXIT) -> None:
                 continue
             with conn:
                 conn.settimeout(None)
-                if not _answer(conn, answer, log):
-                    break
+                _answer(conn, answer, log)
             last = time.monotonic()
     finally:
         server.close()
@@ -241,28 +226,28 @@ def serve(path: Path, watch: list[int], idle_exit: float = IDLE_EXIT) -> None:
     log.info("node worker %s exits", os.getpid())
 
 
-def _answer(conn: socket.socket, answer: Any, log: logging.Logger) -> bool:
-    """Serve one request; False when this worker must give way (another protocol)."""
+def _answer(conn: socket.socket, answer: Any, log: logging.Logger) -> None:
+    """Serve one request: the reply and the updated state, or the error the ClientApp raises again."""
     try:
         head = json.loads(_recv(conn))
-        content, state = _decode(_recv(conn)), _decode(_recv(conn))
+        content, state = decode_records(_recv(conn)), decode_records(_recv(conn))
     except (ConnectionError, ValueError) as exc:
         log.warning("a malformed request was dropped (%s)", exc)
-        return True
-    if head.get("protocol") != PROTOCOL:
-        _send(conn, json.dumps({"ok": False, "restart": True}).encode())
-        return False
+        return
+    if head.get("protocol") != PROTOCOL:  # the socket's name pins the code version, so only a hand-made request
+        error = f"the node worker speaks protocol {PROTOCOL}, the request {head.get('protocol')!r}"
+        _send(conn, json.dumps({"ok": False, "error": error}).encode())
+        return
     start = time.perf_counter()
     try:
         reply = answer(str(head["type"]), content, head["node_config"], state)
     except Exception as exc:  # noqa: BLE001 - the ClientApp raises it again: Flower reports a node error
         log.exception("the %s message failed", head.get("type"))
         _send(conn, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
-        return True
-    with contextlib.suppress(ConnectionError, BrokenPipeError):
-        _send(conn, json.dumps({"ok": True}).encode(), _encode(reply), _encode(state))
+        return
+    with contextlib.suppress(ConnectionError):
+        _send(conn, json.dumps({"ok": True}).encode(), encode_records(reply), encode_records(state))
     log.info("answered a %s message in %.2f s", head["type"], time.perf_counter() - start)
-    return True
 
 
 def main(argv: list[str] | None = None) -> None:

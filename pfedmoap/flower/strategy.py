@@ -109,8 +109,7 @@ class PFedMoAPStrategy(Strategy):
         self._sent: dict[int, int] = {}  # this round's train messages: node id -> partition id, in sampled order
         self._mark = 0.0  # when the round's current phase began waiting on the nodes
         self._asked: set[int] = set()  # node ids that were sent a handshake
-        self._handshake_errors: list[str] = []
-        self._has_state: dict[int, bool] = {}  # partitions whose node has replied with a client state before
+        self._replied: set[int] = set()  # partitions whose node has replied to a train or evaluate message
 
     @property
     def server(self) -> Server:
@@ -151,17 +150,18 @@ class PFedMoAPStrategy(Strategy):
                 said = now
                 self.log(f"flower: waiting for nodes, {len(nodes)} of {cfg.clients} connected")
             time.sleep(0.1)
-        self._handshake(grid, nodes, self.connect_timeout, replace=False)
+        errors = self._handshake(grid, nodes, self.connect_timeout, replace=False)
         if not self.node_of:
-            first = self._handshake_errors[0] if self._handshake_errors else "no node holds a valid partition"
+            first = errors[0] if errors else "no node holds a valid partition"
             raise UserError(f"no node is ready for the run: {first}")
         missing = sorted(set(range(cfg.clients)) - set(self.node_of))
         if missing:
             self.log(f"flower: partitions {missing} have no node; they count as failed whenever sampled")
 
-    def _handshake(self, grid: Grid, nodes: list[int], timeout: float, replace: bool) -> None:
-        """Ask ``nodes`` for their partition ids and map them. With ``replace``, a node that holds a partition
-        another node held before takes it over (a restarted SuperNode comes back with a new node id)."""
+    def _handshake(self, grid: Grid, nodes: list[int], timeout: float, replace: bool) -> list[str]:
+        """Ask ``nodes`` for their partition ids and map them; returns why nodes failed. With ``replace``, a node
+        that holds a partition another node held before takes it over (a restarted SuperNode comes back with a new
+        node id)."""
         messages = [
             Message(
                 RecordDict({CONFIG: ConfigRecord({"config-json": self.config_json})}),
@@ -172,13 +172,13 @@ class PFedMoAPStrategy(Strategy):
             for node in nodes
         ]
         replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
-        self._handshake_errors = []
+        errors = []
         for node in nodes:
             self._asked.add(node)
             reply = replies.get(node)
             if reply is None or reply.has_error():
                 reason = "no reply" if reply is None else _error_reason(reply.error.reason)
-                self._handshake_errors.append(reason)
+                errors.append(reason)
                 self.log(f"flower: node {node} failed the handshake: {reason}")
                 continue
             info = dict(reply.content[METRICS])
@@ -198,6 +198,7 @@ class PFedMoAPStrategy(Strategy):
             self.node_of[pid], self.partition_of[node] = node, pid
             self.node_info[pid] = info
             self.server.train_sizes[pid] = int(info["num-examples"])
+        return errors
 
     def admit_new_nodes(self, grid: Grid) -> None:
         """Handshake the nodes that connected since the last round (a SuperNode restarted mid-run, one that
@@ -217,9 +218,9 @@ class PFedMoAPStrategy(Strategy):
         source = str(notes.get("state", ""))
         if source.startswith("disk"):
             self.log(f"flower: partition {pid} restored its client state from its node's {source}")
-        elif source == "fresh" and self._has_state.get(pid):
+        elif source == "fresh" and pid in self._replied:
             self.log(f"flower: partition {pid} lost its client state (its node restarted without it): starts fresh")
-        self._has_state[pid] = True
+        self._replied.add(pid)
 
     # ------------------------------------------------------------------------------------ training
     def configure_train(
