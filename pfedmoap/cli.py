@@ -11,8 +11,9 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from .errors import UserError
+from .errors import RunFailed, UserError
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -31,12 +32,15 @@ def fail(name: str, message: str) -> int:
 
 
 def run_command(name: str, job: Callable[[], int], interrupted: str = "interrupted") -> int:
-    """Run a command's body: a :class:`UserError` becomes one line and exit code 2, Ctrl-C the ``interrupted``
-    note and 130; anything else is a bug and propagates with its traceback."""
+    """Run a command's body: a :class:`UserError` becomes one line and exit code 2, a :class:`RunFailed` one line and
+    exit code 1, Ctrl-C the ``interrupted`` note and 130; anything else is a bug and propagates with its traceback."""
     try:
         return job()
     except UserError as exc:
         return fail(name, str(exc))
+    except RunFailed as exc:  # not the user's mistake, but its cause is in the log above: one line, not a traceback
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{name}: {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED

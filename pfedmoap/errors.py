@@ -12,3 +12,8 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config value is out of range or names something that does not exist."""
+
+
+class RunFailed(RuntimeError):
+    """A run that was started but did not finish (a Flower run the SuperLink reports failed, a runtime that would not
+    start). The message is one line saying why and where the log is; the CLI prints it and exits with code 1."""

@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engine",
         choices=ENGINES,
-        help="local: in-process simulation (default); flower: Flower's Ray simulation, one SuperNode per client",
+        help="local: in-process simulation (default); flower: Flower's simulation engine via flwr run on a local "
+        "SuperLink, one SuperNode per client",
     )
     for flag, dest, kind, text in _OVERRIDES:
         parser.add_argument(flag, dest=dest, type=kind, help=text)
@@ -219,7 +220,8 @@ def _no_flower() -> int | None:
 
 
 def _flower(preset: str, args: dict[str, Any]) -> int:
-    """``--engine flower``: the same run on Flower's simulation engine (needs the optional extra)."""
+    """``--engine flower``: the same run on Flower's simulation engine, through ``flwr run`` on a local SuperLink
+    (needs the optional extra)."""
     if (missing := _no_flower()) is not None:
         return missing
 

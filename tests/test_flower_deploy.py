@@ -78,6 +78,16 @@ def test_a_killed_flower_simulation_resumes_to_the_uninterrupted_numbers(tmp_pat
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the SuperLink's supervisor (its own session) sees the engine die and takes Flower's processes down: wait for it
+    # before counting the rounds, and check it left nothing running
+    supervisor = f"pfedmoap.flower.local_link --parent {proc.pid} "
+    deadline = time.time() + 30
+    while time.time() < deadline and _pgrep(supervisor):
+        time.sleep(0.1)
+    assert not _pgrep(supervisor), "the local SuperLink outlived the killed engine"
+    while time.time() < deadline and (_pgrep("flwr-simulation") or _pgrep("ray::ClientAppActor")):
+        time.sleep(0.1)  # SIGKILLed a moment ago: let the kernel finish
+    assert not _pgrep("flwr-simulation") and not _pgrep("ray::ClientAppActor")
     done = len(metrics.read_text().splitlines())
     assert 2 <= done < 6, "the run must have been killed before it finished"
     assert not (killed / "summary.json").exists()
@@ -91,3 +101,16 @@ def test_a_killed_flower_simulation_resumes_to_the_uninterrupted_numbers(tmp_pat
     assert [r["round"] for r in b] == [1, 2, 3, 4, 5, 6]
     for key in ("client_acc", "sampled", "experts", "bytes_down", "bytes_up"):
         assert [r[key] for r in b] == [r[key] for r in a], key
+
+
+def _pgrep(pattern: str) -> list[str]:
+    """Live processes whose command line matches (zombies, dead but not yet reaped, are left out)."""
+    pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [pid for pid in pids if not _zombie(pid)]
+
+
+def _zombie(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith(("Z", "X"))
+    except (OSError, IndexError):
+        return True  # gone already

@@ -1,5 +1,6 @@
 """Faults in a real Flower deployment on the loopback (a SuperLink, SuperNodes in their own processes, `flwr run`):
-a SuperNode killed during a run and restarted, and a SuperNode that never connects. Slow (CI runs them)."""
+a SuperNode killed during a run and restarted, a SuperNode that never connects, and SuperNodes that upload NaNs or a
+prompt of the wrong shape. Slow (CI runs them)."""
 
 from __future__ import annotations
 
@@ -62,9 +63,10 @@ class Loopback:
             time.sleep(0.1)
         raise RuntimeError("the SuperLink did not start")
 
-    def supernode(self, pid: int, clients: int) -> None:
+    def supernode(self, pid: int, clients: int, extra: str = "") -> None:
         state = self.root / f"node-{pid}"
         config = f"partition-id={pid} num-partitions={clients} state-dir='{state}' feature-cache='{state}/features'"
+        config += f" {extra}" if extra else ""
         self.nodes[pid] = self._start(
             ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
              "--port", str(self.port + 10 + pid), "--node-config", config],
@@ -75,8 +77,9 @@ class Loopback:
         os.killpg(self.nodes[pid].pid, signal.SIGKILL)
         self.nodes[pid].wait()
 
-    def flwr_run(self, run_config: str) -> subprocess.Popen:
-        return self._start(["flwr", "run", ".", "loopback", "--stream", "--run-config", run_config], "flwr-run.log")
+    def flwr_run(self, run_config: str, app: Path = ROOT) -> subprocess.Popen:
+        args = ["flwr", "run", str(app), "loopback", "--stream", "--run-config", run_config]
+        return self._start(args, "flwr-run.log")
 
     def close(self) -> None:
         for proc in self.procs:
@@ -157,3 +160,63 @@ def test_a_supernode_that_never_connects_leaves_its_partition_failed(loopback, t
         assert [f["client"] for f in r["failed"]] == [2]
         assert [f["client"] for f in r["eval_failed"]] == [2]
         assert r["client_acc"][2] != r["client_acc"][2]  # NaN: never evaluated
+
+
+# a ClientApp that answers as pfedmoap's does, then spoils its training reply as its node config's `fault` says
+_FAULTY_APP = """
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+from flwr.clientapp import ClientApp
+
+from pfedmoap.flower.client_app import make_client_app
+
+inner = make_client_app()
+app = ClientApp()
+
+
+@app.query()
+@app.evaluate()
+def passthrough(msg, context):
+    return inner(msg, context)
+
+
+@app.train()
+def train(msg, context):
+    reply = inner(msg, context)
+    fault = context.node_config.get("fault", "")
+    if fault and reply.has_content():
+        prompt = reply.content["upload"]["prompt"].numpy()
+        spoiled = np.full_like(prompt, np.nan) if fault == "nan" else np.zeros((3, 3), prompt.dtype)
+        reply.content["upload"] = ArrayRecord({"prompt": Array(spoiled)})
+    return reply
+"""
+
+
+def test_nan_and_malformed_uploads_from_real_supernodes_are_refused(loopback, tmp_path):
+    """Partition 0's SuperNode uploads NaNs, partition 1's a 3x3 prompt, partition 2's its real prompt, every round:
+    both bad uploads are refused with their reasons, never reach the pool or P_g, and the run completes."""
+    from pfedmoap.flower.simulation import history_from_run_dir, write_app
+
+    app = write_app(tmp_path / "faulty-app")
+    (app / "faulty_client.py").write_text(_FAULTY_APP)
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("pfedmoap.flower.client_app:app", "faulty_client:app"))
+    run = tmp_path / "run"
+    loopback.superlink()
+    for pid, fault in enumerate(("fault='nan'", "fault='shape'", "")):
+        loopback.supernode(pid, 3, fault)
+    flwr = loopback.flwr_run(f"clients=3 experts=2 rounds=2 round-timeout=60 connect-timeout=120 out='{run}'", app)
+    assert flwr.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1, 2], (tmp_path / "flwr-run.log").read_text()[-3000:]
+    for r in rounds:
+        assert sorted(r["rejected_uploads"], key=lambda u: u["client"]) == [  # in the order the replies came
+            {"client": 0, "reason": "non-finite values"},
+            {"client": 1, "reason": "shape (3, 3) != (16, 64)"},
+        ]
+        assert r["num_failed"] == 0 and r["num_eval_failed"] == 0
+    history = history_from_run_dir(run)
+    pool = history.server.pool
+    assert sorted(pool) == [2]  # the refused uploads never reached the pool
+    assert history.server.global_prompt.isfinite().all()
+    assert (history.server.global_prompt == pool[2]).all()  # FedAvg over the one accepted upload

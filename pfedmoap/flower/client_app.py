@@ -19,15 +19,13 @@ from flwr.clientapp import ClientApp
 from .node_worker import forward, uses_worker
 
 
-def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp serving the three pFedMoAP message types. ``node_defaults`` are node-config values for nodes
-    that do not set them (the simulation gives its nodes a ``state-dir`` on the run's disk)."""
-    defaults = dict(node_defaults or {})
+def make_client_app() -> ClientApp:
+    """A ClientApp serving the three pFedMoAP message types."""
 
     def handle(msg: Message, context: Context) -> Message:
         """Answer one message (query, train or evaluate) with the node's state in ``context.state``."""
         kind = msg.metadata.message_type
-        node_config = {**defaults, **context.node_config}
+        node_config = node_settings(context.node_config, context.run_config)
         if uses_worker(node_config):
             content = forward(kind, msg.content, node_config, context.state)
         else:
@@ -41,6 +39,17 @@ def make_client_app(node_defaults: Mapping[str, Any] | None = None) -> ClientApp
     app.train()(handle)
     app.evaluate()(handle)
     return app
+
+
+def node_settings(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The node's own config, plus the run config's ``node-state-dir`` for a node that names no ``state-dir`` of its
+    own (the simulated nodes of ``--engine flower``, which share the run's disk): such a node answers in its own
+    process (no worker), as Flower's simulation keeps that process across messages anyway."""
+    settings = dict(node_config)
+    shared = str(run_config.get("node-state-dir", "") or "")
+    if shared and "state-dir" not in settings:
+        settings = {"state-dir": shared, "worker": False, **settings}
+    return settings
 
 
 app = make_client_app()

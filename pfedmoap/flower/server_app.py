@@ -1,8 +1,9 @@
 """The pFedMoAP ServerApp: builds the config, the run directory and the strategy, then runs every round.
 
-Under ``flwr run`` the config comes from the run config (``[tool.flwr.app.config]`` in pyproject.toml plus
-``--run-config`` overrides, see :func:`~pfedmoap.flower.task.config_from_run_config`); the simulation entry
-(:func:`pfedmoap.flower.run_simulation`) builds the app with the config in hand.
+The config comes from the run config (``[tool.flwr.app.config]`` in pyproject.toml plus ``flwr run --run-config``
+overrides, see :func:`~pfedmoap.flower.task.config_from_run_config`), also for ``--engine flower``, which submits
+the run to a local SuperLink with ``flwr run`` (:mod:`~pfedmoap.flower.simulation`). ``resume=true`` continues the
+unfinished run in ``out``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
@@ -37,11 +39,10 @@ def make_server_app(
     options: FlowerOptions | None = None,
     results: list[History] | None = None,
     log: Callable[[str], None] | None = None,
-    resume: bool = False,
 ) -> ServerApp:
-    """A ServerApp for one run. ``cfg`` / ``options`` default to the run config; the finished
-    :class:`History` is appended to ``results`` (the simulation entry reads it from there). With ``resume``, the
-    run in ``options.out`` continues from its last checkpoint."""
+    """A ServerApp for one run. ``cfg`` / ``options`` default to the run config (tests pass them with a fake grid);
+    the finished :class:`History` is appended to ``results``. With ``options.resume``, the run in ``options.out``
+    continues from its last checkpoint."""
     app = ServerApp()
 
     @app.main()
@@ -51,6 +52,9 @@ def make_server_app(
         else:
             config, opts = cfg, options or FlowerOptions()
         config = check_flower_config(config.validate())
+        resume = opts.resume
+        if config.threads:  # the server's own work (aggregation, expert selection) obeys --threads too
+            torch.set_num_threads(config.threads)
         target = flower_run_dir(config, opts.out)
         if not resume:
             RunDir.check(target)

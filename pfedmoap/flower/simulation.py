@@ -1,96 +1,164 @@
-"""``python -m pfedmoap.train --engine flower``: the same run on Flower's Ray simulation engine.
+"""``python -m pfedmoap.train --engine flower``: the same run on Flower's simulation engine, through ``flwr run``.
 
-One virtual SuperNode per client (its partition id = the client id), each running the pFedMoAP ClientApp; the
-ServerApp runs in this process, so its result comes back as a :class:`History`.
+One virtual SuperNode per client (its partition id = the client id), each running the pFedMoAP ClientApp, on a
+local SuperLink in simulation mode (:mod:`~pfedmoap.flower.local_link`); the ServerApp runs in Flower's
+``flwr-simulation`` process and writes the run directory, from which the result comes back as a :class:`History`.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import __version__, checkpoint
 from ..config import Config
+from ..errors import ConfigError, RunFailed
 from ..rounds import History
 from ..rundir import RunDir
-from .client_app import make_client_app
-from .server_app import flower_run_dir, make_server_app
-from .task import FlowerOptions, check_flower_config
+from .local_link import LocalSuperLink, write_toml_table
+from .server_app import flower_run_dir
+from .task import APP_CONFIG, check_flower_config
+
+# what `flwr run --federation-config` accepts for a simulation (flwr 1.42's SimulationConfig), in its spelling
+FEDERATION_KEYS = (
+    "num-supernodes",
+    "client-resources-num-cpus",
+    "client-resources-num-gpus",
+    "backend",
+    "verbose",
+    "init-args-num-cpus",
+    "init-args-num-gpus",
+    "init-args-logging-level",
+    "init-args-log-to-driver",
+)
 
 
-def default_backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray resources per virtual node: ``threads`` CPUs (default 1), and a share of the GPUs when the run
-    uses CUDA, sized so that as many nodes run at once as the CPUs allow."""
+def default_federation_config(cfg: Config) -> dict[str, Any]:
+    """The local simulation for a config: one virtual SuperNode per client, ``threads`` CPUs each (default 1), and
+    a share of the GPUs when the run uses CUDA, sized so that as many nodes run at once as the CPUs allow."""
     threads = cfg.threads or 1
     gpus = 0.0
     if cfg.device != "cpu" and torch.cuda.is_available():
         parallel = max(1, min(cfg.clients, (os.cpu_count() or 1) // threads))
         gpus = torch.cuda.device_count() / parallel
-    return {"client_resources": {"num_cpus": threads, "num_gpus": gpus}}
+    return {"num-supernodes": cfg.clients, "client-resources-num-cpus": threads, "client-resources-num-gpus": gpus}
+
+
+def federation_config_for(cfg: Config, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The defaults with the caller's ``--federation-config`` keys on top (unknown keys are one error line)."""
+    merged = default_federation_config(cfg)
+    for key, value in (overrides or {}).items():
+        if key not in FEDERATION_KEYS:
+            raise ConfigError(f"federation config key {key!r} is not one of Flower's: {', '.join(FEDERATION_KEYS)}")
+        merged[key] = value
+    if int(merged["num-supernodes"]) < cfg.clients:
+        raise ConfigError(
+            f"num-supernodes={merged['num-supernodes']} is fewer than clients={cfg.clients}: every client is one node"
+        )
+    return merged
+
+
+def write_app(folder: Path) -> Path:
+    """A Flower App whose components are the installed pfedmoap's: only a ``pyproject.toml``, so the FAB that
+    ``flwr run`` ships carries no code and every Flower process imports pfedmoap (weights and ``_C`` included) from
+    the environment it runs in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[project]",
+        'name = "pfedmoap"',
+        f'version = "{__version__}"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "pfedmoap"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "pfedmoap.flower.server_app:app"',
+        'clientapp = "pfedmoap.flower.client_app:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    with open(folder / "pyproject.toml", "a") as f:
+        f.writelines(f"{key} = {json.dumps(value)}\n" for key, value in APP_CONFIG.items())
+    return folder
 
 
 def run_simulation(
     cfg: Config,
     out: str | os.PathLike | None = None,
     *,
-    backend_config: dict[str, Any] | None = None,
+    federation_config: Mapping[str, Any] | None = None,
     round_timeout: float = 3600.0,
     log: Callable[[str], None] | None = None,
     verbose: bool = False,
     resume: bool = False,
 ) -> History:
-    """Run a whole federation on Flower's simulation engine (Ray) and return its history.
+    """Run a whole federation on Flower's simulation engine and return its history.
 
-    Writes the same run directory as the in-process engine (``config.json``, ``metrics.jsonl``,
-    ``summary.json``); each round's record also lists failed nodes. Nodes run ``cfg.threads`` torch threads
-    (1 when unset). With the same config and seed the per-round accuracies equal the in-process run's on CPU.
+    Starts a private local SuperLink in simulation mode, submits the run with ``flwr run`` (one virtual SuperNode per
+    client; ``federation_config`` takes Flower's ``--federation-config`` keys, e.g. ``{"client-resources-num-gpus":
+    0.25}``), streams Flower's log to ``log`` (default: print) and stops the SuperLink again. Writes the same run
+    directory as the in-process engine (``config.json``, ``metrics.jsonl``, ``summary.json``); each round's record
+    also lists failed nodes. Nodes run ``cfg.threads`` torch threads (1 when unset). With the same config and seed
+    the per-round accuracies equal the in-process run's on CPU.
 
-    The simulated nodes share this machine's disk: each saves its client state under ``RUN_DIR/node-states`` (as
-    a deployment node does under its ``state-dir``), so that ``resume=True`` continues the run in ``out`` from its
-    last checkpoint with every node's gate, and its metrics equal an uninterrupted run's.
+    The simulated nodes share this machine's disk: each saves its client state under ``RUN_DIR/node-states`` (as a
+    deployment node does under its ``state-dir``), so that ``resume=True`` continues the run in ``out`` from its
+    last checkpoint with every node's gate, and its metrics equal an uninterrupted run's. Raises
+    :class:`~pfedmoap.errors.RunFailed` when Flower reports the run failed.
     """
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
     cfg = check_flower_config(cfg.validate())
     cfg = cfg.replace(threads=cfg.threads or 1, progress=False)
-    target = str(out) if out is not None else flower_run_dir(cfg, cfg.out)
+    target = Path(out if out is not None else flower_run_dir(cfg, cfg.out)).resolve()
     if not resume:
-        RunDir.check(target)  # refuse a used folder before Ray starts
-    results: list[History] = []
-    options = FlowerOptions(out=target, round_timeout=round_timeout)
-    server_app = make_server_app(cfg, options, results, log, resume=resume)
-    client_app = make_client_app({"state-dir": str(Path(target).resolve() / "node-states"), "worker": False})
-    # Flower deprecates this Python entry point in favour of `flwr run`; here it is the supported path, so its
-    # "use flwr run instead" warning would only mislead
-    quiet = _DropMessages("`run_simulation` function is deprecated")
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.addFilter(quiet)
+        RunDir.check(target)  # refuse a used folder before anything starts
+    federation = federation_config_for(cfg, federation_config)
+    if verbose:
+        federation["verbose"] = True
+    run_config: dict[str, Any] = {
+        "out": str(target),
+        "node-state-dir": str(target / "node-states"),
+        "round-timeout": float(round_timeout),
+    }
+    if resume:
+        run_config["resume"] = True  # the ServerApp takes the config saved in the run directory
+    else:
+        run_config.update({"preset": "", "config-json": json.dumps(cfg.replace(out=str(target)).to_dict())})
+    say = log or print
+    with tempfile.TemporaryDirectory(prefix="pfedmoap-flower-") as scratch:
+        work = Path(scratch)
+        write_toml_table(work / "run-config.toml", run_config)
+        with LocalSuperLink(work) as link:
+            status = link.run(write_app(work / "app"), work / "run-config.toml", federation, say)
+    if not status.completed:
+        details = status.details if status.details not in ("", "N/A") else "see Flower's log above"
+        raise RunFailed(f"the Flower run {status.run_id} ended {status.status}: {details}")
+    return history_from_run_dir(target)
+
+
+def history_from_run_dir(path: str | os.PathLike) -> History:
+    """A finished Flower run's :class:`History`, read back from its directory: the saved config, the summary, and the
+    server side (pool, P_g, every round's record) from the checkpoint of its last round."""
+    from .strategy import PFedMoAPStrategy
+
+    path = Path(path)
     try:
-        flwr_run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=cfg.clients,
-            backend_config=backend_config or default_backend_config(cfg),  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
-    finally:
-        flwr_logger.removeFilter(quiet)
-    if not results:
-        raise RuntimeError("the Flower simulation ended without a result (see its log above)")
-    return results[0]
-
-
-class _DropMessages(logging.Filter):
-    """Drop log records whose message contains any of the given fragments."""
-
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not any(fragment in text for fragment in self.fragments)
+        data = json.loads((path / "config.json").read_text())
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunFailed(f"the Flower run finished without a complete run directory in {path} ({exc})") from None
+    data.pop("_meta", None)
+    cfg = Config.from_dict(data, source=str(path / "config.json"))
+    strategy = PFedMoAPStrategy(cfg, log=lambda _: None)
+    ckpt = checkpoint.checkpoint_path(path)
+    if ckpt.is_file():
+        strategy.load_state_dict(checkpoint.load(ckpt))
+    driver = strategy.driver
+    return History(cfg, driver.rounds, summary, path, driver)

@@ -40,8 +40,25 @@ STATE_META = "pfedmoap.meta"  # scalars and lists as one JSON string
 STATE_PRIVATE = "pfedmoap.private"  # a method's other private tensors (Client.private)
 STATE_TAG = "pfedmoap.tag"  # the (round, phase) of the message that left this state (node_state.state_tag)
 
+# [tool.flwr.app.config]: every run-config key and its default. pyproject.toml declares the same table (a test
+# checks), and ``--engine flower`` writes it into the Flower App it runs. Flower accepts overrides only of declared
+# keys and TOML has no null, so "" means "keep the preset's value".
+APP_CONFIG: dict[str, str | float | bool] = {
+    "preset": "synthetic",
+    "config-json": "{}",  # a JSON object of any config fields
+    "out": "",  # the run directory (absolute: the ServerApp's working directory is Flower's)
+    "resume": False,  # continue the unfinished run in `out` from its last checkpoint, with its saved config
+    "node-state-dir": "",  # a folder for the client states of nodes without a state-dir of their own
+    "round-timeout": 3600.0,
+    "connect-timeout": 600.0,
+    **dict.fromkeys(
+        ("method", "clients", "frac", "rounds", "local-epochs", "experts", "seed", "pretrained", "device",
+         "comm-dtype"),
+        "",
+    ),
+}  # fmt: skip
 # run-config keys that are not Config fields
-RUN_CONFIG_KEYS = ("preset", "config-json", "out", "round-timeout", "connect-timeout")
+RUN_CONFIG_KEYS = ("preset", "config-json", "out", "resume", "node-state-dir", "round-timeout", "connect-timeout")
 # node-config keys a node may set for itself: where its data and weights live, which device, how many threads
 NODE_OVERRIDES = {
     "data-root": "data_root",
@@ -59,6 +76,7 @@ class FlowerOptions:
     out: str | None = None  # run directory ("" / None: runs/flower-<preset>-<method>-s<seed>-<time>)
     round_timeout: float = 3600.0  # seconds to wait for a phase's replies; late nodes count as failed
     connect_timeout: float = 600.0  # seconds to wait for `clients` nodes to connect
+    resume: bool = False  # continue the run in `out` from its last checkpoint
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOptions]:
@@ -69,6 +87,14 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
     a Config field in kebab case (``local-epochs``, ``lambda``). A value of ``""`` keeps the preset's value
     (TOML has no null, and Flower only accepts overrides of keys declared in pyproject.toml).
     """
+    opts = FlowerOptions(
+        out=str(run_config.get("out", "")) or None,
+        round_timeout=float(run_config.get("round-timeout", FlowerOptions.round_timeout)),
+        connect_timeout=float(run_config.get("connect-timeout", FlowerOptions.connect_timeout)),
+        resume=_flag(run_config.get("resume", False), "resume"),
+    )
+    if opts.resume:
+        return _saved_config(run_config, opts.out), opts
     preset = str(run_config.get("preset", DEFAULT_PRESET)) or None
     try:
         overrides = json.loads(str(run_config.get("config-json", "") or "{}"))
@@ -76,6 +102,11 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
         raise ConfigError(f"run config config-json is not valid JSON ({exc.msg})") from None
     if not isinstance(overrides, dict):
         raise ConfigError("run config config-json must be a JSON object of config fields")
+    if "preset" in overrides:  # a whole config as JSON names its own preset
+        named = overrides.pop("preset")
+        if preset and named and named != preset:
+            raise ConfigError(f"run config preset={preset!r} but config-json names preset {named!r}: give one")
+        preset = preset or named
     fields = {f.name for f in dataclasses.fields(Config)}
     for key, value in run_config.items():
         if key in RUN_CONFIG_KEYS or value == "":
@@ -84,13 +115,32 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
         if name not in fields:
             raise ConfigError(f"run config key {key!r} is not a pfedmoap config field")
         overrides[name] = value
-    cfg = make_config(preset, **overrides)
-    opts = FlowerOptions(
-        out=str(run_config.get("out", "")) or None,
-        round_timeout=float(run_config.get("round-timeout", FlowerOptions.round_timeout)),
-        connect_timeout=float(run_config.get("connect-timeout", FlowerOptions.connect_timeout)),
-    )
-    return cfg, opts
+    return make_config(preset, **overrides), opts
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"run config {key}={value!r} is not a boolean (valid: true, false)")
+
+
+def _saved_config(run_config: Mapping[str, Any], out: str | None) -> Config:
+    """``resume=true``: the config saved in the run directory ``out``; config keys in the run config are refused
+    (a resumed run is the run it continues, as with ``--resume`` on the command line)."""
+    from ..launch import check_engine, saved_run
+
+    if not out:
+        raise ConfigError("run config resume=true needs out='RUN_DIR', the run to continue")
+    given = [k for k, v in run_config.items() if k not in RUN_CONFIG_KEYS and v != ""]
+    if str(run_config.get("config-json", "") or "{}").strip() != "{}":
+        given.insert(0, "config-json")
+    if given:
+        raise ConfigError(f"run config resume=true continues {out} with its saved config: drop {given[0]}")
+    run_dir, cfg, meta = saved_run(out)
+    check_engine(run_dir, meta, "flower")
+    return cfg
 
 
 def check_flower_config(cfg: Config) -> Config:
