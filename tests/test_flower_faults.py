@@ -51,15 +51,16 @@ class Loopback:
         self.procs.append(proc)
         return proc
 
-    def superlink(self) -> None:
-        self._start(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)], "link.log")
+    def superlink(self, database: Path | None = None) -> subprocess.Popen:
+        args = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
+        proc = self._start(args + (["--database", str(database)] if database else []), "link.log")
         deadline = time.monotonic() + 60
         import socket
 
         while time.monotonic() < deadline:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+                    return proc
             time.sleep(0.1)
         raise RuntimeError("the SuperLink did not start")
 
@@ -220,3 +221,39 @@ def test_nan_and_malformed_uploads_from_real_supernodes_are_refused(loopback, tm
     assert sorted(pool) == [2]  # the refused uploads never reached the pool
     assert history.server.global_prompt.isfinite().all()
     assert (history.server.global_prompt == pool[2]).all()  # FedAvg over the one accepted upload
+
+
+def test_a_deployment_whose_server_died_resumes_with_resume_true(loopback, tmp_path):
+    """The SuperLink (with its state in a database file, as in production) and its ServerApp are SIGKILLed (the
+    whole tree) after two rounds; a new SuperLink on the same port and database, `flwr run ... resume=true`: the
+    SuperNodes, still running, serve the rest from their saved states, and every round equals an uninterrupted
+    in-process run's (CPU, 1 thread)."""
+    import sys
+
+    from pfedmoap.flower.local_link import stop_tree
+
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    args = ["--clients", "2", "--experts", "1", "--rounds", "5", "--threads", "1", "--no-progress"]
+    subprocess.run([sys.executable, "-m", "pfedmoap.train", *args, "--out", str(ref)], cwd=ROOT, env=loopback.env,
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    database = tmp_path / "superlink.db"
+    link = loopback.superlink(database)
+    for pid in range(2):
+        loopback.supernode(pid, 2)
+    config = f"clients=2 experts=1 rounds=5 round-timeout=60 connect-timeout=120 out='{run}'"
+    first = loopback.flwr_run(config)
+    _wait(lambda: len(_rounds(run)) >= 2, 300, "round 2")
+    stop_tree(link.pid, set(), grace=0)  # the server machine dies: SuperLink, SuperExec, ServerApp
+    first.wait(timeout=60)
+    time.sleep(1)
+    done = len(_rounds(run))
+    assert 2 <= done < 5 and not (run / "summary.json").exists()
+    loopback.superlink(database)
+    second = loopback.flwr_run(f"resume=true round-timeout=60 connect-timeout=120 out='{run}'")
+    assert second.wait(timeout=400) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+    log = (tmp_path / "flwr-run.log").read_text()
+    assert f"resuming {run.resolve()} after round {done}" in log, log[-3000:]
+    a, b = _rounds(ref), _rounds(run)
+    assert [r["round"] for r in b] == [1, 2, 3, 4, 5], log[-3000:]
+    for key in ("client_acc", "sampled", "experts", "bytes_down", "bytes_up"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
