@@ -166,7 +166,8 @@ class LocalSuperLink:
                 if proc.poll() is None:
                     proc.kill()
         if run_id is None:
-            raise RunFailed(f"flwr run did not start the run (exit code {code}); the SuperLink's log: {self.log_path}")
+            said = _tail(self.log_path)  # the scratch folder with the log goes when the run ends
+            raise RunFailed(f"flwr run did not start the run (exit code {code}); the SuperLink said: {said}")
         return self.wait(run_id)
 
     def wait(self, run_id: str, timeout: float = 60.0) -> RunStatus:
@@ -230,38 +231,54 @@ def start_supervised(command: Sequence[str], log_path: Path, env: Mapping[str, s
         )  # fmt: skip
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """Every process on the machine: pid -> (parent pid, process group). ``ps`` works on Linux and macOS."""
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid="], capture_output=True, text=True).stdout
+def _processes() -> dict[int, tuple[int, int, bool]]:
+    """Every process on the machine: pid -> (parent pid, process group, is a zombie). From ``/proc`` on Linux
+    (slim container images often have no ``ps``), else from ``ps`` (macOS)."""
     table = {}
+    if Path("/proc/self/stat").is_file():
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:  # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+                    fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                    table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0] in ("Z", "X"))
+                except (OSError, IndexError, ValueError):
+                    continue  # gone meanwhile
+        return table
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,stat="], capture_output=True, text=True).stdout
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
-            table[int(parts[0])] = (int(parts[1]), int(parts[2]))
+        if len(parts) == 4 and all(p.isdigit() for p in parts[:3]):
+            table[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[3].startswith("Z"))
     return table
 
 
 def process_tree(root: int, groups: set[int]) -> tuple[set[int], set[int]]:
-    """The pids under ``root`` (itself included) and the process groups they are in, plus the pids still in the
-    already known ``groups`` (a process whose parent died is re-parented, but keeps its group)."""
+    """The live pids under ``root`` (itself included) and the process groups they are in (not the caller's), plus
+    the pids still in the already known ``groups`` (a process whose parent died is re-parented, but keeps its
+    group).
+
+    Zombies link the tree (a dead child that started a session still names its group) but are not returned: they
+    are dead already, and one whose parent is gone may never be reaped (a container's init often does not), so
+    waiting for it would only wait out the grace period.
+    """
     table = _processes()
     tree = {root} if root in table else set()
     grew = True
     while grew:
         grew = False
-        for pid, (ppid, _) in table.items():
+        for pid, (ppid, _, _) in table.items():
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 grew = True
-    found = groups | {table[pid][1] for pid in tree}
-    tree |= {pid for pid, (_, pgid) in table.items() if pgid in found}
-    return tree, found
+    # the caller's own group is never swept: it holds the caller itself (and the `ps` it may just have run)
+    found = (groups | {table[pid][1] for pid in tree}) - {os.getpgid(0)}
+    tree |= {pid for pid, (_, pgid, _) in table.items() if pgid in found}
+    return {pid for pid in tree if not table[pid][2]}, found
 
 
 def stop_tree(root: int, groups: set[int], grace: float) -> None:
     """SIGTERM every process of the tree, wait up to ``grace`` seconds, then SIGKILL what is left (by group too)."""
     me = os.getpid()
-    own_group = os.getpgid(0)
     tree, groups = process_tree(root, groups)
     tree.discard(me)
     for sig in ((signal.SIGTERM,) if grace > 0 else ()) + (signal.SIGKILL,):
@@ -269,7 +286,7 @@ def stop_tree(root: int, groups: set[int], grace: float) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         if sig == signal.SIGKILL:
-            for group in groups - {own_group}:
+            for group in groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(group, signal.SIGKILL)
             break
@@ -302,7 +319,7 @@ def supervise(parent: int, command: Sequence[str], poll: float = 0.05) -> int:
     last_scan = 0.0
     while not stop.is_set() and child.poll() is None and _alive(parent) and os.getppid() == parent:
         if time.monotonic() - last_scan > 1.0:  # remember the groups the tree makes (SuperExec starts its own)
-            groups |= process_tree(child.pid, groups)[1] - {os.getpgid(0)}
+            groups |= process_tree(child.pid, groups)[1]
             last_scan = time.monotonic()
         stop.wait(poll)
     stop_tree(child.pid, groups, grace=3.0 if stop.is_set() else 0.0)
