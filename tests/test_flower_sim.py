@@ -1,5 +1,6 @@
-"""End to end on Flower's Ray simulation engine: ``python -m pfedmoap.train --engine flower`` against the
-in-process engine, same config and seed. CPU, 1 torch thread per node: the numbers must be identical."""
+"""End to end on Flower's simulation engine, through ``flwr run`` on a private local SuperLink: ``python -m
+pfedmoap.train --engine flower`` against the in-process engine, same config and seed. CPU, 1 torch thread per
+node: the numbers must be identical."""
 
 from __future__ import annotations
 
