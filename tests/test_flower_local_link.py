@@ -19,7 +19,7 @@ pytest.importorskip("flwr")
 from pfedmoap.config import make_config  # noqa: E402
 from pfedmoap.errors import ConfigError, UserError  # noqa: E402
 from pfedmoap.flower.client_app import node_settings  # noqa: E402
-from pfedmoap.flower.local_link import write_toml_table  # noqa: E402
+from pfedmoap.flower.local_link import pid_alive, write_toml_table  # noqa: E402
 from pfedmoap.flower.simulation import federation_config_for, write_app  # noqa: E402
 from pfedmoap.flower.task import APP_CONFIG, config_from_run_config  # noqa: E402
 from pfedmoap.rundir import RunDir  # noqa: E402
@@ -142,16 +142,6 @@ time.sleep(300)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose (its parent has not reaped it yet)
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
-
-
 def _supervised_tree(tmp_path: Path) -> tuple[subprocess.Popen, subprocess.Popen, list[int], Path]:
     """A stand-in parent (sleeps), the supervisor it started, and the pids of the tree under it."""
     pids = tmp_path / "pids"
@@ -172,14 +162,14 @@ def _supervised_tree(tmp_path: Path) -> tuple[subprocess.Popen, subprocess.Popen
         time.sleep(0.05)
     time.sleep(1.5)  # the supervisor scans the tree's process groups once a second
     tree = [int(p) for p in pids.read_text().split()]
-    assert len(tree) == 3 and all(_alive(p) for p in tree)
+    assert len(tree) == 3 and all(pid_alive(p) for p in tree)
     return parent, supervisor_pid, tree, pids
 
 
 def _gone(pids: list[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not any(_alive(p) for p in pids):
+        if not any(pid_alive(p) for p in pids):
             return True
         time.sleep(0.05)
     return False
@@ -191,10 +181,10 @@ def test_the_supervisor_takes_the_whole_tree_down_when_its_parent_is_killed(tmp_
     try:
         parent.kill()  # SIGKILL: no cleanup code of the parent runs
         parent.wait()
-        assert _gone([supervisor, *tree], 10), [p for p in [supervisor, *tree] if _alive(p)]
+        assert _gone([supervisor, *tree], 10), [p for p in [supervisor, *tree] if pid_alive(p)]
     finally:
         for pid in [supervisor, *tree]:
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -203,10 +193,10 @@ def test_the_supervisor_stops_the_tree_when_told_to(tmp_path):
     parent, supervisor, tree, _ = _supervised_tree(tmp_path)
     try:
         os.kill(supervisor, signal.SIGTERM)
-        assert _gone(tree, 10), [p for p in tree if _alive(p)]
+        assert _gone(tree, 10), [p for p in tree if pid_alive(p)]
     finally:
         parent.kill()
         parent.wait()
         for pid in [supervisor, *tree]:
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -298,14 +298,21 @@ def stop_tree(root: int, groups: set[int], grace: float) -> None:
             time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: it exists and is not a zombie (dead, its parent has not reaped it yet; on
+    Linux, where ``/proc`` tells)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass  # someone else's process: it exists
+    if not Path("/proc/self/stat").is_file():
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False  # gone meanwhile
 
 
 def supervise(parent: int, command: Sequence[str], poll: float = 0.05) -> int:
@@ -317,7 +324,7 @@ def supervise(parent: int, command: Sequence[str], poll: float = 0.05) -> int:
     child = subprocess.Popen(list(command), stdin=subprocess.DEVNULL)
     groups: set[int] = set()
     last_scan = 0.0
-    while not stop.is_set() and child.poll() is None and _alive(parent) and os.getppid() == parent:
+    while not stop.is_set() and child.poll() is None and pid_alive(parent) and os.getppid() == parent:
         if time.monotonic() - last_scan > 1.0:  # remember the groups the tree makes (SuperExec starts its own)
             groups |= process_tree(child.pid, groups)[1]
             last_scan = time.monotonic()

@@ -42,6 +42,7 @@ from typing import Any
 from flwr.app import RecordDict
 
 from .._version import __version__
+from .local_link import pid_alive
 from .node_state import decode_records, encode_records
 
 PROTOCOL = 1
@@ -184,16 +185,6 @@ def _connect(path: Path, state_dir: Path) -> socket.socket:
 
 
 # ------------------------------------------------------------------------------------------ the worker
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def serve(path: Path, watch: list[int], idle_exit: float = IDLE_EXIT) -> None:
     """Answer messages on ``path`` one at a time until a watched process ends or the worker is idle too long."""
     from .node_handlers import answer  # torch, open_clip: imported before listening, so the first message is fast
@@ -210,7 +201,7 @@ def serve(path: Path, watch: list[int], idle_exit: float = IDLE_EXIT) -> None:
     last = time.monotonic()
     try:
         # a removed socket file (the node's state folder deleted) also ends the worker
-        while all(_alive(pid) for pid in watch) and path.exists() and time.monotonic() - last < idle_exit:
+        while all(pid_alive(pid) for pid in watch) and path.exists() and time.monotonic() - last < idle_exit:
             try:
                 conn, _ = server.accept()
             except TimeoutError:
