@@ -58,7 +58,8 @@ EOF
 # K = 9 as in the preset, or every other client with fewer than 10 nodes
 EXPERTS=$((NODES - 1 < 9 ? NODES - 1 : 9))
 
-lo_bytes() { awk '$1 == "lo:" {print $2 + $10}' /proc/net/dev; }
+# %.0f: awk prints sums past 2^31 in exponent form (2.3453e+09), which the report cannot parse
+lo_bytes() { awk '$1 == "lo:" {printf "%.0f\n", $2 + $10}' /proc/net/dev; }
 
 flower-superlink --insecure --host 127.0.0.1 --port "$PORT" >"$OUT/superlink.log" 2>&1 &
 PIDS+=($!)
