@@ -72,6 +72,18 @@ class EvalSet:
     labels: torch.Tensor
 
 
+def load_dataset(cfg: Config) -> DatasetBundle:
+    """The config's whole dataset (every client's images), from ``data_root`` or generated (synthetic)."""
+    options = DatasetOptions(
+        root=cfg.data_root,
+        domains=cfg.domains,
+        train_per_class=cfg.train_per_class,
+        test_per_class=cfg.test_per_class,
+        seed=cfg.data_seed,
+    )
+    return create_dataset(cfg.dataset, options)
+
+
 class World:
     """The data side of a run. Cheap parts (labels, the partition, the encoder's frozen token embeddings) are built
     at once; a client's image features when :meth:`client_data` first asks for them."""
@@ -90,16 +102,7 @@ class World:
         check_precision(cfg.precision, self.device)
         resolve_cuda_graphs(cfg.cuda_graphs, self.device)  # on without CUDA: one line, before anything is built
         # the data first: a missing dataset should fail before a model is loaded or pretrained
-        full = dataset or create_dataset(
-            cfg.dataset,
-            DatasetOptions(
-                root=cfg.data_root,
-                domains=cfg.domains,
-                train_per_class=cfg.train_per_class,
-                test_per_class=cfg.test_per_class,
-                seed=cfg.data_seed,
-            ),
-        )
+        full = dataset or load_dataset(cfg)
         self.full_dataset = full
         # --subsample: the label space clients see (CoOp's base-to-novel protocol trains on the base half)
         self.dataset = subsample_classes(full, cfg.subsample)

@@ -200,3 +200,17 @@ def test_the_supervisor_stops_the_tree_when_told_to(tmp_path):
         for pid in [supervisor, *tree]:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_a_missing_dataset_is_one_line_before_flower_starts(tmp_path, capsys):
+    """The simulated nodes share this machine: a dataset that is not there is one line and exit 2, before any
+    Flower process starts (each node would otherwise log its own traceback), and nothing is written."""
+    from pfedmoap.train import main
+
+    out = tmp_path / "run"
+    argv = ["--engine", "flower", "--preset", "cifar10", "--data-root", str(tmp_path / "nodata"), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dataset=cifar10: not found" in err[0], err
+    assert not out.exists()
