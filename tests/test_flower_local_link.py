@@ -214,3 +214,15 @@ def test_a_missing_dataset_is_one_line_before_flower_starts(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dataset=cifar10: not found" in err[0], err
     assert not out.exists()
+
+
+def test_a_failed_run_is_one_line_and_exit_code_1(capsys):
+    from pfedmoap.cli import run_command
+    from pfedmoap.errors import RunFailed
+
+    def job() -> int:
+        raise RunFailed("the Flower run 7 ended finished:failed: boom")
+
+    assert run_command("pfedmoap.train", job) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pfedmoap.train: error: the Flower run 7 ended finished:failed: boom"]
