@@ -226,3 +226,22 @@ def test_a_failed_run_is_one_line_and_exit_code_1(capsys):
     assert run_command("pfedmoap.train", job) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pfedmoap.train: error: the Flower run 7 ended finished:failed: boom"]
+
+
+def test_the_loopback_bypasses_a_proxy_set_for_the_registries(tmp_path, monkeypatch):
+    """Machines that reach package registries through HTTP_PROXY would otherwise send Flower's loopback hops (and
+    the SuperLink's health check) to the proxy: measured, urllib and httpx both do by default."""
+    import urllib.request
+
+    from pfedmoap.flower.local_link import _DIRECT, flower_env
+
+    monkeypatch.setenv("HTTP_PROXY", "http://10.255.255.1:3128")
+    monkeypatch.setenv("http_proxy", "http://10.255.255.1:3128")
+    monkeypatch.setenv("no_proxy", "registry.example")
+    assert not urllib.request.proxy_bypass("127.0.0.1")  # the problem, as it is without the fix
+    env = flower_env(tmp_path)
+    assert env["no_proxy"] == "registry.example,127.0.0.1,localhost"
+    for key in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(key, env[key])
+    assert urllib.request.proxy_bypass("127.0.0.1")  # what Flower's processes see
+    assert not any(isinstance(h, urllib.request.ProxyHandler) and h.proxies for h in _DIRECT.handlers)

@@ -39,6 +39,7 @@ from ..errors import RunFailed
 CONNECTION = "pfedmoap-local"  # the connection name in the private FLWR_HOME/config.toml
 STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to answer its health check
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the loopback never goes through a proxy
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -55,13 +56,17 @@ def flower_command(name: str) -> str:
 def flower_env(home: Path) -> dict[str, str]:
     """The environment of every Flower process of a local run: a private FLWR_HOME, no update check (these machines
     may have no internet), and the environment pfedmoap runs in (no per-run ``uv sync``)."""
-    return {
+    env = {
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    # every hop is on the loopback: an HTTP(S)_PROXY set for the package registries must not carry it
+    for key in ("NO_PROXY", "no_proxy"):
+        env[key] = ",".join(filter(None, [env.get(key, ""), "127.0.0.1", "localhost"]))
+    return env
 
 
 @dataclass
@@ -117,7 +122,7 @@ class LocalSuperLink:
         assert self._supervisor is not None
         while time.monotonic() < deadline and self._supervisor.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as reply:
+                with _DIRECT.open(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as reply:
                     if reply.status == 200:
                         return True
             except (urllib.error.URLError, OSError):
