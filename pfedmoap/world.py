@@ -72,6 +72,15 @@ class EvalSet:
     labels: torch.Tensor
 
 
+def run_device(cfg: Config) -> torch.device:
+    """The config's device, after the settings that depend on it (precision; CUDA graphs, which need CUDA) are
+    checked: each mistake is one line, before anything is built."""
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    resolve_cuda_graphs(cfg.cuda_graphs, device)
+    return device
+
+
 def load_dataset(cfg: Config) -> DatasetBundle:
     """The config's whole dataset (every client's images), from ``data_root`` or generated (synthetic)."""
     options = DatasetOptions(
@@ -98,9 +107,7 @@ class World:
     ):
         self.cfg = cfg
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.device = resolve_device(cfg.device)
-        check_precision(cfg.precision, self.device)
-        resolve_cuda_graphs(cfg.cuda_graphs, self.device)  # on without CUDA: one line, before anything is built
+        self.device = run_device(cfg)
         # the data first: a missing dataset should fail before a model is loaded or pretrained
         full = dataset or load_dataset(cfg)
         self.full_dataset = full

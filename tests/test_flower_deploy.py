@@ -105,12 +105,7 @@ def test_a_killed_flower_simulation_resumes_to_the_uninterrupted_numbers(tmp_pat
 
 def _pgrep(pattern: str) -> list[str]:
     """Live processes whose command line matches (zombies, dead but not yet reaped, are left out)."""
+    from pfedmoap.flower.local_link import pid_alive
+
     pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [pid for pid in pids if not _zombie(pid)]
-
-
-def _zombie(pid: str) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith(("Z", "X"))
-    except (OSError, IndexError):
-        return True  # gone already
+    return [pid for pid in pids if pid_alive(int(pid))]

@@ -207,9 +207,14 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
+def toml_table(table: Mapping[str, Any]) -> str:
+    """A flat table as TOML ``key = value`` lines."""
+    return "".join(f"{json.dumps(key)} = {_toml(value)}\n" for key, value in table.items())
+
+
 def write_toml_table(path: Path, table: Mapping[str, Any]) -> None:
-    """A flat TOML file of ``key = value`` lines (what ``flwr run --run-config FILE.toml`` reads)."""
-    path.write_text("".join(f"{json.dumps(key)} = {_toml(value)}\n" for key, value in table.items()))
+    """A flat TOML file (what ``flwr run --run-config FILE.toml`` reads)."""
+    path.write_text(toml_table(table))
 
 
 def _free_port() -> int:

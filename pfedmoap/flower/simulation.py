@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import ConfigError, RunFailed
 from ..rounds import History
 from ..rundir import RunDir
-from .local_link import LocalSuperLink, write_toml_table
+from .local_link import LocalSuperLink, toml_table, write_toml_table
 from .server_app import flower_run_dir
 from .task import APP_CONFIG, check_flower_config
 
@@ -68,14 +68,9 @@ def check_node_inputs(cfg: Config) -> None:
     """What every simulated node checks first when it builds its world (device, precision, the dataset under
     ``data_root``), checked once here: they share this machine. A mistake is then one line before Flower starts,
     not every node's traceback in Flower's log (10 nodes without their dataset wrote 11,000 lines)."""
-    from ..clip import resolve_device
-    from ..graphs import resolve_cuda_graphs
-    from ..precision import check_precision
-    from ..world import load_dataset
+    from ..world import load_dataset, run_device
 
-    device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
-    resolve_cuda_graphs(cfg.cuda_graphs, device)
+    run_device(cfg)
     if cfg.dataset != "synthetic":  # generated, it cannot be missing
         load_dataset(cfg)
 
@@ -100,9 +95,7 @@ def write_app(folder: Path) -> Path:
         "",
         "[tool.flwr.app.config]",
     ]
-    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    with open(folder / "pyproject.toml", "a") as f:
-        f.writelines(f"{key} = {json.dumps(value)}\n" for key, value in APP_CONFIG.items())
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n" + toml_table(APP_CONFIG))
     return folder
 
 
