@@ -72,8 +72,13 @@ def _final(stdout: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def cell_dir(out: Path, name: str) -> Path:
+    """Where a cell's run goes: OUT/<the name as a slug>."""
+    return out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def run_cell(name: str, flags: list[str], base: list[str], out: Path, timeout: float) -> dict:
-    run_dir = out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    run_dir = cell_dir(out, name)
     cmd = [sys.executable, "-m", "pfedmoap.train", *base, *flags, "--out", str(run_dir)]
     t0 = time.perf_counter()
     row = {"cell": name, "command": " ".join(["python -m pfedmoap.train", *base, *flags]), "ok": False}
@@ -100,7 +105,7 @@ def run_cell(name: str, flags: list[str], base: list[str], out: Path, timeout: f
 def kill_and_resume(base: list[str], out: Path, timeout: float) -> dict:
     """SIGKILL a 12-round run once a round is on disk, then --resume it to the end."""
     name = "kill and resume"
-    run_dir = out / "kill-and-resume"
+    run_dir = cell_dir(out, "kill and resume")
     long = list(base)
     long[long.index("--rounds") + 1] = "12"
     row = {"cell": name, "command": "python -m pfedmoap.train ... --rounds 12; SIGKILL; --resume RUN_DIR", "ok": False}
@@ -154,10 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     todo = cells(args.device) + [("engine flower", ["--engine", "flower"])]
     if args.only:
         todo = [(n, f) for n, f in todo if re.search(args.only, n)]
+    with_resume = not args.only or re.search(args.only, "kill and resume")
+    # every cell's run refuses a directory that holds a run: say so once, before any time is spent
+    names = [n for n, _ in todo] + (["kill and resume"] if with_resume else [])
+    taken = [cell_dir(out, n).name for n in names if cell_dir(out, n).exists()]
+    if taken:
+        print(
+            f"cuda_smoke: error: out='{out}' already holds smoke runs ({', '.join(taken)}); choose a new --out "
+            "directory or --only cells it does not hold",
+            file=sys.stderr,
+        )
+        return 2
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         futures = [pool.submit(run_cell, n, f, base, out, args.timeout) for n, f in todo]
-        if not args.only or re.search(args.only, "kill and resume"):
+        if with_resume:
             futures.append(pool.submit(kill_and_resume, base, out, args.timeout))
         rows = []
         for f in futures:

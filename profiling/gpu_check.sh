@@ -7,15 +7,21 @@
 #   there:  bash profiling/gpu_check.sh "$OUT"      # from the repo root, with .whl carried
 #   CI:     bash profiling/gpu_check.sh OUT --dry-run   # the same steps on CPU at smoke size (no build, no GPU)
 #
-# Every step is logged to OUT/<step>.log and summarised in OUT/summary.txt; a failing step does not stop the
-# later ones. Steps run in priority order under one deadline (DEADLINE_S, default 570 s, so a device call with
-# timeout_s=600 always returns OUT): each gets its own limit or what is left, whichever is less, and a step with
-# under 15 s left is skipped and said so. The exit status is 1 if any step failed.
+# OUT must be new or empty (a non-empty OUT is refused, exit 2). Every step is logged to OUT/<step>.log and
+# summarised in OUT/summary.txt; a failing step does not stop the later ones. Steps run in priority order under one
+# deadline (DEADLINE_S, default 570 s, so a device call with timeout_s=600 always returns OUT): each gets its own
+# limit or what is left, whichever is less, and a step with under 15 s left is skipped and said so. The exit status
+# is 1 if any step failed.
 set -uo pipefail
 OUT=${1:?usage: profiling/gpu_check.sh OUT_DIR [--dry-run]}
 DRY=0 SCALE=1
 # the dry run (CI, 2 CPU cores): every limit 4x and a 30-minute deadline; the GPU run keeps 570 s
 [ "${2:-}" = "--dry-run" ] && DRY=1 SCALE=4 DEADLINE_S=${DEADLINE_S:-1800}
+# a second check into one OUT would mix two machines' results and every smoke run would refuse its directory
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    echo "gpu_check: error: OUT='$OUT' is not empty (it holds an earlier check); choose a new OUT directory" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PFEDMOAP_CACHE=/tmp/pfedmoap-cache

@@ -293,3 +293,35 @@ def test_nvtx_backend_never_uses_torch_cuda_nvtx_on_cpu(monkeypatch):
     assert not backend.available and "not installed" in backend.reason
     backend.push("x")  # a no-op, not torch.cuda.nvtx (which raises on CPU builds)
     backend.pop()
+
+
+# ------------------------------------------------------------------------------- gpu_check.sh, cuda_smoke.py
+def test_gpu_check_refuses_an_out_that_holds_an_earlier_check(tmp_path):
+    out = tmp_path / "check"
+    out.mkdir()
+    (out / "summary.txt").write_text("an earlier check\n")
+    proc = subprocess.run(
+        [shutil.which("bash"), str(ROOT / "profiling" / "gpu_check.sh"), str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"gpu_check: error: OUT='{out}' is not empty (it holds an earlier check); choose a new OUT directory"
+    ]
+    assert [p.name for p in out.iterdir()] == ["summary.txt"]  # nothing written, nothing lost
+    assert (out / "summary.txt").read_text() == "an earlier check\n"
+
+
+def test_cuda_smoke_refuses_cells_whose_runs_are_there_before_running_any(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("pfedmoap_cuda_smoke", ROOT / "profiling" / "cuda_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    (tmp_path / "method-fedpgp").mkdir()
+    (tmp_path / "kill-and-resume").mkdir()
+    assert smoke.main(["--device", "cpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"out='{tmp_path}'" in err[0]
+    assert "method-fedpgp" in err[0] and "kill-and-resume" in err[0] and "method-local" not in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kill-and-resume", "method-fedpgp"]  # no run started
