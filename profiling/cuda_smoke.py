@@ -198,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         ok = {True: "yes", False: "**NO**", None: "skipped"}[r["ok"]]
         acc = "" if r.get("final_acc") is None else f"{r['final_acc']:.2f}"
         lines.append(f"| {r['cell']} | {ok} | {r.get('seconds', 0):.1f} | {acc} | {r.get('why', '')} |")
-    (out / "smoke.md").write_text("\n".join(lines) + "\n")
-    (out / "smoke.json").write_text(json.dumps(rows, indent=2))
+    # an --only run into a directory that holds other cells adds to their record instead of replacing it
+    md, js = out / "smoke.md", out / "smoke.json"
+    earlier_md = md.read_text() + "\n" if md.exists() else ""
+    earlier_rows = json.loads(js.read_text()) if js.exists() else []
+    md.write_text(earlier_md + "\n".join(lines) + "\n")
+    js.write_text(json.dumps(earlier_rows + rows, indent=2))
     print(f"{len(rows) - len(failed)} of {len(rows)} cells passed or skipped; {len(failed)} failed", flush=True)
     return 1 if failed else 0
 

@@ -314,10 +314,16 @@ def test_gpu_check_refuses_an_out_that_holds_an_earlier_check(tmp_path):
     assert (out / "summary.txt").read_text() == "an earlier check\n"
 
 
-def test_cuda_smoke_refuses_cells_whose_runs_are_there_before_running_any(tmp_path, capsys):
+@pytest.fixture
+def cuda_smoke():
     spec = importlib.util.spec_from_file_location("pfedmoap_cuda_smoke", ROOT / "profiling" / "cuda_smoke.py")
     smoke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(smoke)
+    return smoke
+
+
+def test_cuda_smoke_refuses_cells_whose_runs_are_there_before_running_any(cuda_smoke, tmp_path, capsys):
+    smoke = cuda_smoke
     (tmp_path / "method-fedpgp").mkdir()
     (tmp_path / "kill-and-resume").mkdir()
     assert smoke.main(["--device", "cpu", "--out", str(tmp_path)]) == 2
@@ -325,3 +331,18 @@ def test_cuda_smoke_refuses_cells_whose_runs_are_there_before_running_any(tmp_pa
     assert len(err) == 1 and f"out='{tmp_path}'" in err[0]
     assert "method-fedpgp" in err[0] and "kill-and-resume" in err[0] and "method-local" not in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kill-and-resume", "method-fedpgp"]  # no run started
+
+
+def test_cuda_smoke_only_adds_to_the_record_of_earlier_cells(cuda_smoke, tmp_path, monkeypatch, capsys):
+    def fake_cell(name, flags, base, out, timeout):  # what run_cell records, without the run
+        cuda_smoke.cell_dir(out, name).mkdir()
+        return {"cell": name, "ok": True, "seconds": 1.0, "final_acc": 50.0}
+
+    monkeypatch.setattr(cuda_smoke, "run_cell", fake_cell)
+    assert cuda_smoke.main(["--device", "cpu", "--out", str(tmp_path), "--only", "^method local$"]) == 0
+    assert cuda_smoke.main(["--device", "cpu", "--out", str(tmp_path), "--only", "^method fedprox$"]) == 0
+    assert [r["cell"] for r in json.loads((tmp_path / "smoke.json").read_text())] == ["method local", "method fedprox"]
+    md = (tmp_path / "smoke.md").read_text()
+    assert md.count("### Smoke matrix") == 2 and "| method local |" in md and "| method fedprox |" in md
+    assert cuda_smoke.main(["--device", "cpu", "--out", str(tmp_path), "--only", "^method local$"]) == 2  # refused
+    assert len(json.loads((tmp_path / "smoke.json").read_text())) == 2
