@@ -27,6 +27,9 @@ OUT=$(mkdir -p "${1:-/tmp/pfedmoap-deploy}" && cd "${1:-/tmp/pfedmoap-deploy}" &
 EXTRA="$*"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Flower's commands, and the commands they start by name, from the environment of $PY (activated or not)
+PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
+export PATH
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # Flower's SuperExec looks for a new message to start a ClientApp for once a second by default (flwr 1.42)
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.05}

@@ -72,6 +72,21 @@ def test_config_json_and_preset_must_agree():
         config_from_run_config({"preset": "synthetic", "config-json": '{"preset": "cifar10"}'})
 
 
+def test_flower_processes_find_this_pythons_commands_first(monkeypatch):
+    """Flower's processes start each other by name (flower-superexec, flwr-simulation, flwr-clientapp): this Python's
+    bin folder comes first on their PATH, once, whatever PATH the caller had (none, another venv's, this one's)."""
+    from pfedmoap.flower.local_link import flower_env, flower_path
+
+    here = os.path.dirname(sys.executable)
+    assert flower_path("") == here
+    assert flower_path(os.pathsep.join(["/usr/bin", "/other/venv/bin"])).split(os.pathsep) == [
+        here, "/usr/bin", "/other/venv/bin"
+    ]
+    assert flower_path(os.pathsep.join(["/usr/bin", here])).split(os.pathsep) == [here, "/usr/bin"]
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert flower_env(Path("/tmp/h"))["PATH"].split(os.pathsep) == [here, "/usr/bin", "/bin"]
+
+
 # ---------------------------------------------------------------------------------------------- federation config
 def test_federation_config_defaults_and_overrides():
     cfg = make_config("synthetic", clients=6, experts=2, threads=2, device="cpu")

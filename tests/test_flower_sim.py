@@ -5,6 +5,9 @@ node: the numbers must be identical."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import time
 
 import pytest
@@ -44,7 +47,12 @@ def _flags(settings: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ray_simulation_matches_in_process(tmp_path, capsys):
+def test_ray_simulation_matches_in_process(tmp_path, capsys, monkeypatch):
+    # the engine runs with this Python's bin folder off PATH, as from a virtual environment that is not activated
+    # (a scheduler, an IDE): Flower's processes, which start each other by name, must still find their commands
+    here = os.path.dirname(sys.executable)
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != here))
+    assert shutil.which("flower-superexec") is None or os.path.dirname(shutil.which("flower-superexec")) != here
     start = time.perf_counter()
     argv = ["--preset", "synthetic", "--engine", "flower", "--no-progress", "--out", str(tmp_path / "flower")]
     code = main(argv + _flags(SETTINGS))

@@ -53,11 +53,22 @@ def flower_command(name: str) -> str:
     return found
 
 
+def flower_path(path: str) -> str:
+    """``PATH`` with this Python's ``bin`` folder first. Flower's processes start each other by name (the SuperLink
+    starts ``flower-superexec``, the SuperExec ``flwr-simulation`` or ``flwr-clientapp``), so from a virtual
+    environment that is not activated (a scheduler, an IDE, a notebook kernel) they would look for them on PATH and
+    not find them, or find another environment's Flower."""
+    here = str(Path(sys.executable).parent)  # not resolved: a venv's python is a link into the base interpreter
+    return os.pathsep.join([here, *(p for p in path.split(os.pathsep) if p and p != here)])
+
+
 def flower_env(home: Path) -> dict[str, str]:
-    """The environment of every Flower process of a local run: a private FLWR_HOME, no update check (these machines
-    may have no internet), and the environment pfedmoap runs in (no per-run ``uv sync``)."""
+    """The environment of every Flower process of a local run: this Python's commands first on PATH, a private
+    FLWR_HOME, no update check (these machines may have no internet), and the environment pfedmoap runs in (no
+    per-run ``uv sync``)."""
     env = {
         **os.environ,
+        "PATH": flower_path(os.environ.get("PATH", "")),
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
