@@ -33,6 +33,7 @@ from .comm import format_bytes
 from .config import Config, load_preset, make_config
 from .errors import ConfigError, UserError
 from .experiments import seed_stats
+from .files import read_json
 
 SUITE_KEYS = ("description", "seeds", "preset", "method", "set", "studies")
 STUDY_KEYS = ("name", "title", "preset", "method", "set", "vary", "cases", "plot", "paper", "scale")
@@ -153,17 +154,14 @@ def load_suite(spec: str, overrides: dict[str, Any] | None = None, seeds: list[i
     the suite's."""
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"suite={spec!r}: no such file")
-        text, name = path.read_text(), path.stem
+        name = path.stem
     elif spec in list_suites():
-        text, name = (resources.files("pfedmoap") / "suites" / f"{spec}.json").read_text(), spec
+        path, name = Path(str(resources.files("pfedmoap") / "suites" / f"{spec}.json")), spec
     else:
         raise ConfigError(f"suite={spec!r} is not one of: {', '.join(list_suites())} (or a .json file)")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"suite={spec!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    data = read_json(path, "suite file")
     _check_keys(f"suite {name}", data, SUITE_KEYS)
     run_seeds = seeds if seeds is not None else data.get("seeds", [1, 2, 3])
     if not isinstance(run_seeds, list) or not run_seeds or not all(isinstance(s, int) for s in run_seeds):
@@ -251,8 +249,8 @@ def check_folder(cfg: Config, run_dir: Path) -> None:
     if not config_file.is_file():
         return
     try:
-        saved = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = read_json(config_file, "config.json")
+    except UserError:
         saved = None
     wanted = _comparable(cfg.to_dict())
     if saved is not None:
@@ -306,7 +304,7 @@ def run_suite(suite: Suite, out: Path, log: Callable[[str], None] = print) -> di
         t0 = time.perf_counter()
         what = run_one(case.config.replace(seed=seed), run_dir, log=lambda _: None)
         ran += 1
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_json(run_dir / "summary.json", "summary.json")
         elapsed = time.perf_counter() - started
         left = sum(not (out / "runs" / run_folder(c) / f"seed{s}" / "summary.json").is_file() for c, s in todo)
         eta = elapsed / ran * left
@@ -340,7 +338,7 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
                 summary_file = out / "runs" / run_folder(case) / f"seed{seed}" / "summary.json"
                 if not summary_file.is_file():
                     continue  # not run yet (--report-only on an unfinished suite)
-                summary = json.loads(summary_file.read_text())
+                summary = read_json(summary_file, "summary.json")
                 done.append(seed)
                 finals.append(summary["final_mean_acc"])
                 bests.append(summary["best_mean_acc"])
@@ -349,8 +347,11 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
                 rows.append({"values": case.values, "label": case.label, "run": run_folder(case), "seeds_done": []})
                 continue
             first = out / "runs" / run_folder(case) / f"seed{done[0]}"
-            last = read_metrics(first)[-1]
-            meta = json.loads((first / "config.json").read_text()).get("_meta", {})
+            rounds = read_metrics(first)
+            if not rounds:
+                raise UserError(f"metrics file {str(first / 'metrics.jsonl')!r} cannot be used: it holds no round")
+            last = rounds[-1]
+            meta = read_json(first / "config.json", "config.json").get("_meta", {})
             participants = len(last["client_bytes_down"])
             row = {
                 "values": case.values,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .files import first_line, load_torch
 
 FORMAT = 2  # bump when the layout below changes
 LAST_CHECKPOINT = "last.pt"
@@ -40,12 +41,29 @@ def save(state: dict[str, Any], path: Path) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint; a corrupted, foreign or other-format file is one UserError line."""
+    """Read a checkpoint; a damaged, foreign or other-format file is one UserError line."""
+    state = load_torch(path, "checkpoint")
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != FORMAT:
+        what = f"format {found!r}" if isinstance(state, dict) else f"a {type(state).__name__}, not a checkpoint"
+        raise UserError(
+            f"checkpoint {str(path)!r} cannot be used: {what}, this pfedmoap reads format {FORMAT} (another version "
+            "or another file)"
+        )
+    return state
+
+
+def restore(target: Any, path: Path) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into ``target`` (an engine's ``load_state_dict``) and return it. A checkpoint
+    that reads but does not fit (missing entries, another run's shapes or client count) is one UserError line; the
+    caller drops ``target`` then, which may be half loaded."""
+    state = load(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupted or foreign file: say so in one line
-        raise UserError(f"checkpoint {str(path)!r} cannot be read: {type(exc).__name__}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise UserError(f"checkpoint format {found!r} is not {FORMAT} (another version)")
+        target.load_state_dict(state)
+    except UserError as exc:
+        raise UserError(f"checkpoint {str(path)!r} cannot be used: {exc}") from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise UserError(
+            f"checkpoint {str(path)!r} cannot be used: it does not fit the run's config.json ({first_line(exc)})"
+        ) from None
     return state

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .files import first_line
 from .text_encoder import TextTower
 
 
@@ -187,6 +188,7 @@ def load_clip(model_name: str, pretrained: str, device: torch.device, progress: 
         raise ConfigError(f"model={model_name!r} is not an open_clip architecture{hint}; see open_clip.list_models()")
 
     weights: str | None
+    from_file = False  # weights from a file on disk (given, or the tiny CLIP's), not an open_clip tag
     if pretrained == "synthetic":
         if model_name != TINY_MODEL:
             raise ConfigError(
@@ -195,13 +197,13 @@ def load_clip(model_name: str, pretrained: str, device: torch.device, progress: 
             )
         from .pretrain import ensure_tiny_clip
 
-        weights = str(ensure_tiny_clip(progress=progress))
+        weights, from_file = str(ensure_tiny_clip(progress=progress)), True
     elif pretrained == "none":
         weights = None
     elif os.path.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
         if not Path(pretrained).is_file():
             raise ConfigError(f"pretrained={pretrained!r}: no such weights file")
-        weights = pretrained
+        weights, from_file = pretrained, True
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
@@ -213,8 +215,15 @@ def load_clip(model_name: str, pretrained: str, device: torch.device, progress: 
         with torch.random.fork_rng(devices=[]), _quiet_root_logger():
             torch.manual_seed(0)
             model = open_clip.create_model(model_name, pretrained=weights, device="cpu")
-    except (RuntimeError, OSError, ValueError) as exc:  # download refused offline, or a file that is not these weights
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"pretrained={pretrained!r} for model={model_name} could not be loaded: {first}") from exc
+    except Exception as exc:  # noqa: BLE001 - see below
+        # a file: torch's unpickler and safetensors raise anything (IndexError, EOFError, UnpicklingError, ...) on a
+        # damaged, truncated, empty or foreign file, and a state dict of another architecture is a RuntimeError;
+        # a tag: a download refused offline. Anything else from open_clip is a bug, with its traceback.
+        if not from_file and not isinstance(exc, (RuntimeError, OSError, ValueError)):
+            raise
+        where = f" (file {weights})" if from_file and weights != pretrained else ""
+        raise ConfigError(
+            f"pretrained={pretrained!r}{where} cannot be loaded as {model_name} weights: {first_line(exc)}"
+        ) from None
     tokenizer = open_clip.get_tokenizer(model_name)
     return FrozenCLIP(model, tokenizer, model_name, device)

@@ -8,15 +8,16 @@ Every default below is the paper's setting (SPEC §1-2) unless its comment says 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from . import registry
 from .data.registry import list_datasets
 from .errors import ConfigError
+from .files import read_json
 from .graphs import CUDA_GRAPHS
 from .precision import PRECISIONS
 
@@ -203,7 +204,7 @@ class Config:
                 f"eval_split=base2novel needs subsample=base (got {self.subsample}): the novel classes must stay "
                 "unseen in training"
             )
-        _at_least("clients", self.clients, 1)
+        _at_least("clients", self.clients, 1, MAX_CLIENTS)
         _at_least("rounds", self.rounds, 1)
         _at_least("local_epochs", self.local_epochs, 1)
         _at_least("batch_size", self.batch_size, 1)
@@ -212,8 +213,8 @@ class Config:
         _at_least("heads", self.heads, 1)
         _at_least("d_gate", self.d_gate, 1)
         _at_least("shots", self.shots, 0)
-        _at_least("train_per_class", self.train_per_class, 1)
-        _at_least("test_per_class", self.test_per_class, 1)
+        _at_least("train_per_class", self.train_per_class, 1, MAX_PER_CLASS)
+        _at_least("test_per_class", self.test_per_class, 1, MAX_PER_CLASS)
         _at_least("min_client_size", self.min_client_size, 0)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("fedotp_max_iter", self.fedotp_max_iter, 1)
@@ -280,10 +281,16 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of: {', '.join(valid)}")
 
 
-def _at_least(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
+def _at_least(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        valid = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ConfigError(f"{name}={value!r} must be an integer {valid}")
 
+
+# sizes past which one process would only run out of memory (the synthetic world's images are generated up front;
+# every simulated client holds its own state)
+MAX_PER_CLASS = 10_000
+MAX_CLIENTS = 100_000
 
 # ---------------------------------------------------------------------------------------------- presets
 DEFAULT_PRESET = "synthetic"
@@ -291,8 +298,12 @@ DEFAULT_PRESET = "synthetic"
 
 def list_presets() -> list[str]:
     """Names of the presets shipped in ``pfedmoap/presets/``."""
-    folder = resources.files("pfedmoap") / "presets"
-    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[: -len(".json")] for p in presets_dir().iterdir() if p.name.endswith(".json"))
+
+
+def presets_dir() -> Path:
+    """The folder of the shipped presets."""
+    return Path(str(resources.files("pfedmoap") / "presets"))
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -300,15 +311,18 @@ def load_preset(name: str) -> dict[str, Any]:
     presets = list_presets()
     if name not in presets:
         raise ConfigError(f"preset={name!r} is not one of: {', '.join(presets)}")
-    text = (resources.files("pfedmoap") / "presets" / f"{name}.json").read_text()
-    data = json.loads(text)
+    data = _read_preset(name)
     data.pop("description", None)
     return data
 
 
 def preset_description(name: str) -> str:
-    text = (resources.files("pfedmoap") / "presets" / f"{name}.json").read_text()
-    return json.loads(text).get("description", "")
+    return str(_read_preset(name).get("description", ""))
+
+
+def _read_preset(name: str) -> dict[str, Any]:
+    """A shipped preset file as a JSON object; a damaged one (a broken install, an edit gone wrong) is one line."""
+    return read_json(presets_dir() / f"{name}.json", "preset file")
 
 
 def make_config(preset: str | None = DEFAULT_PRESET, **overrides: Any) -> Config:

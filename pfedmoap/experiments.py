@@ -29,6 +29,7 @@ from typing import Any
 from .cli import OneLineParser, fail, run_command
 from .config import make_config
 from .errors import UserError
+from .files import read_json
 
 PROG = "pfedmoap.experiments"
 DEFAULT_ROWS = "zeroshot,local,promptfl,pfedmoap"
@@ -164,7 +165,7 @@ def run_sweep(
                     cfg = make_config(preset, method=method, seed=seed, **extra, **(overrides or {}))
                     log(f"== {preset} / {name} / seed {seed}")
                     run(cfg, out=run_dir, log=log)
-                summary = json.loads(summary_file.read_text())
+                summary = read_json(summary_file, "summary.json")
                 finals.append(summary["final_mean_acc"])
                 bests.append(summary["best_mean_acc"])
                 last5s.append(summary["last5_mean_acc"])

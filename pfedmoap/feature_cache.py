@@ -85,27 +85,39 @@ class FeatureCache:
     def load(self, cid: int, key: str) -> dict[str, torch.Tensor | None] | None:
         """The stored tensors of client ``cid`` if the file is whole and made for ``key``, else None (said)."""
         path = self.path(cid)
+        if not path.exists():
+            return None
         if not path.is_file():
+            self.log(f"feature cache {path} is not a file; client {cid}'s features are encoded and not cached")
             return None
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             tensors = blob["tensors"]
             ok_format = blob.get("format") == FORMAT
-        except Exception as exc:  # noqa: BLE001 (a truncated or foreign file: rebuild it)
+            ok_key = blob.get("key") == key
+            ok_sum = ok_format and ok_key and blob.get("checksum") == _checksum(tensors)
+        except Exception as exc:  # noqa: BLE001 (a truncated, empty or foreign file: rebuild it)
             self.log(f"feature cache {path} does not load ({type(exc).__name__}); re-encoding client {cid}")
             return None
-        if not ok_format or blob.get("key") != key:
+        if not ok_format or not ok_key:
             self.log(f"feature cache {path} was made for another model, dataset or partition; re-encoding client {cid}")
             return None
-        if blob.get("checksum") != _checksum(tensors):
+        if not ok_sum:
             self.log(f"feature cache {path} fails its checksum (corrupt); re-encoding client {cid}")
             return None
         return tensors
 
     def store(self, cid: int, key: str, tensors: Mapping[str, torch.Tensor | None]) -> None:
-        """Write client ``cid``'s tensors atomically (on CPU)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write client ``cid``'s tensors atomically (on CPU). A cache that cannot be written (a folder in the file's
+        place, a full disk) costs only the caching: one log line, and the run goes on."""
         cpu = {k: None if t is None else t.detach().cpu() for k, t in tensors.items()}
         blob = {"format": FORMAT, "key": key, "checksum": _checksum(cpu), "tensors": cpu}
-        with atomic_file(self.path(cid)) as f:
-            torch.save(blob, f)
+        path = self.path(cid)
+        if path.exists() and not path.is_file():
+            return  # said when it was loaded
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as f:
+                torch.save(blob, f)
+        except OSError as exc:
+            self.log(f"feature cache {path} cannot be written ({exc.strerror or type(exc).__name__}); not cached")

@@ -29,7 +29,7 @@ from .prompt import PromptEncoder
 from .rounds import History, RoundDriver, RoundRecord
 from .rundir import RunDir
 from .runtime import ClientRuntime
-from .server import Server
+from .server import Server, check_prompt_like
 from .tensorboard import check_available, open_board
 from .world import World
 
@@ -202,4 +202,6 @@ class Federation:
             raise UserError(f"checkpoint has {len(state['clients'])} clients, the config {len(self.clients)}")
         self.driver.load_state_dict(state["driver"])
         for client, cs in zip(self.clients, state["clients"], strict=True):
+            if cs["prompt"] is not None:
+                check_prompt_like(self.server.global_prompt, cs["prompt"], f"client {client.cid}'s prompt")
             client.load_state_dict(cs, self.runtime.make_gate, self.device)

@@ -3,7 +3,6 @@ entry points."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ from ._version import __version__
 from .config import Config
 from .errors import UserError
 from .federation import Federation
+from .files import read_json
 from .rounds import History
 from .rundir import RunDir
 
@@ -68,17 +68,24 @@ def saved_run(path: str | Path) -> tuple[RunDir, Config, dict[str, Any]]:
         raise UserError(f"resume={str(run_dir.path)!r} holds no run (no config.json)")
     if (run_dir.path / "summary.json").exists():
         raise UserError(f"resume={str(run_dir.path)!r} is already finished (summary.json exists)")
-    try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"resume={str(run_dir.path)!r}: config.json is not valid JSON") from None
-    meta = data.pop("_meta", {})
+    run_dir.check_writable()
+    data = read_json(config_file, "the resumed run's config.json")
+    meta = data.pop("_meta", None)
+    if not isinstance(meta, dict):  # every run directory pfedmoap writes has it
+        raise UserError(
+            f"the resumed run's config.json {str(config_file)!r} cannot be used: it has no _meta object (not a run "
+            "directory pfedmoap wrote)"
+        )
     if meta.get("pfedmoap_version", __version__) != __version__:
         raise UserError(
             f"resume={str(run_dir.path)!r} was written by pfedmoap {meta.get('pfedmoap_version')}, "
             f"this is {__version__}"
         )
-    return run_dir, Config.from_dict(data, source=str(config_file)).validate(), meta
+    try:
+        cfg = Config.from_dict(data, source=str(config_file)).validate()
+    except UserError as exc:
+        raise UserError(f"the resumed run's config.json {str(config_file)!r} cannot be used: {exc}") from None
+    return run_dir, cfg, meta
 
 
 def check_engine(run_dir: RunDir, meta: dict[str, Any], engine: str) -> None:
@@ -101,8 +108,9 @@ def resume(path: str | Path, log: Callable[[str], None] | None = None, progress:
         cfg = cfg.replace(progress=progress)
     fed = Federation(cfg, log=log)
     ckpt = checkpoint.checkpoint_path(run_dir.path)
-    if ckpt.is_file():
-        fed.load_state_dict(checkpoint.load(ckpt))
+    if ckpt.exists():
+        checkpoint.restore(fed, ckpt)
+    run_dir.check_resumable([r.to_json() for r in fed.rounds])
     # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     run_dir.write_rounds([r.to_json() for r in fed.rounds])

@@ -22,7 +22,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,9 @@ from tqdm.auto import tqdm
 from .cli import OneLineParser, run_command
 from .data.synthetic import CLASSNAMES, PRETRAIN_STYLES, STYLES, render, templates, to_model_input
 from .errors import UserError
+from .files import read_bytes
 from .model_configs import TINY_MODEL, register_model_configs
+from .rundir import replacing
 from .text_encoder import TextTower
 
 # Bump when the synthetic world, the model config or the training recipe changes in a way that the config
@@ -309,19 +310,23 @@ def installed_copy(path: Path) -> Path | None:
 
 def shipped_weights(cfg: PretrainConfig | None = None) -> Path | None:
     """The shipped weights for ``cfg`` if the package (or, for code unpacked from a Flower FAB, the installed
-    distribution) has them and they pass their SHA-256 check, else None (a file that fails the check is said in
-    one log line and not used)."""
+    distribution) has them, else None. A shipped file that cannot be read or fails its SHA-256 check is a damaged
+    install: one UserError line (pretraining a replacement would quietly give this machine another model than
+    everyone else's)."""
     path = shipped_path(cfg)
-    if not path.is_file():
+    if not path.exists():
         path = installed_copy(path) or path
-    if not path.is_file():
+    if not path.exists():
         return None
     if path not in _verified:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = hashlib.sha256(read_bytes(path, "the shipped tiny-CLIP weights")).hexdigest()
         _verified[path] = digest == SHIPPED_SHA256
-        if not _verified[path]:
-            _log.warning("shipped tiny-CLIP weights %s fail their SHA-256 check (%s); not using them", path, digest)
-    return path if _verified[path] else None
+    if not _verified[path]:
+        raise UserError(
+            f"the shipped tiny-CLIP weights {str(path)!r} fail their SHA-256 check (a damaged install): reinstall "
+            "pfedmoap (pip install --force-reinstall .), or pass --pretrained with a weights file of your own"
+        )
+    return path
 
 
 def ensure_tiny_clip(
@@ -349,17 +354,8 @@ def ensure_tiny_clip(
         return path
     path.parent.mkdir(parents=True, exist_ok=True)  # fail on an unusable cache before minutes of training
     state = pretrain(cfg, progress=progress)
-    # a unique name per writer (not mkstemp, whose 0600 mode would ignore the umask)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path, binary=True) as f:  # concurrent writers each use their own temporary name
+        torch.save(state, f)
     return path
 
 

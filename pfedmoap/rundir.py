@@ -6,24 +6,39 @@ import contextlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import UserError
+from .files import bad_file, read_jsonl
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write then rename, so a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with replacing(path) as f:
         json.dump(data, f, indent=2, default=_jsonable)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replacing(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
+    """Like :func:`atomic_file`, but the new file gets the mode the umask gives (a run's files, shared weights),
+    not 0600: a temporary file of a name unique to this writer beside ``path``, flushed and fsynced, then renamed
+    over it; removed on any error, so ``path`` is the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb" if binary else "x") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -81,26 +96,71 @@ class RunDir:
             raise UserError(f"out={str(run.path)!r} cannot be created ({exc.strerror or type(exc).__name__})") from None
         return run
 
+    def check_writable(self) -> None:
+        """Refuse (UserError) a run folder this process cannot write to (read-only, full, not ours): a resumed run
+        appends to it, and it should say so before it spends any time."""
+        try:
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as exc:
+            raise UserError(
+                f"run directory {str(self.path)!r} cannot be written ({exc.strerror or type(exc).__name__}); a run "
+                "writes its rounds there"
+            ) from None
+
     def write_config(self, config: dict[str, Any]) -> None:
-        write_json_atomic(self.path / "config.json", config)
+        with self._writing("config.json"):
+            write_json_atomic(self.path / "config.json", config)
 
     def append_round(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+        with self._writing("metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, default=_jsonable) + "\n")
             f.flush()
 
     def write_rounds(self, records: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl with exactly these rounds, atomically (used when resuming)."""
-        path = self.path / "metrics.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
-        os.replace(tmp, path)
+        with self._writing("metrics.jsonl"), replacing(self.path / "metrics.jsonl") as f:
+            f.write("".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json_atomic(self.path / "summary.json", summary)
+        with self._writing("summary.json"):
+            write_json_atomic(self.path / "summary.json", summary)
+
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """A failed write of a run file (disk full, the folder made read-only) is one UserError line; the files
+        written before it are whole (each write replaces its file atomically, or appends one line)."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise UserError(
+                f"could not write {str(self.path / name)!r} ({reason}); the last complete round's checkpoint is "
+                "intact: free space and continue with --resume"
+            ) from None
+
+    def check_resumable(self, rounds: list[dict[str, Any]]) -> None:
+        """Refuse (one UserError line, nothing written) a ``metrics.jsonl`` that does not belong with the checkpoint
+        being resumed, whose rounds are ``rounds`` (their JSON records). A run appends a round's line, then
+        checkpoints: the file holds the checkpoint's rounds, perhaps one more line, complete or torn by a kill
+        (that line is dropped when the file is rewritten). A missing file is rewritten from the checkpoint."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        what = "the resumed run's metrics.jsonl"
+        lines = read_jsonl(path, what, torn_tail=True)
+        for number, line in enumerate(lines, 1):
+            if not isinstance(line.get("round"), int) or isinstance(line.get("round"), bool):
+                raise bad_file(path, what, f"line {number} has no round number (another file?)")
+        saved = [(r["round"], r.get("mean_acc")) for r in rounds]
+        found = [(r["round"], r.get("mean_acc")) for r in lines]
+        if found[: len(saved)] != saved or len(found) > len(saved) + 1:
+            raise bad_file(
+                path, what, f"its {len(found)} rounds do not match the checkpoint's {len(saved)} (another run's file?)"
+            )
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rounds of a run directory's ``metrics.jsonl``, as the JSON objects written there."""
-    lines = Path(path, "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The rounds of a run directory's ``metrics.jsonl``, as the JSON objects written there (one UserError line for
+    a damaged file)."""
+    return read_jsonl(Path(path, "metrics.jsonl"), "metrics file")

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from . import registry
+from .errors import UserError
 from .ops import REFERENCE, KnnFn
 from .profiling import nvtx_range
 from .seeding import Stream, stream
@@ -135,9 +136,20 @@ class Server:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; prompts of another shape or dtype than this run's (another run's
+        checkpoint) are one UserError line."""
+        for name, prompt in [("global prompt", state["global_prompt"]), *state["pool"].items()]:
+            check_prompt_like(self.global_prompt, prompt, name if isinstance(name, str) else f"client {name}'s prompt")
         self.global_prompt = state["global_prompt"]
         self.global_version = int(state["global_version"])
         self.pool = {int(k): v for k, v in state["pool"].items()}
         self.extras = dict(state["extras"])
         self.sample_rng.bit_generator.state = state["sample_rng"]
         self.select_rng.bit_generator.state = state["select_rng"]
+
+
+def check_prompt_like(expected: torch.Tensor, found: object, what: str) -> None:
+    """Refuse (UserError) a restored prompt that is not a tensor of ``expected``'s shape and dtype."""
+    if not isinstance(found, torch.Tensor) or found.shape != expected.shape or found.dtype != expected.dtype:
+        shape = list(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
+        raise UserError(f"its {what} is {shape}, this run's prompts are {list(expected.shape)} {expected.dtype}")

@@ -80,7 +80,9 @@ def test_flower_processes_find_this_pythons_commands_first(monkeypatch):
     here = os.path.dirname(sys.executable)
     assert flower_path("") == here
     assert flower_path(os.pathsep.join(["/usr/bin", "/other/venv/bin"])).split(os.pathsep) == [
-        here, "/usr/bin", "/other/venv/bin"
+        here,
+        "/usr/bin",
+        "/other/venv/bin",
     ]
     assert flower_path(os.pathsep.join(["/usr/bin", here])).split(os.pathsep) == [here, "/usr/bin"]
     monkeypatch.setenv("PATH", "/usr/bin:/bin")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pfedmoap import pretrain as pt
+from pfedmoap.errors import UserError
 from pfedmoap.model_configs import CONFIG_DIR, TINY_MODEL, register_model_configs
 from pfedmoap.pretrain import PretrainConfig, ensure_tiny_clip, zero_shot_accuracy
 from pfedmoap.text_encoder import TextTower
@@ -215,7 +216,8 @@ def test_the_default_weights_ship_with_the_package_and_pass_their_hash(monkeypat
     assert pt.shipped_weights(TINY) is None  # another config: no shipped weights, its own cache
 
 
-def test_tampered_shipped_weights_are_refused_in_one_log_line(monkeypatch, tmp_path, caplog) -> None:
+def test_tampered_shipped_weights_are_a_damaged_install(monkeypatch, tmp_path) -> None:
+    """One flipped byte: refused in one line, not replaced by pretraining (tests/test_bad_files.py runs the CLI)."""
     good = pt.shipped_path()
     bad_dir = tmp_path / "weights"
     bad_dir.mkdir()
@@ -224,13 +226,11 @@ def test_tampered_shipped_weights_are_refused_in_one_log_line(monkeypatch, tmp_p
     (bad_dir / good.name).write_bytes(bytes(data))
     monkeypatch.setattr(pt, "SHIPPED_DIR", bad_dir)
     monkeypatch.setattr(pt, "_verified", {})
-    with caplog.at_level("WARNING", logger="pfedmoap"):
-        assert pt.shipped_weights() is None
-    assert len(caplog.records) == 1 and "fail their SHA-256 check" in caplog.records[0].getMessage()
-    cached = pt.weights_path(pt.PretrainConfig(), tmp_path / "cache")
-    cached.parent.mkdir()
-    cached.write_bytes(b"stand-in")  # the cache is used instead (no pretraining here)
-    assert ensure_tiny_clip(tmp_path / "cache", progress=False) == cached
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: pytest.fail("must not pretrain over a damaged install"))
+    with pytest.raises(UserError, match="fail their SHA-256 check .*reinstall pfedmoap"):
+        pt.shipped_weights()
+    with pytest.raises(UserError, match="fail their SHA-256 check"):
+        ensure_tiny_clip(tmp_path / "cache", progress=False)
 
 
 def test_shipped_weights_give_the_documented_zero_shot_accuracy() -> None:

@@ -127,8 +127,8 @@ def test_competitors_and_base2novel_resume_exactly(tmp_path, overrides):
     [
         ("missing", "holds no run"),
         ("finished", "already finished"),
-        ("bad-json", "not valid JSON"),
-        ("corrupt-ckpt", "cannot be read"),
+        ("bad-json", "not JSON"),
+        ("corrupt-ckpt", "cannot be used"),
         ("other-version", "was written by pfedmoap 0.0.0"),
     ],
 )

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..files import first_line
 from .registry import DatasetBundle, DatasetOptions, LabeledImages, register_dataset
 
 
@@ -154,8 +155,14 @@ class ImageFiles:
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
-        with Image.open(self.paths[i]) as img:
-            t = TF.pil_to_tensor(img.convert("RGB"))
+        try:
+            with Image.open(self.paths[i]) as img:
+                t = TF.pil_to_tensor(img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # missing, truncated, not an image
+            raise ConfigError(
+                f"image {str(self.paths[i])!r} cannot be read ({first_line(exc)}); replace it, or take it out of the "
+                "dataset's split"
+            ) from None
         t = TF.resize(t, self.size, antialias=True)
         return TF.center_crop(t, [self.size, self.size])
 

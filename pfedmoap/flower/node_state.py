@@ -31,6 +31,7 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from ..files import first_line
 from ..rundir import atomic_file
 
 FORMAT = 1
@@ -138,8 +139,8 @@ class NodeStateStore:
                 continue
             try:
                 return Loaded(self._read(path, saved), saved, problems)
-            except (OSError, ValueError, KeyError) as exc:
-                problems.append(f"{path.name}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign file is skipped, whatever it raised
+                problems.append(f"{path.name}: {exc if isinstance(exc, (OSError, ValueError)) else first_line(exc)}")
         return Loaded(None, None, problems)
 
     def _read(self, path: Path, tag: Tag) -> RecordDict:
@@ -149,8 +150,10 @@ class NodeStateStore:
             raise ValueError("no header (truncated)")
         try:
             header = json.loads(head)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError("header is not JSON (corrupt)") from None
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object (corrupt)")
         if header.get("format") != FORMAT:
             raise ValueError(f"format {header.get('format')!r}, expected {FORMAT}")
         if header.get("run") != self.run_token or header.get("partition") != self.pid:

@@ -63,8 +63,10 @@ def make_server_app(
             config, log=say, round_timeout=opts.round_timeout, connect_timeout=opts.connect_timeout
         )
         ckpt = checkpoint.checkpoint_path(Path(target))
-        if resume and ckpt.is_file():
-            strategy.load_state_dict(checkpoint.load(ckpt))
+        if resume and ckpt.exists():
+            checkpoint.restore(strategy, ckpt)
+        if resume:
+            RunDir(target).check_resumable([r.to_json() for r in strategy.rounds])
         if isinstance(grid, HttpGrid):  # a deployment: collect replies as they come, not every 3 s
             grid = PromptGrid(grid)
         strategy.connect(grid)  # nodes build their worlds first: a run that cannot start writes nothing

@@ -18,7 +18,8 @@ import torch
 
 from .. import __version__, checkpoint
 from ..config import Config
-from ..errors import ConfigError, RunFailed
+from ..errors import ConfigError, RunFailed, UserError
+from ..files import read_json
 from ..rounds import History
 from ..rundir import RunDir
 from .local_link import LocalSuperLink, toml_table, write_toml_table
@@ -128,6 +129,8 @@ def run_simulation(
     target = Path(out if out is not None else flower_run_dir(cfg, cfg.out)).resolve()
     if not resume:
         RunDir.check(target)  # refuse a used folder before anything starts
+    else:
+        check_resumable(cfg, target)  # a damaged checkpoint or metrics.jsonl: one line before Flower starts
     check_node_inputs(cfg)
     federation = federation_config_for(cfg, federation_config)
     if verbose:
@@ -153,6 +156,18 @@ def run_simulation(
     return history_from_run_dir(target)
 
 
+def check_resumable(cfg: Config, path: Path) -> None:
+    """What the ServerApp checks first when it resumes the run in ``path``, here before Flower starts: its checkpoint
+    loads and fits the run's config, and its ``metrics.jsonl`` belongs with it (one UserError line, exit 2)."""
+    from .strategy import PFedMoAPStrategy
+
+    strategy = PFedMoAPStrategy(cfg, log=lambda _: None)
+    ckpt = checkpoint.checkpoint_path(path)
+    if ckpt.exists():
+        checkpoint.restore(strategy, ckpt)
+    RunDir(path).check_resumable([r.to_json() for r in strategy.rounds])
+
+
 def history_from_run_dir(path: str | os.PathLike) -> History:
     """A finished Flower run's :class:`History`, read back from its directory: the saved config, the summary, and the
     server side (pool, P_g, every round's record) from the checkpoint of its last round."""
@@ -160,15 +175,15 @@ def history_from_run_dir(path: str | os.PathLike) -> History:
 
     path = Path(path)
     try:
-        data = json.loads((path / "config.json").read_text())
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunFailed(f"the Flower run finished without a complete run directory in {path} ({exc})") from None
+        data = read_json(path / "config.json", "the run's config.json")
+        summary = read_json(path / "summary.json", "the run's summary.json")
+    except UserError as exc:
+        raise RunFailed(f"the Flower run finished without a complete run directory: {exc}") from None
     data.pop("_meta", None)
     cfg = Config.from_dict(data, source=str(path / "config.json"))
     strategy = PFedMoAPStrategy(cfg, log=lambda _: None)
     ckpt = checkpoint.checkpoint_path(path)
-    if ckpt.is_file():
-        strategy.load_state_dict(checkpoint.load(ckpt))
+    if ckpt.exists():
+        checkpoint.restore(strategy, ckpt)
     driver = strategy.driver
     return History(cfg, driver.rounds, summary, path, driver)
