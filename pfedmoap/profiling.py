@@ -256,6 +256,9 @@ def torch_profile(
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto (the profiler's tracer) logs its stages and a failed GPU count on stderr, every level below 6; keep
+    # stderr for the run's own lines (a bad input is one line there) unless the user asked for Kineto's
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)

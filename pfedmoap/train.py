@@ -13,6 +13,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import profiling, registry
@@ -34,6 +35,7 @@ from .config import (
     make_config,
     preset_description,
 )
+from .errors import UserError
 from .graphs import CUDA_GRAPHS
 from .launch import default_run_dir, resume, run
 from .precision import PRECISIONS
@@ -167,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         profiling.enable()
     trace = args.pop("profile", None)
     if args.pop("list_presets", False):
-        for name in list_presets():
-            print(f"{name:24s} {preset_description(name)}")
-        return 0
+        return run_command(PROG, _list_presets)
     if args.pop("list_methods", False):
         tables = (("method", registry.methods()), ("gate", registry.gates()), ("select", registry.selections()))
         for kind, table in tables:
@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg.replace(out=cfg.out or str(default_run_dir(cfg))))
 
     return _finish(start, trace)
+
+
+def _list_presets() -> int:
+    lines = [f"{name:24s} {preset_description(name)}" for name in list_presets()]  # all read before any is printed
+    print("\n".join(lines))
+    return 0
 
 
 def _print_config(cfg: Config) -> int:
@@ -251,11 +257,30 @@ def _flower_resume(resume_dir: str) -> int:
     return _finish(start)
 
 
+def _check_trace(trace: str) -> None:
+    """Refuse (UserError) a ``--profile`` path the trace could not be written to at the end of the run: a folder, a
+    path under a file or in a folder that does not exist, one that cannot be opened for writing. An existing file
+    is opened to append (not changed); a new one is created and removed again."""
+    path = Path(trace)
+    if not trace or path.is_dir():
+        raise UserError(f"profile={trace!r} must name a trace file to write (e.g. trace.json), not a folder")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise UserError(f"profile={trace!r} cannot be written ({exc.strerror or type(exc).__name__})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
 def _finish(job: Callable[[], History], trace: str | None = None) -> int:
     """Run the job (under torch.profiler with ``trace``) and print its summary line."""
-    profiler = profiling.torch_profile(trace, nvtx=profiling.is_enabled()) if trace else contextlib.nullcontext()
 
     def body() -> int:
+        if trace is not None:
+            _check_trace(trace)  # before hours of training, not at the end
+        profiler = profiling.torch_profile(trace, nvtx=profiling.is_enabled()) if trace else contextlib.nullcontext()
         with profiler:
             history = job()
         s = history.summary

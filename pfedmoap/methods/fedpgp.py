@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..client import Client, Objective
+from ..errors import ConfigError
 from ..profiling import nvtx_range
 from ..registry import register_method
 from ..seeding import Stream, init_generator
@@ -94,6 +95,15 @@ class FedPGP(Method):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self._initial: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if cfg.fedpgp_bottleneck > cfg.n_ctx:  # U [n_ctx, r] @ V [r, W] has rank n_ctx at most
+            raise ConfigError(
+                f"fedpgp_bottleneck={cfg.fedpgp_bottleneck} is above n_ctx={cfg.n_ctx}: the low-rank part's rank "
+                f"cannot exceed the prompt's length (valid: 1..{cfg.n_ctx})"
+            )
 
     def initial_factors(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The common initial U [n_ctx, r] and V [r, W] (from the run seed, their own stream)."""
