@@ -6,18 +6,23 @@
 # SuperLink <-> SuperNodes and SuperNode <-> its ClientApp processes, FAB transfers included). Stops every process
 # it started, also on Ctrl-C or error.
 #
-#   bash profiling/flower_deploy.sh [-n NODES] [-r ROUNDS] [-p BASE_PORT] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]
+#   bash profiling/flower_deploy.sh [-n NODES] [-r ROUNDS] [-p BASE_PORT] [-f] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]
+#
+# -f also measures stock Flower's floor on the same SuperLink and SuperNodes, right after the pfedmoap run: a no-op
+# App (profiling/flower_floor) whose nodes reply at once, R rounds of two phases (train + evaluate messages to every
+# node) and R rounds of one phase.
 #
 # Node config keys can be added for every node with NODE_CONFIG_EXTRA (e.g. "worker=false" to measure the
 # process-per-message cost without the node worker).
 set -euo pipefail
-NODES=4 ROUNDS=5 PORT=${PFEDMOAP_DEPLOY_PORT:-19091}
-while getopts "n:r:p:" opt; do
+NODES=4 ROUNDS=5 PORT=${PFEDMOAP_DEPLOY_PORT:-19091} FLOOR=0
+while getopts "n:r:p:f" opt; do
     case $opt in
     n) NODES=$OPTARG ;;
     r) ROUNDS=$OPTARG ;;
     p) PORT=$OPTARG ;;
-    *) echo "usage: $0 [-n NODES] [-r ROUNDS] [-p BASE_PORT] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]" >&2; exit 2 ;;
+    f) FLOOR=1 ;;
+    *) echo "usage: $0 [-n NODES] [-r ROUNDS] [-p BASE_PORT] [-f] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -36,7 +41,7 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.
 WORK=$(mktemp -d /tmp/pfedmoap-deploy.XXXXXX)
 export FLWR_HOME=$WORK/flwr-home
 mkdir -p "$FLWR_HOME" "$OUT"
-rm -rf "$OUT/run" "$OUT"/*.log
+rm -rf "$OUT/run" "$OUT"/*.log "$OUT"/floor-*.json
 PIDS=()
 cleanup() {
     for log in "$WORK"/node-*/state/worker.log; do
@@ -84,6 +89,14 @@ flwr run . loopback --stream \
 t1=$(date +%s.%N)
 lo1=$(lo_bytes)
 for _ in $(seq 100); do [ -f "$OUT/run/summary.json" ] && break; sleep 0.2; done
+if [ "$FLOOR" = 1 ]; then
+    for phases in 2 1; do
+        flwr run profiling/flower_floor loopback --stream \
+            --run-config "phases=$phases rounds=$ROUNDS nodes=$NODES out='$OUT/floor-$phases.json'" \
+            >"$OUT/flwr-floor-$phases.log" 2>&1 || { echo "the no-op floor run failed: see $OUT/flwr-floor-$phases.log" >&2; exit 1; }
+        for _ in $(seq 100); do [ -f "$OUT/floor-$phases.json" ] && break; sleep 0.2; done
+    done
+fi
 
 "$PY" - "$OUT" "$NODES" "$ROUNDS" "$lo0" "$lo1" "$t0" "$t1" <<'EOF' | tee "$OUT/deploy.txt"
 import json, statistics, sys
@@ -105,4 +118,12 @@ print(f"loopback bytes over the whole run (every Flower hop): {(lo1 - lo0) / 1e6
       f"({(lo1 - lo0) / 1e6 / max(1, len(records)):.1f} MB per round)")
 print(f"flwr run, start to end: {t1 - t0:.1f} s; final mean accuracy {summary['final_mean_acc']:.2f}%, "
       f"failed {sum(r['num_failed'] for r in records)}")
+for phases in (2, 1):
+    try:
+        floor = json.load(open(f"{out}/floor-{phases}.json"))
+    except FileNotFoundError:
+        continue  # no -f
+    rest = floor["seconds"][1:] or floor["seconds"]
+    print(f"no-op App (stock Flower's floor), {phases} phase{'s' * (phases > 1)} per round: "
+          f"{statistics.mean(rest):.2f} s per round after the first (min {min(rest):.2f}, max {max(rest):.2f})")
 EOF

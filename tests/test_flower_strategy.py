@@ -492,3 +492,56 @@ def test_a_node_builds_only_its_own_partition(tiny_clip, monkeypatch):
     node.world.client_data(1)
     assert node.world.built == [1, 2]
     assert sum(encoded) == sum(len(node.world.splits[c].train) + len(node.world.splits[c].test) for c in (1, 2))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "train", "evaluate"),
+    [
+        # full participation, evaluated with its own prompt and experts: one message per node per round
+        ({}, [4, 4, 4], [0, 0, 0]),
+        # half the clients per round: the never-trained ones are evaluated with the new P_g (a message each); a
+        # trained client that sits out keeps its accuracy
+        ({"frac": 0.5, "rounds": 4}, [2, 2, 2, 2], None),
+        ({"method": "local"}, [4, 4, 4], [0, 0, 0]),
+        # evaluated with the aggregate: every node, every round
+        ({"method": "promptfl"}, [4, 4, 4], [4, 4, 4]),
+        ({"method": "fedotp", "frac": 0.5}, [2, 2, 2], [4, 4, 4]),
+    ],
+    ids=["pfedmoap", "pfedmoap-half", "local", "promptfl", "fedotp-half"],
+)
+def test_evaluations_ride_on_train_replies_where_that_is_exact(overrides, train, evaluate):
+    """The messages a round sends: a client whose evaluation does not read the round's aggregate is evaluated by its
+    node right after training (on the train reply); evaluate messages go only to the rest. The numbers are the
+    in-process ones either way (test_same_numbers_as_in_process)."""
+    cfg = cfg_for(**overrides)
+    grid = FakeGrid(cfg.clients, node_seed=5)
+    history = run_flower(cfg, grid)
+    count = {kind: [0] * cfg.rounds for kind in ("train", "evaluate")}
+    for msg in grid.sent:
+        if msg.metadata.message_type in count:
+            count[msg.metadata.message_type][int(msg.metadata.group_id) - 1] += 1
+    assert count["train"] == train
+    if evaluate is None:  # pFedMoAP at half participation: exactly the clients that never trained yet
+        trained: set[int] = set()
+        expected = []
+        for record in history.rounds:
+            trained |= set(record.sampled)
+            expected.append(cfg.clients - len(trained))
+        assert count["evaluate"] == expected and expected[0] == 2
+    else:
+        assert count["evaluate"] == evaluate
+    assert all(r.num_eval_failed == 0 and len(r.client_acc) == cfg.clients for r in history.rounds)
+
+
+def test_a_restarted_node_is_asked_for_its_evaluation_again():
+    """A kept evaluation belongs to the node state it was made of: when another node takes a partition over (a
+    restarted SuperNode), that partition gets an evaluate message again."""
+    cfg = cfg_for(rounds=2, frac=0.5)
+    grid = FakeGrid(cfg.clients, node_seed=5)
+    strategy = PFedMoAPStrategy(cfg, log=lambda m: None)
+    strategy.connect(grid)
+    strategy._kept = {pid: None for pid in range(cfg.clients)}  # as if every partition's evaluation were kept
+    old = grid.node_of(1)
+    grid.contexts[old + 1] = grid.contexts.pop(old)  # partition 1's node comes back under a new id
+    strategy.admit_new_nodes(grid)
+    assert set(strategy._kept) == {0, 2, 3}

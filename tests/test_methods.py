@@ -120,3 +120,35 @@ def test_shared_gate_refuses_dp_and_a_bad_gate_upload(tiny_clip, small_world):
     assert "has shape (3, 3)" in method.check_extras(bad)
     bad["gate.q_proj.weight"] = torch.full_like(good["gate.q_proj.weight"], float("nan"))
     assert "not finite" in method.check_extras(bad)
+
+
+@pytest.mark.parametrize("method", ["pfedmoap", "pfedmoap-shared-gate", "promptfl", "fedprox", "fedotp", "fedpgp",
+                                    "local", "zeroshot"])  # fmt: skip
+def test_eval_needs_global_agrees_with_the_eval_state_key(tiny_clip, small_world, method):
+    """``Method.eval_needs_global`` (what lets a Flower node's evaluation ride on its train reply) says True exactly
+    when the client's evaluation key moves with the global version, for trained and never-trained clients alike."""
+    from dataclasses import dataclass
+
+    from pfedmoap import registry
+
+    assert set(registry.methods()) >= {method}
+    cfg = small_config(method=method, clients=4, frac=0.5, experts=1, rounds=1)
+    fed = Federation(cfg, clip=tiny_clip, dataset=small_world, log=lambda m: None)
+    fed.run()
+
+    @dataclass
+    class State:
+        init_prompt: torch.Tensor
+        global_prompt: torch.Tensor
+        global_version: int
+
+    server = fed.server
+    now = State(server.init_prompt, server.global_prompt, server.global_version)
+    later = State(server.init_prompt, server.global_prompt + 1, server.global_version + 1)
+    kinds = set()
+    for client in fed.clients:
+        moves = fed.method.eval_state(now, client).key != fed.method.eval_state(later, client).key
+        assert fed.method.eval_needs_global(client) == moves, (method, client.cid)
+        kinds.add((client.rounds_trained > 0, moves))
+    if method != "zeroshot":
+        assert {trained for trained, _ in kinds} == {True, False}  # both kinds of client were checked

@@ -120,20 +120,16 @@ def answer_train(content: RecordDict, node_config: Mapping[str, Any], state: Rec
     client = session.client
     wire = decode_tensors(content[PAYLOAD], str(conf["wire-dtype"]))
     payload = Payload(expert_ids=[int(j) for j in conf["expert-ids"]]).with_tensors(wire).map(torch.Tensor.float)
-    upload = node.runtime.local_update(client, payload, node.view(conf, payload.global_prompt))
+    view = node.view(conf, payload.global_prompt)
+    upload = node.runtime.local_update(client, payload, view)
+    metrics = MetricRecord({"partition-id": pid, "num-examples": client.data.num_train})
+    if not node.runtime.method.eval_needs_global(client):
+        # its evaluation does not wait for the aggregate: evaluate now, and the accuracy rides on this reply (the
+        # same state, so the same numbers as an evaluate message after the aggregation would give)
+        metrics.update(_evaluation(client, node.runtime.evaluate_client(client, view), needs_global=False))
     session.save()
-    reply = RecordDict(
-        {
-            METRICS: MetricRecord(
-                {
-                    "partition-id": pid,
-                    "num-examples": client.data.num_train,
-                    "train-seconds": time.perf_counter() - start,
-                }
-            ),
-            NOTES: session.notes,
-        }
-    )
+    metrics["train-seconds"] = time.perf_counter() - start
+    reply = RecordDict({METRICS: metrics, NOTES: session.notes})
     if upload is not None:
         reply[UPLOAD] = ArrayRecord({name: encode_tensor(t) for name, t in upload.tensors().items()})
     return reply
@@ -147,12 +143,24 @@ def answer_evaluate(content: RecordDict, node_config: Mapping[str, Any], state: 
     global_prompt = decode_tensors(content[PAYLOAD])["global-prompt"].float()
     acc = node.runtime.evaluate_client(client, node.view(conf, global_prompt))
     session.save()
-    metrics = MetricRecord({"partition-id": pid, "accuracy": float(acc), "num-examples": client.data.num_test})
-    if client.attention is not None:
-        metrics["attention"] = [float(w) for w in client.attention]
-    for name, value in client.split_acc.items():  # --eval-split base2novel: the shared base and novel sets
-        metrics[f"{name}-accuracy"] = float(value)
+    needs_global = node.runtime.method.eval_needs_global(client)
+    metrics = MetricRecord(
+        {"partition-id": pid, "num-examples": client.data.num_test, **_evaluation(client, acc, needs_global)}
+    )
     return RecordDict({METRICS: metrics, NOTES: session.notes})
+
+
+def _evaluation(client: Client, acc: float, needs_global: bool) -> dict[str, Any]:
+    """What a reply says of a client's evaluation: its accuracy, its gate's attention, the base / novel accuracies
+    (``--eval-split base2novel``), and whether it reads the round's aggregate (``eval-needs-global``; when it does
+    not, the server keeps these numbers until the client trains again)."""
+    out: dict[str, Any] = {"accuracy": float(acc)}
+    if client.attention is not None:
+        out["attention"] = [float(w) for w in client.attention]
+    for name, value in client.split_acc.items():  # --eval-split base2novel: the shared base and novel sets
+        out[f"{name}-accuracy"] = float(value)
+    out["eval-needs-global"] = int(needs_global)  # a MetricRecord holds numbers
+    return out
 
 
 ANSWERS = {"query": answer_query, "train": answer_train, "evaluate": answer_evaluate}

@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -110,6 +111,11 @@ class PFedMoAPStrategy(Strategy):
         self._mark = 0.0  # when the round's current phase began waiting on the nodes
         self._asked: set[int] = set()  # node ids that were sent a handshake
         self._replied: set[int] = set()  # partitions whose node has replied to a train or evaluate message
+        # evaluations that need no evaluate message (Method.eval_needs_global is False for the client's state):
+        # this round's, which rode on train replies, and the last one of every partition, kept until it trains again
+        self._rode: dict[int, Evaluation] = {}
+        self._kept: dict[int, Evaluation] = {}
+        self._sampled: set[int] = set()
 
     @property
     def server(self) -> Server:
@@ -194,6 +200,7 @@ class PFedMoAPStrategy(Strategy):
             if pid in self.node_of:
                 old = self.node_of[pid]
                 self.partition_of.pop(old, None)
+                self._kept.pop(pid, None)  # a restarted node may have lost the state that evaluation was of
                 self.log(f"flower: node {node} rejoins as partition {pid} (it replaces node {old})")
             self.node_of[pid], self.partition_of[node] = node, pid
             self.node_info[pid] = info
@@ -236,7 +243,7 @@ class PFedMoAPStrategy(Strategy):
         # rounds are counted here, so that repeated ``start`` calls keep numbering (zero-shot: one round 0)
         index = len(driver.rounds) + 1 if self.method.trains else 0
         sampled = driver.begin(index)
-        self._sent = {}
+        self._sent, self._rode, self._sampled = {}, {}, set(sampled)
         messages = []
         for pid in sampled:
             wire = driver.dispatch(pid)
@@ -303,6 +310,11 @@ class PFedMoAPStrategy(Strategy):
             driver.fail(pid, f"malformed reply ({type(exc).__name__})")
             return
         self._note(pid, reply)
+        if "accuracy" in content[METRICS]:  # the client's evaluation rode on its train reply
+            try:
+                self._rode[pid] = Evaluation.from_metrics(content[METRICS])
+            except (KeyError, TypeError, ValueError):
+                pass  # unreadable: it gets an evaluate message like any other
         if not self.method.uploads:
             driver.upload(pid, None)
             return
@@ -321,11 +333,16 @@ class PFedMoAPStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every node, every round: P_g (float32, as the in-process evaluation uses it) and its version."""
+        """P_g (float32, as the in-process evaluation uses it) and its version to every node whose evaluation this
+        round is not known yet: not to a node whose client's evaluation rode on its train reply, nor to one whose client
+        did not train this round and whose last evaluation did not read P_g (its state, so its accuracy, is as it was).
+        pFedMoAP at full participation thus sends one message per node per round."""
         index = self.driver.open_round.index
         self._mark = time.perf_counter()
         messages = []
         for pid, node in sorted(self.node_of.items()):
+            if pid in self._rode or (pid in self._kept and pid not in self._sampled):
+                continue
             content = RecordDict(
                 {
                     PAYLOAD: ArrayRecord({"global-prompt": encode_tensor(self.server.global_prompt)}),
@@ -353,8 +370,13 @@ class PFedMoAPStrategy(Strategy):
         eval_failed: dict[int, str] = {pid: "no node holds this partition" for pid in range(self.cfg.clients)}
         by_node = {reply.metadata.src_node_id: reply for reply in replies}
         for pid, node in sorted(self.node_of.items()):
+            evaluation = self._rode.get(pid)
+            if evaluation is None and pid not in self._sampled:
+                evaluation = self._kept.get(pid)
             reply = by_node.get(node)
-            if reply is None:
+            if evaluation is not None:
+                pass
+            elif reply is None:
                 eval_failed[pid] = f"no reply within the round timeout ({self.round_timeout:g} s)"
             elif reply.has_error():
                 eval_failed[pid] = f"node error: {_error_reason(reply.error.reason)}"
@@ -362,15 +384,22 @@ class PFedMoAPStrategy(Strategy):
                 try:
                     metrics = reply.content[METRICS]
                     self._note(pid, reply)
-                    accs[pid] = float(metrics["accuracy"])
-                    if "attention" in metrics:
-                        attention[pid] = [float(w) for w in metrics["attention"]]
-                    split = {n: float(metrics[f"{n}-accuracy"]) for n in SPLITS if f"{n}-accuracy" in metrics}
-                    if split:
-                        split_acc[pid] = split
-                    del eval_failed[pid]
+                    evaluation = Evaluation.from_metrics(metrics)
                 except (KeyError, TypeError, ValueError) as exc:
                     eval_failed[pid] = f"malformed reply ({type(exc).__name__})"
+            if evaluation is None:
+                self._kept.pop(pid, None)
+                continue
+            del eval_failed[pid]
+            accs[pid] = evaluation.accuracy
+            if evaluation.attention is not None:
+                attention[pid] = evaluation.attention
+            if evaluation.split_acc:
+                split_acc[pid] = evaluation.split_acc
+            if evaluation.needs_global:
+                self._kept.pop(pid, None)
+            else:
+                self._kept[pid] = evaluation
         driver.open_round.phases["eval"] += time.perf_counter() - self._mark
         record = driver.finish(accs, attention, eval_failed, split_acc)
         if self.run_dir is not None:
@@ -452,6 +481,23 @@ class PFedMoAPStrategy(Strategy):
             "client_train_sizes": [None if i is None else int(i["num-examples"]) for i in info],
             "client_test_sizes": [None if i is None else int(i["num-test"]) for i in info],
         }
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One client's evaluation as its node reported it (an evaluate reply, or a train reply it rode on)."""
+
+    accuracy: float
+    attention: list[float] | None
+    split_acc: dict[str, float]
+    needs_global: bool  # it read the round's P_g: not valid past this round
+
+    @classmethod
+    def from_metrics(cls, metrics: MetricRecord) -> Evaluation:
+        attention = [float(w) for w in metrics["attention"]] if "attention" in metrics else None
+        split = {n: float(metrics[f"{n}-accuracy"]) for n in SPLITS if f"{n}-accuracy" in metrics}
+        # a node that does not say (an older pfedmoap) is asked again every round
+        return cls(float(metrics["accuracy"]), attention, split, bool(metrics.get("eval-needs-global", 1)))
 
 
 class PromptGrid(Grid):

@@ -218,6 +218,14 @@ class Method:
         """The state ``client`` is evaluated with (default: the global prompt)."""
         return EvalState(("global", state.global_version), state.global_prompt)
 
+    def eval_needs_global(self, client: Client) -> bool:
+        """Whether ``client``'s evaluation reads the server's state after the round's aggregation (P_g, its version).
+        When it does not, a client trained this round can be evaluated right after its local update (on Flower the
+        accuracy rides on the train reply: one message per round), and a client that did not train keeps its last
+        accuracy. It must agree with :meth:`eval_state`: the key changes with the global version exactly when this is
+        True (tests/test_methods.py checks every registered method). Default: True (evaluated with P_g)."""
+        return True
+
     def scorer(
         self,
         runtime: ClientRuntime,

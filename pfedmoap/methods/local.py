@@ -32,3 +32,6 @@ class LocalOnly(Method):
         if client.prompt is None:
             return EvalState(("init",), state.init_prompt)
         return EvalState(("own", client.cid, client.version), client.prompt)
+
+    def eval_needs_global(self, client: Client) -> bool:
+        return False  # its own prompt, or the common P_g^0 before it trains: never the aggregate

@@ -120,6 +120,11 @@ class PFedMoAP(Method):
         expert_text = self.encode_experts(runtime, payload)
         return MixtureObjective(runtime.encoder, start, cfg.lr_prompt, gate, expert_text, cfg.lam, cfg.lr_gate)
 
+    def eval_needs_global(self, client: Client) -> bool:
+        # a trained client: its own prompt, its experts and its gate (the shared-gate ablation too: the gate it
+        # trained last); only a client that never trained is evaluated with P_g
+        return client.prompt is None
+
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         if client.prompt is None:  # never trained: the global prompt, no experts
             return EvalState(("global", state.global_version), state.global_prompt)

@@ -16,3 +16,6 @@ class ZeroShot(Method):
 
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         return EvalState(("zeroshot",), None)
+
+    def eval_needs_global(self, client: Client) -> bool:
+        return False
