@@ -48,6 +48,8 @@ class FakeGrid(Grid):
             self.contexts[node] = Context(
                 run_id=7, node_id=node, node_config={"partition-id": pid}, state=RecordDict(), run_config={}
             )
+        # (message type, partition id) -> a change to the message before its node sees it (a forged download)
+        self.request_tamper: dict[tuple[str, int], Callable[[Message], None]] = {}
         self.train_tamper: dict[int, Tamper] = {}  # partition id -> what happens to its train reply
         self.eval_tamper: dict[int, Tamper] = {}  # ... and to its evaluate reply
         self.sent: list[Message] = []
@@ -83,6 +85,9 @@ class FakeGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             context = self.contexts[msg.metadata.dst_node_id]
+            change = self.request_tamper.get((msg.metadata.message_type, context.node_config["partition-id"]))
+            if change is not None:
+                change(msg)
             try:
                 reply = self.app(msg, context)
             except Exception as exc:  # what Flower's runtime turns a raising ClientApp into
@@ -545,3 +550,54 @@ def test_a_restarted_node_is_asked_for_its_evaluation_again():
     grid.contexts[old + 1] = grid.contexts.pop(old)  # partition 1's node comes back under a new id
     strategy.admit_new_nodes(grid)
     assert set(strategy._kept) == {0, 2, 3}
+
+
+def _set_array(name: str, value) -> Callable[[Message], None]:
+    def change(msg: Message) -> None:
+        msg.content["payload"][name] = Array(np.asarray(value))
+
+    return change
+
+
+def _set_config(key: str, value) -> Callable[[Message], None]:
+    def change(msg: Message) -> None:
+        msg.content["config"][key] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "reason"),
+    [
+        ("train", _set_array("global-prompt", np.full((16, 64), np.nan, np.float32)), "non-finite values"),
+        ("train", _set_array("expert-prompts", np.zeros((3, 3), np.float32)), "expert-prompts has shape (3, 3)"),
+        ("train", _set_array("global-prompt", np.zeros((16, 64), np.float64)), "global-prompt is torch.float64"),
+        ("train", _set_array("gate.q_proj.weight", np.zeros((2, 2), np.float32)), "unexpected tensors"),
+        ("train", _set_config("run-token", "f" * 32), "another run token"),
+        ("train", _set_config("expert-ids", [0, 0]), "expert ids [0, 0]"),
+        ("train", _set_config("wire-dtype", "float16"), "wire dtype 'float16'"),
+        ("evaluate", _set_array("global-prompt", np.full((16, 64), np.inf, np.float32)), "non-finite values"),
+        ("evaluate", _set_array("global-prompt", np.zeros((4, 64), np.float32)), "not this run's float32 global"),
+    ],
+    ids=["nan", "shape", "dtype", "extra", "token", "ids", "wire", "eval-inf", "eval-shape"],
+)
+def test_a_node_refuses_a_download_that_is_not_what_the_method_sends(kind, change, reason, caplog):
+    """Forged or damaged downloads (a different run token, shapes, dtypes, non-finite values, extra tensors) are
+    refused by the node in one log line before it touches the client's state; the server counts it failed."""
+    # pFedMoAP's evaluations ride on its train replies: PromptFL's nodes get evaluate messages
+    cfg = cfg_for(rounds=1) if kind == "train" else cfg_for(rounds=1, method="promptfl")
+    grid = FakeGrid(cfg.clients, node_seed=3)
+    grid.request_tamper[(kind, 1)] = change
+    with caplog.at_level("WARNING", logger="pfedmoap"):
+        history = run_flower(cfg, grid)
+    said = [r.getMessage() for r in caplog.records if "refused a message" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("partition 1 refused a message: ") and reason in said[0], said
+    record = history.rounds[0]
+    failed = record.failed if kind == "train" else record.eval_failed
+    assert 1 in failed and reason in failed[1], failed
+    if kind == "train":
+        assert 1 not in history.server.pool  # its upload never came
+        state = grid.contexts[grid.node_of(1)].state  # it was evaluated untrained (an evaluate message) ...
+        meta = json.loads(str(state["pfedmoap.meta"]["json"]))
+        assert meta["rounds_trained"] == 0 and "prompt" not in state["pfedmoap.client"]  # ... and never trained
+    assert all(pid not in record.failed and pid not in record.eval_failed for pid in (0, 2, 3))

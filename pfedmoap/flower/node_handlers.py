@@ -20,6 +20,7 @@ the gate is never put in a reply.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..client import Client
+from ..comm import wire_dtype
 from ..methods import Payload
 from .node_state import NodeStateStore, message_tag, replace_client_records, state_tag
 from .task import (
@@ -35,6 +37,7 @@ from .task import (
     METRICS,
     NOTES,
     PAYLOAD,
+    STATE_RUN,
     STATE_TAG,
     UPLOAD,
     Node,
@@ -45,14 +48,58 @@ from .task import (
     save_client_state,
 )
 
+_log = logging.getLogger("pfedmoap")
 
-def _node(content: RecordDict, node_config: Mapping[str, Any]) -> tuple[ConfigRecord, Node, int]:
+
+def _node(
+    content: RecordDict, node_config: Mapping[str, Any], state: RecordDict | None = None
+) -> tuple[ConfigRecord, Node, int]:
     conf = content[CONFIG]
     node = node_for(str(conf["config-json"]), node_config)
     pid = partition_id(node_config, node.cfg.clients)
     if "partition-id" in conf and int(conf["partition-id"]) != pid:
         raise ValueError(f"message for partition {conf['partition-id']} reached the node of partition {pid}")
+    run = state.get(STATE_RUN) if state is not None else None
+    if isinstance(run, ConfigRecord) and str(conf.get("run-token", "")) != str(run["token"]):
+        _refuse(pid, "it carries another run token than the run this node joined")
     return conf, node, pid
+
+
+class DownloadRefused(ValueError):
+    """A message whose download is not what this run's method sends: the node does not train or evaluate on it."""
+
+
+def _refuse(pid: int, reason: str) -> None:
+    """Say in one log line why partition ``pid``'s node refuses a message, and reply with an error instead."""
+    message = f"partition {pid} refused a message: {reason}"
+    _log.warning(message)
+    raise DownloadRefused(message)
+
+
+def check_download(node: Node, conf: ConfigRecord, pid: int, wire: Mapping[str, torch.Tensor]) -> None:
+    """Refuse (:class:`DownloadRefused`) a train message whose tensors are not what the server of this run sends:
+    another wire dtype, a prompt of another shape, experts that do not match their ids, non-finite values, tensors
+    the method does not send. The node checks what it receives as the server checks what it uploads."""
+    cfg = node.cfg
+    if str(conf.get("wire-dtype")) != cfg.comm_dtype:
+        _refuse(pid, f"wire dtype {conf.get('wire-dtype')!r}, this run's is {cfg.comm_dtype}")
+    dtype, shape = wire_dtype(cfg.comm_dtype), tuple(node.world.init_prompt.shape)
+    ids = [int(j) for j in conf.get("expert-ids", [])]
+    if len(ids) > cfg.experts or len(set(ids)) != len(ids) or any(not 0 <= j < cfg.clients or j == pid for j in ids):
+        _refuse(pid, f"expert ids {ids} are not up to {cfg.experts} other clients of {cfg.clients}")
+    expected = {"global-prompt": shape, "expert-prompts": (len(ids), *shape)}
+    for name, tensor in wire.items():
+        if tensor.dtype != dtype:
+            _refuse(pid, f"{name} is {tensor.dtype}, the wire's is {dtype}")
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            _refuse(pid, f"{name} has shape {tuple(tensor.shape)}, not {expected[name]}")
+        if not bool(torch.isfinite(tensor.float()).all()):
+            _refuse(pid, f"{name} has non-finite values")
+    if ids and "expert-prompts" not in wire:
+        _refuse(pid, f"expert ids {ids} came without their prompts")
+    extras = {name: t for name, t in wire.items() if name not in expected}
+    if (why := node.runtime.method.check_extras(extras)) is not None:
+        _refuse(pid, why)
 
 
 def _store(node_config: Mapping[str, Any], conf: ConfigRecord, pid: int) -> NodeStateStore | None:
@@ -98,7 +145,9 @@ class _Session:
 
 def answer_query(content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
     """Handshake: build this node's world (its partition only) and say which partition it holds."""
-    _, node, pid = _node(content, node_config)
+    conf, node, pid = _node(content, node_config)
+    if "run-token" in conf:  # the run this node joined: a train or evaluate message of another is refused
+        state[STATE_RUN] = ConfigRecord({"token": str(conf["run-token"])})
     data = node.world.client_data(pid)
     metrics = MetricRecord(
         {
@@ -115,10 +164,11 @@ def answer_query(content: RecordDict, node_config: Mapping[str, Any], state: Rec
 def answer_train(content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
     """Local update on the downloaded payload; reply with the upload (in the wire dtype) and counts."""
     start = time.perf_counter()
-    conf, node, pid = _node(content, node_config)
+    conf, node, pid = _node(content, node_config, state)
+    wire = decode_tensors(content[PAYLOAD], str(conf["wire-dtype"]))
+    check_download(node, conf, pid, wire)  # before the client's state is touched
     session = _Session("train", node_config, state, conf, node, pid)
     client = session.client
-    wire = decode_tensors(content[PAYLOAD], str(conf["wire-dtype"]))
     payload = Payload(expert_ids=[int(j) for j in conf["expert-ids"]]).with_tensors(wire).map(torch.Tensor.float)
     view = node.view(conf, payload.global_prompt)
     upload = node.runtime.local_update(client, payload, view)
@@ -137,10 +187,17 @@ def answer_train(content: RecordDict, node_config: Mapping[str, Any], state: Rec
 
 def answer_evaluate(content: RecordDict, node_config: Mapping[str, Any], state: RecordDict) -> RecordDict:
     """Accuracy on the node's own test split with the state the method evaluates it with."""
-    conf, node, pid = _node(content, node_config)
+    conf, node, pid = _node(content, node_config, state)
+    sent = decode_tensors(content[PAYLOAD])
+    prompt = sent.get("global-prompt")
+    shape = tuple(node.world.init_prompt.shape)
+    if set(sent) != {"global-prompt"} or prompt.dtype != torch.float32 or tuple(prompt.shape) != shape:
+        _refuse(pid, f"an evaluate message carries {sorted(sent)}, not this run's float32 global prompt of {shape}")
+    if not bool(torch.isfinite(prompt).all()):
+        _refuse(pid, "global-prompt has non-finite values")
     session = _Session("evaluate", node_config, state, conf, node, pid)
     client = session.client
-    global_prompt = decode_tensors(content[PAYLOAD])["global-prompt"].float()
+    global_prompt = prompt.float()
     acc = node.runtime.evaluate_client(client, node.view(conf, global_prompt))
     session.save()
     needs_global = node.runtime.method.eval_needs_global(client)

@@ -170,7 +170,7 @@ class PFedMoAPStrategy(Strategy):
         node id)."""
         messages = [
             Message(
-                RecordDict({CONFIG: ConfigRecord({"config-json": self.config_json})}),
+                RecordDict({CONFIG: ConfigRecord({"config-json": self.config_json, "run-token": self.run_token})}),
                 dst_node_id=node,
                 message_type=MessageType.QUERY,
                 group_id="handshake",

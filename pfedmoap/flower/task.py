@@ -39,6 +39,7 @@ STATE_GATE = "pfedmoap.gate"  # the private gate's state_dict
 STATE_META = "pfedmoap.meta"  # scalars and lists as one JSON string
 STATE_PRIVATE = "pfedmoap.private"  # a method's other private tensors (Client.private)
 STATE_TAG = "pfedmoap.tag"  # the (round, phase) of the message that left this state (node_state.state_tag)
+STATE_RUN = "node.run"  # the run token of the handshake this node answered (not client state: never saved to disk)
 
 # [tool.flwr.app.config]: every run-config key and its default. pyproject.toml declares the same table (a test
 # checks), and ``--engine flower`` writes it into the Flower App it runs. Flower accepts overrides only of declared
