@@ -6,7 +6,12 @@
 # SuperLink <-> SuperNodes and SuperNode <-> its ClientApp processes, FAB transfers included). Stops every process
 # it started, also on Ctrl-C or error.
 #
-#   bash profiling/flower_deploy.sh [-n NODES] [-r ROUNDS] [-p BASE_PORT] [-f] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]
+#   bash profiling/flower_deploy.sh [-n NODES] [-r ROUNDS] [-p BASE_PORT] [-f] [-i] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]
+#
+# By default the deployment is secure, as a real one must be: TLS on every SuperLink connection (a throwaway CA and a
+# SuperLink certificate for 127.0.0.1 from `python -m pfedmoap.flower.credentials`), SuperNode authentication (each
+# SuperNode its own key pair, its public key registered with `flwr supernode register` before it starts), and `flwr`
+# trusting the federation's CA. -i runs it insecure instead (plaintext, any process may join): a loopback demo only.
 #
 # -f also measures stock Flower's floor on the same SuperLink and SuperNodes, right after the pfedmoap run: a no-op
 # App (profiling/flower_floor) whose nodes reply at once, R rounds of two phases (train + evaluate messages to every
@@ -15,14 +20,15 @@
 # Node config keys can be added for every node with NODE_CONFIG_EXTRA (e.g. "worker=false" to measure the
 # process-per-message cost without the node worker).
 set -euo pipefail
-NODES=4 ROUNDS=5 PORT=${PFEDMOAP_DEPLOY_PORT:-19091} FLOOR=0
-while getopts "n:r:p:f" opt; do
+NODES=4 ROUNDS=5 PORT=${PFEDMOAP_DEPLOY_PORT:-19091} FLOOR=0 INSECURE=0
+while getopts "n:r:p:fi" opt; do
     case $opt in
     n) NODES=$OPTARG ;;
     r) ROUNDS=$OPTARG ;;
     p) PORT=$OPTARG ;;
     f) FLOOR=1 ;;
-    *) echo "usage: $0 [-n NODES] [-r ROUNDS] [-p BASE_PORT] [-f] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]" >&2; exit 2 ;;
+    i) INSECURE=1 ;;
+    *) echo "usage: $0 [-n NODES] [-r ROUNDS] [-p BASE_PORT] [-f] [-i] [OUT_DIR] [-- EXTRA_RUN_CONFIG...]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -57,10 +63,22 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+CREDS=$WORK/credentials
+if [ "$INSECURE" = 1 ]; then
+    LINK_SECURITY=(--insecure)
+    CONNECTION='insecure = true'
+    MODE="insecure (plaintext gRPC, any process that reaches the port may join)"
+else
+    "$PY" -m pfedmoap.flower.credentials "$CREDS" --nodes "$NODES" >/dev/null
+    LINK_SECURITY=(--ssl-ca-certfile "$CREDS/ca.crt" --ssl-certfile "$CREDS/superlink.crt"
+                   --ssl-keyfile "$CREDS/superlink.key" --enable-supernode-auth)
+    CONNECTION="root-certificates = \"$CREDS/ca.crt\""
+    MODE="TLS + SuperNode authentication"
+fi
 cat >"$FLWR_HOME/config.toml" <<EOF
 [superlink.loopback]
 address = "127.0.0.1:$PORT"
-insecure = true
+$CONNECTION
 EOF
 
 # K = 9 as in the preset, or every other client with fewer than 10 nodes
@@ -69,13 +87,20 @@ EXPERTS=$((NODES - 1 < 9 ? NODES - 1 : 9))
 # %.0f: awk prints sums past 2^31 in exponent form (2.3453e+09), which the report cannot parse
 lo_bytes() { awk '$1 == "lo:" {printf "%.0f\n", $2 + $10}' /proc/net/dev; }
 
-flower-superlink --insecure --host 127.0.0.1 --port "$PORT" >"$OUT/superlink.log" 2>&1 &
+flower-superlink "${LINK_SECURITY[@]}" --host 127.0.0.1 --port "$PORT" >"$OUT/superlink.log" 2>&1 &
 PIDS+=($!)
 disown
 for _ in $(seq 300); do (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
 for k in $(seq 0 $((NODES - 1))); do
+    if [ "$INSECURE" = 1 ]; then
+        NODE_SECURITY=(--insecure)
+    else  # only a registered public key may join
+        flwr supernode register "$CREDS/node-$k.pub" loopback >>"$OUT/register.log" 2>&1 \
+            || { echo "flwr supernode register failed: see $OUT/register.log" >&2; exit 1; }
+        NODE_SECURITY=(--root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$CREDS/node-$k.key")
+    fi
     config="partition-id=$k num-partitions=$NODES feature-cache='$WORK/node-$k/features' state-dir='$WORK/node-$k/state'"
-    flower-supernode --insecure --superlink "127.0.0.1:$PORT" --port $((PORT + 10 + k)) \
+    flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$PORT" --port $((PORT + 10 + k)) \
         --node-config "$config${NODE_CONFIG_EXTRA:+ $NODE_CONFIG_EXTRA}" >"$OUT/supernode-$k.log" 2>&1 &
     PIDS+=($!)
     disown
@@ -98,7 +123,7 @@ if [ "$FLOOR" = 1 ]; then
     done
 fi
 
-"$PY" - "$OUT" "$NODES" "$ROUNDS" "$lo0" "$lo1" "$t0" "$t1" <<'EOF' | tee "$OUT/deploy.txt"
+"$PY" - "$OUT" "$NODES" "$ROUNDS" "$lo0" "$lo1" "$t0" "$t1" "$MODE" <<'EOF' | tee "$OUT/deploy.txt"
 import json, statistics, sys
 out, nodes, rounds, lo0, lo1, t0, t1 = sys.argv[1], *map(int, sys.argv[2:6]), *map(float, sys.argv[6:8])
 records = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl")]
@@ -106,6 +131,7 @@ summary = json.load(open(f"{out}/run/summary.json"))
 secs = [r["seconds"] for r in records]
 rest = secs[1:]
 print(f"flower deployment on the loopback: {nodes} SuperNodes, {len(records)} of {rounds} rounds, synthetic preset")
+print(f"security: {sys.argv[8]}")
 print(f"round 1 (builds the node caches): {secs[0]:.2f} s")
 if rest:
     print(f"rounds 2-{len(secs)}: {statistics.mean(rest):.2f} s per round (min {min(rest):.2f}, max {max(rest):.2f})")

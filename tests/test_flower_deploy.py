@@ -38,6 +38,7 @@ def test_a_loopback_deployment_equals_the_in_process_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (out / "deploy.txt").read_text()
     assert "2 SuperNodes, 2 of 2 rounds" in report and "failed 0" in report
+    assert "security: TLS + SuperNode authentication" in report  # the default deployment is the secure one
     # every process it started has stopped (the node workers go with their SuperNodes)
     left = subprocess.run(["pgrep", "-f", "pfedmoap-deploy\\."], capture_output=True, text=True).stdout.split()
     assert left == [], left

@@ -53,10 +53,13 @@ class Loopback:
 
     def superlink(self, database: Path | None = None) -> subprocess.Popen:
         args = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
-        proc = self._start(args + (["--database", str(database)] if database else []), "link.log")
-        deadline = time.monotonic() + 60
+        return self._wait_port(self._start(args + (["--database", str(database)] if database else []), "link.log"))
+
+    def _wait_port(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """``proc`` (a SuperLink) once its port takes connections."""
         import socket
 
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
