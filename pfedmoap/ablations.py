@@ -33,7 +33,7 @@ from .comm import format_bytes
 from .config import Config, load_preset, make_config
 from .errors import ConfigError, UserError
 from .experiments import seed_stats
-from .files import read_json
+from .files import bad_file, read_json
 
 SUITE_KEYS = ("description", "seeds", "preset", "method", "set", "studies")
 STUDY_KEYS = ("name", "title", "preset", "method", "set", "vary", "cases", "plot", "paper", "scale")
@@ -349,7 +349,7 @@ def summarise(suite: Suite, out: Path) -> dict[str, Any]:
             first = out / "runs" / run_folder(case) / f"seed{done[0]}"
             rounds = read_metrics(first)
             if not rounds:
-                raise UserError(f"metrics file {str(first / 'metrics.jsonl')!r} cannot be used: it holds no round")
+                raise bad_file(first / "metrics.jsonl", "metrics file", "it holds no round")
             last = rounds[-1]
             meta = read_json(first / "config.json", "config.json").get("_meta", {})
             participants = len(last["client_bytes_down"])

@@ -15,6 +15,7 @@ import torch
 
 from .errors import UserError
 from .files import first_line, load_torch
+from .rundir import RunDir
 
 FORMAT = 2  # bump when the layout below changes
 LAST_CHECKPOINT = "last.pt"
@@ -51,6 +52,15 @@ def load(path: Path) -> dict[str, Any]:
             "or another file)"
         )
     return state
+
+
+def resume_into(target: Any, run_dir: RunDir) -> None:
+    """Restore ``run_dir``'s last checkpoint, if it has one, into ``target`` (an engine with ``load_state_dict`` and
+    ``rounds``), then check that the run's ``metrics.jsonl`` belongs with it; one UserError line otherwise."""
+    ckpt = checkpoint_path(run_dir.path)
+    if ckpt.exists():
+        restore(target, ckpt)
+    run_dir.check_resumable([r.to_json() for r in target.rounds])
 
 
 def restore(target: Any, path: Path) -> dict[str, Any]:

@@ -110,11 +110,11 @@ class FeatureCache:
     def store(self, cid: int, key: str, tensors: Mapping[str, torch.Tensor | None]) -> None:
         """Write client ``cid``'s tensors atomically (on CPU). A cache that cannot be written (a folder in the file's
         place, a full disk) costs only the caching: one log line, and the run goes on."""
-        cpu = {k: None if t is None else t.detach().cpu() for k, t in tensors.items()}
-        blob = {"format": FORMAT, "key": key, "checksum": _checksum(cpu), "tensors": cpu}
         path = self.path(cid)
         if path.exists() and not path.is_file():
             return  # said when it was loaded
+        cpu = {k: None if t is None else t.detach().cpu() for k, t in tensors.items()}
+        blob = {"format": FORMAT, "key": key, "checksum": _checksum(cpu), "tensors": cpu}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with atomic_file(path) as f:

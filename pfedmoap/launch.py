@@ -107,12 +107,9 @@ def resume(path: str | Path, log: Callable[[str], None] | None = None, progress:
     if progress is not None:
         cfg = cfg.replace(progress=progress)
     fed = Federation(cfg, log=log)
-    ckpt = checkpoint.checkpoint_path(run_dir.path)
-    if ckpt.exists():
-        checkpoint.restore(fed, ckpt)
-    run_dir.check_resumable([r.to_json() for r in fed.rounds])
+    checkpoint.resume_into(fed, run_dir)
     # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.checkpoint_path(run_dir.path).parent.mkdir(parents=True, exist_ok=True)
     run_dir.write_rounds([r.to_json() for r in fed.rounds])
     fed.log(f"resuming {run_dir.path} after round {fed.rounds[-1].round if fed.rounds else 0}")
     return fed.run(run_dir)

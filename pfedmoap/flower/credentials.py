@@ -38,6 +38,7 @@ class Credentials:
 
     folder: Path
     nodes: int
+    hosts: tuple[str, ...]  # what the SuperLink's certificate is valid for
 
     @property
     def ca(self) -> Path:
@@ -119,7 +120,7 @@ def create(folder: str | os.PathLike, nodes: int, hosts: Sequence[str] = (), day
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfedmoap federation CA")])
     link_key = ec.generate_private_key(ec.SECP384R1())
     sans = [_san(host) for host in names]
-    creds = Credentials(out, nodes)
+    creds = Credentials(out, nodes, tuple(names))
     _write(out / "ca.key", pem_key(ca_key), private=True)
     _write(creds.ca, certificate("pfedmoap federation CA", ca_key, ca_name, ca_key, ca=True), private=False)
     _write(creds.key, pem_key(link_key), private=True)
@@ -164,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job() -> int:
         creds = create(args.out, args.nodes, args.host, args.days)
-        print(f"credentials for a SuperLink at {', '.join(dict.fromkeys([*LOOPBACK, *args.host]))} and {args.nodes} "
-              f"SuperNodes in {creds.folder}")  # fmt: skip
+        print(f"credentials for a SuperLink at {', '.join(creds.hosts)} and {creds.nodes} SuperNodes in {creds.folder}")
         return 0
 
     return run_command(PROG, job)

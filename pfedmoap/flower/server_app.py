@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -62,11 +61,8 @@ def make_server_app(
         strategy = PFedMoAPStrategy(
             config, log=say, round_timeout=opts.round_timeout, connect_timeout=opts.connect_timeout
         )
-        ckpt = checkpoint.checkpoint_path(Path(target))
-        if resume and ckpt.exists():
-            checkpoint.restore(strategy, ckpt)
         if resume:
-            RunDir(target).check_resumable([r.to_json() for r in strategy.rounds])
+            checkpoint.resume_into(strategy, RunDir(target))
         if isinstance(grid, HttpGrid):  # a deployment: collect replies as they come, not every 3 s
             grid = PromptGrid(grid)
         strategy.connect(grid)  # nodes build their worlds first: a run that cannot start writes nothing

@@ -161,11 +161,7 @@ def check_resumable(cfg: Config, path: Path) -> None:
     loads and fits the run's config, and its ``metrics.jsonl`` belongs with it (one UserError line, exit 2)."""
     from .strategy import PFedMoAPStrategy
 
-    strategy = PFedMoAPStrategy(cfg, log=lambda _: None)
-    ckpt = checkpoint.checkpoint_path(path)
-    if ckpt.exists():
-        checkpoint.restore(strategy, ckpt)
-    RunDir(path).check_resumable([r.to_json() for r in strategy.rounds])
+    checkpoint.resume_into(PFedMoAPStrategy(cfg, log=lambda _: None), RunDir(path))
 
 
 def history_from_run_dir(path: str | os.PathLike) -> History:

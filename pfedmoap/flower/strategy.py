@@ -115,7 +115,6 @@ class PFedMoAPStrategy(Strategy):
         # this round's, which rode on train replies, and the last one of every partition, kept until it trains again
         self._rode: dict[int, Evaluation] = {}
         self._kept: dict[int, Evaluation] = {}
-        self._sampled: set[int] = set()
 
     @property
     def server(self) -> Server:
@@ -243,7 +242,7 @@ class PFedMoAPStrategy(Strategy):
         # rounds are counted here, so that repeated ``start`` calls keep numbering (zero-shot: one round 0)
         index = len(driver.rounds) + 1 if self.method.trains else 0
         sampled = driver.begin(index)
-        self._sent, self._rode, self._sampled = {}, {}, set(sampled)
+        self._sent, self._rode = {}, {}
         messages = []
         for pid in sampled:
             wire = driver.dispatch(pid)
@@ -341,7 +340,7 @@ class PFedMoAPStrategy(Strategy):
         self._mark = time.perf_counter()
         messages = []
         for pid, node in sorted(self.node_of.items()):
-            if pid in self._rode or (pid in self._kept and pid not in self._sampled):
+            if self._known_evaluation(pid) is not None:
                 continue
             content = RecordDict(
                 {
@@ -370,24 +369,11 @@ class PFedMoAPStrategy(Strategy):
         eval_failed: dict[int, str] = {pid: "no node holds this partition" for pid in range(self.cfg.clients)}
         by_node = {reply.metadata.src_node_id: reply for reply in replies}
         for pid, node in sorted(self.node_of.items()):
-            evaluation = self._rode.get(pid)
-            if evaluation is None and pid not in self._sampled:
-                evaluation = self._kept.get(pid)
-            reply = by_node.get(node)
-            if evaluation is not None:
-                pass
-            elif reply is None:
-                eval_failed[pid] = f"no reply within the round timeout ({self.round_timeout:g} s)"
-            elif reply.has_error():
-                eval_failed[pid] = f"node error: {_error_reason(reply.error.reason)}"
-            else:
-                try:
-                    metrics = reply.content[METRICS]
-                    self._note(pid, reply)
-                    evaluation = Evaluation.from_metrics(metrics)
-                except (KeyError, TypeError, ValueError) as exc:
-                    eval_failed[pid] = f"malformed reply ({type(exc).__name__})"
+            evaluation = self._known_evaluation(pid)
             if evaluation is None:
+                evaluation = self._evaluate_reply(pid, by_node.get(node))
+            if isinstance(evaluation, str):  # why the node's evaluation is missing
+                eval_failed[pid] = evaluation
                 self._kept.pop(pid, None)
                 continue
             del eval_failed[pid]
@@ -418,6 +404,26 @@ class PFedMoAPStrategy(Strategy):
                 "eval-failed": record.num_eval_failed,
             }
         )
+
+    def _known_evaluation(self, pid: int) -> Evaluation | None:
+        """Partition ``pid``'s evaluation this round when no evaluate message is needed for it: it rode on its train
+        reply, or the client sat the round out and its last evaluation did not read P_g."""
+        if pid in self._rode:
+            return self._rode[pid]
+        return None if pid in self.driver.open_round.sampled else self._kept.get(pid)
+
+    def _evaluate_reply(self, pid: int, reply: Message | None) -> Evaluation | str:
+        """The evaluation an evaluate reply carries, or why there is none."""
+        if reply is None:
+            return f"no reply within the round timeout ({self.round_timeout:g} s)"
+        if reply.has_error():
+            return f"node error: {_error_reason(reply.error.reason)}"
+        try:
+            metrics = reply.content[METRICS]
+            self._note(pid, reply)
+            return Evaluation.from_metrics(metrics)
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"malformed reply ({type(exc).__name__})"
 
     # ------------------------------------------------------------------------------------ whole run
     def summary(self) -> None:
