@@ -38,6 +38,20 @@ CONFIGS: dict[str, list[str]] = {
     "dp": ["--rounds", "2", "--dp-epsilon", "50", "--dp-delta", "0.05", "--dp-clip", "0.3", "--frac", "0.5"],
     "wire-live": ["--rounds", "2", "--comm-dtype", "float16", "--pool-view", "live", "--lambda", "0"],
     "fused": ["--rounds", "2", "--fused"],
+    # every setting that belongs to one plug-in, at a value other than its default (the house's second pass moved
+    # them out of the shared config)
+    "fedotp-settings": (
+        "--method fedotp --rounds 1 --local-epochs 1 --fedotp-eps 0.05 --fedotp-top-percent 0.6 "
+        "--fedotp-thresh 0.01 --fedotp-max-iter 50"
+    ).split(),
+    "fedpgp-settings": (
+        "--method fedpgp --rounds 2 --fedpgp-bottleneck 2 --fedpgp-mu 1.0 --fedpgp-temperature 0.2"
+    ).split(),
+    "gate-settings": (
+        "--rounds 2 --expert-distance cosine --d-gate 64 --heads 4 --attn-scale sqrt --reduction avgpool --lambda 1.0"
+    ).split(),
+    "linear-gate": "--rounds 2 --gate linear --expert-selection fixed".split(),
+    "shared-gate": "--rounds 2 --gate-sharing aggregated".split(),
 }
 
 # fields that measure time, not results
