@@ -1,7 +1,9 @@
 """pfedmoap: personalised federated prompt learning for CLIP (pFedMoAP, ICLR 2025), fast and faithful.
 
-    from pfedmoap import make_config, run
-    history = run(make_config("synthetic", rounds=3))
+    from pfedmoap import make_config, resume, run
+    history = run(make_config("synthetic", rounds=3), out="runs/demo")
+    history = run(make_config("synthetic", rounds=3), engine="flower")  # pip install 'pfedmoap[flower]'
+    history = resume("runs/demo")  # a killed run, on the engine that made it
 
 The building blocks are public for research code: :class:`PromptEncoder`, the gates (:class:`AttentionGate`,
 :class:`LinearGate`, :func:`register_gate`), :class:`Client`, :class:`Server`, the round driver
@@ -24,7 +26,8 @@ _EXPORTS = {
     "load_clip": "clip",
     "Config": "config",
     "list_presets": "config",
-    "make_config": "config",
+    "make_config": "plan",
+    "resolve_config": "plan",
     "create_dataset": "data",
     "list_datasets": "data",
     "register_dataset": "data",
@@ -37,8 +40,8 @@ _EXPORTS = {
     "create_gate": "gates",
     "pfedmoap_logits": "gates",
     "reduce_features": "gates",
-    "resume": "launch",
-    "run": "launch",
+    "resume": "api",
+    "run": "api",
     "Method": "methods",
     "create_method": "methods",
     "OpTable": "ops",
@@ -46,27 +49,29 @@ _EXPORTS = {
     "PromptEncoder": "prompt",
     "register_gate": "registry",
     "register_method": "registry",
-    "History": "rounds",
+    "History": "records",
     "RoundDriver": "rounds",
-    "RoundRecord": "rounds",
+    "RoundRecord": "records",
     "Server": "server",
     "World": "world",
 }
 
 if TYPE_CHECKING:
+    from .api import resume, run
     from .client import Client
     from .clip import FrozenCLIP, load_clip
-    from .config import Config, list_presets, make_config
+    from .config import Config, list_presets
     from .data import create_dataset, list_datasets, register_dataset
     from .errors import ConfigError, UserError
     from .federation import Federation
     from .gates import AttentionGate, Gate, LinearGate, create_gate, pfedmoap_logits, reduce_features
-    from .launch import resume, run
     from .methods import Method, create_method
     from .ops import OpTable, select_ops
+    from .plan import make_config, resolve_config
     from .prompt import PromptEncoder
+    from .records import History, RoundRecord
     from .registry import register_gate, register_method
-    from .rounds import History, RoundDriver, RoundRecord
+    from .rounds import RoundDriver
     from .server import Server
     from .world import World
 
@@ -99,6 +104,7 @@ __all__ = [
     "list_presets",
     "load_clip",
     "make_config",
+    "resolve_config",
     "pfedmoap_logits",
     "reduce_features",
     "register_dataset",

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from .comm import format_bytes
-from .config import Config, load_preset, make_config
+from .config import Config, load_preset
 from .errors import ConfigError, UserError
-from .experiments import seed_stats
 from .files import bad_file, read_json
+from .plan import make_config, plugin_settings
+from .records import seed_stats
 
 SUITE_KEYS = ("description", "seeds", "preset", "method", "set", "studies")
 STUDY_KEYS = ("name", "title", "preset", "method", "set", "vary", "cases", "plot", "paper", "scale")
@@ -108,12 +109,12 @@ def _diff_key(cfg: Config) -> str:
     parts = []
     if cfg.method != (load_preset(cfg.preset).get("method") or Config.method):
         parts.append(f"method={cfg.method}")
-    for f in dataclasses.fields(Config):
-        if f.name in ("method", "seed", *_PRESENTATION):
+    defaults = base.to_dict()
+    for name, value in cfg.to_dict().items():  # the shared fields, then the plug-ins' settings
+        if name in ("method", "seed", *_PRESENTATION):
             continue
-        value, default = getattr(cfg, f.name), getattr(base, f.name)
-        if value != default:
-            parts.append(f"{f.name}={_show(value)}")
+        if value != defaults.get(name):
+            parts.append(f"{name}={_show(value)}")
     key = ",".join(parts) or "default"
     return re.sub(r"[^A-Za-z0-9=.,_+-]", "_", key)
 
@@ -141,7 +142,8 @@ def _check_keys(where: str, data: Any, valid: tuple[str, ...]) -> None:
 def _check_fields(where: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a JSON object of config fields")
-    known = [f.name for f in dataclasses.fields(Config) if f.name not in _NOT_SETTABLE]
+    shared = [f.name for f in dataclasses.fields(Config) if f.name not in (*_NOT_SETTABLE, "settings")]
+    known = shared + list(plugin_settings())
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}: {key!r} is not a config field a suite can set; valid: {', '.join(known)}")

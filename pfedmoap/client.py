@@ -20,15 +20,14 @@ import torch
 from torch import nn
 
 from .data.features import encode_images, random_crop_flip
-from .gates import pfedmoap_logits
 from .graphs import resolve_cuda_graphs, step_graphs
+from .objective import Objective, Scorer  # noqa: F401  (importable from here, as before)
 from .precision import autocast
 from .profiling import nvtx_range
 
 if TYPE_CHECKING:
     from .clip import FrozenCLIP
     from .config import Config
-    from .prompt import PromptEncoder
 
 
 @dataclass
@@ -69,72 +68,6 @@ class TrainSettings:
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
         """The forward pass's autocast on ``device`` (nothing at fp32); the backward runs outside it."""
         return autocast(self.precision, device)
-
-
-class Objective:
-    """What one local update optimises. Methods build one per sampled client and round (``Method.objective``).
-
-    ``prompt`` is the trained local prompt (kept by the client afterwards); ``expert_text`` the frozen experts'
-    text features the update used, if any (kept until the client's next evaluation, so it need not re-encode).
-    """
-
-    prompt: nn.Parameter
-    expert_text: torch.Tensor | None = None
-    encoder: PromptEncoder
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        """torch.optim parameter groups, each with its ``lr``."""
-        raise NotImplementedError
-
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of one batch of (L2-normalised image features, labels): the text features of
-        :meth:`contexts`, encoded in one pass, scored by :meth:`loss_from_text`."""
-        with nvtx_range("step.text_encode"):
-            text = self.encoder.encode(self.contexts())
-        return self.loss_from_text(features, labels, text)
-
-    def contexts(self) -> torch.Tensor:
-        """The prompt contexts one step encodes, [P, n_ctx, W], with their gradients. Splitting the encoding from
-        the loss lets several clients' steps share one pass of the text encoder (``--parallel-clients``)."""
-        raise NotImplementedError
-
-    def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The loss of one batch, given the text features [P, C, D] of :meth:`contexts`."""
-        raise NotImplementedError
-
-    def vector_state(self) -> dict[str, torch.Tensor] | None:
-        """The client's own tensors that :meth:`loss_from_text` reads (its gate's parameters, its experts'
-        features, ...), so that a group of clients' losses can be one vectorised call (``torch.func.vmap`` over
-        the stacked states). None (the default): this objective's losses are computed one by one."""
-        return None
-
-    def vector_loss(
-        self, state: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor
-    ) -> torch.Tensor:
-        """:meth:`loss_from_text` with the client's tensors read from ``state`` (the keys of :meth:`vector_state`)
-        and nothing else that differs between clients: it runs once, vectorised, for a whole group."""
-        raise NotImplementedError
-
-    @property
-    def graphable(self) -> bool:
-        """Whether a step on this objective can be captured in a CUDA graph: no host synchronisation, no
-        data-dependent shape or branch in :meth:`loss` (default: not known, so no)."""
-        return False
-
-    @property
-    def batchable(self) -> bool:
-        """Whether this objective splits its loss into contexts() and loss_from_text() (else it trains alone)."""
-        return type(self).contexts is not Objective.contexts
-
-    def private_state(self) -> dict[str, torch.Tensor]:
-        """Trained tensors the client keeps besides its prompt and gate (``Client.private``), detached."""
-        return {}
-
-    def begin(self) -> None:
-        """Called before the first step (e.g. a gate to train mode)."""
-
-    def end(self) -> None:
-        """Called after the last step (e.g. a gate back to eval mode)."""
 
 
 class Client:
@@ -279,25 +212,6 @@ class Client:
 
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(
-        self,
-        gamma: float,
-        local_text: torch.Tensor,
-        expert_text: torch.Tensor | None,
-        gate: nn.Module | None,
-        lam: float,
-        batch_size: int = 512,
-    ) -> float:
-        """Accuracy (%) on this client's own test split with pFedMoAP's logits (:func:`pfedmoap_logits`; the
-        local prompt's alone without a gate), classifying over all classes. Sets ``self.attention`` as
-        :meth:`evaluate_with` does."""
-
-        def scorer(feats: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return pfedmoap_logits(feats, local_text, expert_text, gate, gamma, lam, need_weights)
-
-        return self.evaluate_with(scorer, batch_size, weights=gate is not None)
-
-    @torch.no_grad()
     def evaluate_with(self, scorer: Scorer, batch_size: int = 512, weights: bool = False) -> float:
         """Accuracy (%) of ``scorer`` on this client's own test split. With ``weights``, also sets
         ``self.attention``: the gate's weight per expert (local first, then the non-local experts in the order
@@ -307,7 +221,6 @@ class Client:
         return acc
 
 
-Scorer = Callable[[torch.Tensor, bool], tuple[torch.Tensor, "torch.Tensor | None"]]
 """A classifier at evaluation: (image features of a batch, need_weights) -> (logits [B, C], weights or None)."""
 
 

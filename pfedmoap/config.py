@@ -3,27 +3,27 @@
 A run is fully described by one :class:`Config`; the CLI fills it from a preset (a JSON file in
 ``pfedmoap/presets/``) plus flags, and saves the resolved object as ``config.json`` in the run directory.
 Every default below is the paper's setting (SPEC §1-2) unless its comment says otherwise.
+
+The config holds the knobs every run shares. A method's, a gate's or an expert-selection rule's own settings
+(``fedprox_mu``, ``d_gate``, ...) are declared in the plug-in's file (:mod:`pfedmoap.settings`) and kept in
+:attr:`Config.settings` under their flat names; :func:`pfedmoap.plan.resolve_config` checks them with the plug-ins.
+This module imports no plug-in and no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import registry
-from .data.registry import list_datasets
 from .errors import ConfigError
 from .files import read_json
-from .graphs import CUDA_GRAPHS
-from .precision import PRECISIONS
 
 PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "iid")
-REDUCTIONS = ("strided", "avgpool")
-EXPERT_DISTANCES = ("l2", "cosine")
 GATE_SHARINGS = ("private", "aggregated")
 POOL_VIEWS = ("snapshot", "live")
 TEXT_ENCODERS = ("full", "truncated", "shared-prefix")
@@ -31,6 +31,8 @@ COMM_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SUBSAMPLES = ("all", "base", "new")  # CoOp's subsample_classes: every class, the base half, the novel half
 EVAL_SPLITS = ("local", "base2novel")
+PRECISIONS = ("fp32", "bf16")  # pfedmoap.precision
+CUDA_GRAPHS = ("auto", "on", "off")  # pfedmoap.graphs
 MAX_SEED = 2**32 - 1  # numpy and torch generators both take it; per-client seeds derive from it without overflow
 
 
@@ -96,14 +98,10 @@ class Config:
 
     # --- pFedMoAP
     experts: int = 9  # K non-local experts (the gate sees K + 1)
-    gate: str = "attention"  # a registered gate (pfedmoap.gates): attention (the paper's) or linear (ablation)
-    lam: float = 0.5  # logits = l_moe + lam * l_loc
-    d_gate: int = 128
-    heads: int = 8
-    attn_scale: float | str = 10.0  # the reference code's 10.0, or "sqrt" for 1 / sqrt(d_gate / heads)
-    reduction: str = "strided"
+    # a registered gate (pfedmoap.gates): attention (the paper's) or linear (ablation); its width, heads, score
+    # scaling, reduction, lambda and learning rate are the gates' own settings (pfedmoap/gates/base.py)
+    gate: str = "attention"
     expert_selection: str = "knn"  # a registered rule (pfedmoap.selection): knn, random, fixed
-    expert_distance: str = "l2"  # knn's distance between flattened prompts: l2 (paper) or cosine
     # private: each client's gate stays home (paper); aggregated: FedAvg'd across the round's participants (the
     # paper's ablation); None: the method's own (pfedmoap: private, pfedmoap-shared-gate: aggregated)
     gate_sharing: str | None = None
@@ -114,21 +112,8 @@ class Config:
 
     # --- optimisation (SGD, fresh per client per round)
     lr_prompt: float = 0.002
-    lr_gate: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    fedprox_mu: float = 0.01
-
-    # --- FedOTP (CVPR'24; its few-shot script's settings): unbalanced OT between local features and 2 prompts
-    fedotp_eps: float = 0.01  # entropic regularisation of the transport (smaller: sharper plans)
-    fedotp_top_percent: float = 0.8  # share of an image's local-feature mass that must be transported
-    fedotp_thresh: float = 1e-3  # Sinkhorn stops when the mean change of log v falls below this ...
-    fedotp_max_iter: int = 100  # ... or after this many iterations
-
-    # --- FedPGP (ICML'24): personalised prompt = global + low-rank client part, with a contrastive term
-    fedpgp_bottleneck: int = 4  # rank r of the client part U V (U: n_ctx x r, V: r x W)
-    fedpgp_mu: float = 0.5  # weight of the contrastive term (its scripts' value)
-    fedpgp_temperature: float = 0.5  # temperature of the contrastive term
 
     # --- system
     seed: int = 1
@@ -147,43 +132,55 @@ class Config:
     out: str | None = None
     preset: str | None = None  # the preset this config started from (informational)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
+    # the plug-ins' own settings by flat name (fedprox_mu, d_gate, ...): declared in their files, checked and
+    # completed with their defaults by pfedmoap.plan.resolve_config; saved flat in config.json
+    settings: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def attn_scaling(self) -> float:
-        """The numeric factor the gate multiplies attention scores by."""
-        if self.attn_scale == "sqrt":
-            return 1.0 / math.sqrt(self.d_gate // self.heads)
-        return float(self.attn_scale)
+    def __getattr__(self, name: str) -> Any:
+        # a plug-in setting read as an attribute (cfg.fedprox_mu): how configs were read before plug-ins owned
+        # their settings; a plug-in reads its own with Setting.of(cfg)
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings:
+            return settings[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as one flat JSON object (``config.json``): the shared fields and every plug-in setting."""
+        data = dataclasses.asdict(self)
+        settings = data.pop("settings")
+        return {**data, **settings}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
-        cfg = cls(**data)
-        return cfg
+    def from_dict(
+        cls, data: dict[str, Any], source: str = "config", plugin_settings: Collection[str] | None = None
+    ) -> Config:
+        """A config from a flat object (:meth:`to_dict`'s form, a preset's, keyword overrides). Keys that are not
+        shared fields are plug-in settings; with ``plugin_settings`` (the names the plug-ins declare) any other
+        key is refused here (pfedmoap.plan.config_from_dict passes them)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+        given = dict(data)
+        nested = given.pop("settings", None) or {}
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{source}: settings must be an object of plug-in settings, not {nested!r}")
+        rest = {**nested, **{k: v for k, v in given.items() if k not in fields}}
+        if plugin_settings is not None:
+            unknown = sorted(set(rest) - set(plugin_settings))
+            if unknown:
+                raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        return cls(**{k: v for k, v in given.items() if k in fields}, settings=rest)
 
     def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``: shared fields and plug-in settings alike, by their flat names."""
+        fields = {f.name for f in dataclasses.fields(self)} - {"settings"}
+        settings = {**self.settings, **changes.pop("settings", {})}
+        settings.update({k: changes.pop(k) for k in list(changes) if k not in fields})
+        return dataclasses.replace(self, **changes, settings=settings)
 
     def validate(self) -> Config:
-        """Check every value; raise :class:`ConfigError` with one line naming the first bad one."""
-        method = registry.method_class(self.method)
-        _choice("dataset", self.dataset, tuple(list_datasets()))
+        """Check every shared value; raise :class:`ConfigError` with one line naming the first bad one. The
+        plug-ins and their settings are checked by :func:`pfedmoap.plan.resolve_config`, which calls this."""
         _choice("partition", self.partition, PARTITIONS)
-        _choice("reduction", self.reduction, REDUCTIONS)
-        registry.selection_class(self.expert_selection)
-        _choice("expert_distance", self.expert_distance, EXPERT_DISTANCES)
-        if self.expert_distance != "l2" and self.expert_selection != "knn":
-            raise ConfigError(
-                f"expert_distance={self.expert_distance} applies to expert_selection=knn only "
-                f"(got expert_selection={self.expert_selection})"
-            )
         if self.gate_sharing is not None:
             _choice("gate_sharing", self.gate_sharing, GATE_SHARINGS)
         _choice("pool_view", self.pool_view, POOL_VIEWS)
@@ -194,11 +191,6 @@ class Config:
         _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
         _choice("subsample", self.subsample, SUBSAMPLES)
         _choice("eval_split", self.eval_split, EVAL_SPLITS)
-        if self.subsample == "new" and method.trains:
-            raise ConfigError(
-                f"subsample=new is for evaluation only (clients never train on the novel classes), and "
-                f"method={self.method} trains: use subsample=base, or method=zeroshot"
-            )
         if self.eval_split == "base2novel" and self.subsample != "base":
             raise ConfigError(
                 f"eval_split=base2novel needs subsample=base (got {self.subsample}): the novel classes must stay "
@@ -210,15 +202,11 @@ class Config:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("n_ctx", self.n_ctx, 1)
         _at_least("experts", self.experts, 0)
-        _at_least("heads", self.heads, 1)
-        _at_least("d_gate", self.d_gate, 1)
         _at_least("shots", self.shots, 0)
         _at_least("train_per_class", self.train_per_class, 1, MAX_PER_CLASS)
         _at_least("test_per_class", self.test_per_class, 1, MAX_PER_CLASS)
         _at_least("min_client_size", self.min_client_size, 0)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
-        _at_least("fedotp_max_iter", self.fedotp_max_iter, 1)
-        _at_least("fedpgp_bottleneck", self.fedpgp_bottleneck, 1)
         for name in ("seed", "data_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
@@ -245,34 +233,16 @@ class Config:
                 raise ConfigError(f"dp_clip={self.dp_clip} must be a positive number")
         if not (0.0 < self.frac <= 1.0):
             raise ConfigError(f"frac={self.frac} is outside (0, 1]")
-        for name in ("lr_prompt", "lr_gate"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name}={value} must be a positive number")
-        for name in ("fedotp_eps", "fedotp_top_percent", "fedpgp_temperature"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name}={value} must be a positive number")
-        for name in ("momentum", "weight_decay", "fedprox_mu", "ctx_init_std", "fedotp_thresh", "fedpgp_mu"):
+        if not (self.lr_prompt > 0 and math.isfinite(self.lr_prompt)):
+            raise ConfigError(f"lr_prompt={self.lr_prompt} must be a positive number")
+        for name in ("momentum", "weight_decay", "ctx_init_std"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name}={value} must be a non-negative number")
         if self.ctx_init is not None and (not isinstance(self.ctx_init, str) or not self.ctx_init.strip()):
             raise ConfigError(f"ctx_init={self.ctx_init!r} must be a non-empty phrase, e.g. 'a photo of a'")
-        if not math.isfinite(self.lam):
-            raise ConfigError(f"lambda={self.lam} must be a finite number")
         if not (self.dirichlet_alpha > 0):
             raise ConfigError(f"dirichlet_alpha={self.dirichlet_alpha} must be positive")
-        if self.attn_scale != "sqrt":
-            try:
-                scale = float(self.attn_scale)
-            except (TypeError, ValueError):
-                raise ConfigError(f"attn_scale={self.attn_scale!r}: use a positive number or 'sqrt'") from None
-            if not (scale > 0 and math.isfinite(scale)):
-                raise ConfigError(f"attn_scale={self.attn_scale!r}: use a positive number or 'sqrt'")
-        # what only some methods and gates need is checked by them (their classes carry their own rules)
-        registry.gate_class(self.gate).check_config(self)
-        method.resolve(self).check_config(self)
         return self
 
 
@@ -323,13 +293,3 @@ def preset_description(name: str) -> str:
 def _read_preset(name: str) -> dict[str, Any]:
     """A shipped preset file as a JSON object; a damaged one (a broken install, an edit gone wrong) is one line."""
     return read_json(presets_dir() / f"{name}.json", "preset file")
-
-
-def make_config(preset: str | None = DEFAULT_PRESET, **overrides: Any) -> Config:
-    """Build a validated config from a preset (None = bare defaults) and keyword overrides."""
-    data: dict[str, Any] = {}
-    if preset is not None:
-        data.update(load_preset(preset))
-        data["preset"] = preset
-    data.update(overrides)
-    return Config.from_dict(data, source=f"preset {preset}" if preset else "config").validate()

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from .cli import OneLineParser, fail, run_command
-from .config import make_config
 from .errors import UserError
 from .files import read_json
+from .plan import make_config
+from .records import seed_stats
 
 PROG = "pfedmoap.experiments"
 DEFAULT_ROWS = "zeroshot,local,promptfl,pfedmoap"
@@ -128,13 +128,6 @@ def paper_table(results: dict[str, Any]) -> str | None:
             )
         lines.append(f"| {results[columns[0][0]][name]['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def seed_stats(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (n - 1) over seeds; std 0 for one seed."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def run_sweep(

@@ -14,23 +14,25 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, profiling
+from . import profiling
 from ._version import __version__
 from .client import Client
 from .clip import FrozenCLIP
 from .config import Config
 from .data import DatasetBundle
 from .errors import UserError
-from .methods import create_method
 from .ops import OpTable, backend_warnings, select_ops, unavailable_backends
 from .parallel import default_parallel_clients
+from .plan import plugins, resolve_config
 from .profiling import nvtx_range, ranged
 from .prompt import PromptEncoder
-from .rounds import History, RoundDriver, RoundRecord
+from .recorder import RunRecorder
+from .records import History, RoundRecord
+from .rounds import RoundDriver
 from .rundir import RunDir
 from .runtime import ClientRuntime
 from .server import Server, check_prompt_like
-from .tensorboard import check_available, open_board
+from .tensorboard import check_available
 from .world import World
 
 
@@ -50,7 +52,8 @@ class Federation:
         log: Callable[[str], None] | None = None,
         ops: OpTable | None = None,
     ):
-        self.cfg = cfg.validate()
+        self.cfg = cfg = resolve_config(cfg)
+        self.plugins = plugins(cfg)
         self.log = log or (lambda msg: tqdm.write(msg))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -65,14 +68,19 @@ class Federation:
         self.log(self.ops.describe())
         if profiling.is_enabled():
             self.log(profiling.describe())
-        self.method = create_method(cfg)
-        self.world = World(cfg, self.ops, clip=clip, dataset=dataset, log=self.log)
+        self.method = self.plugins.method(cfg)
+        self.world = World(cfg, self.ops, clip=clip, dataset=dataset, log=self.log, plugins=self.plugins)
         self.clients: list[Client] = self.world.new_clients(progress=cfg.progress)
         self.runtime = ClientRuntime(cfg, self.world, self.method, self.ops)
         auto = 1 if cfg.pool_view == "live" else default_parallel_clients(self.device)
         self.parallel_clients = auto if cfg.parallel_clients is None else cfg.parallel_clients
         self.driver = RoundDriver.for_config(
-            cfg, self.method, self.world.init_prompt, self.world.train_sizes, self.ops.knn
+            cfg,
+            self.method,
+            self.plugins.selection.from_config(cfg),
+            self.world.init_prompt,
+            self.world.train_sizes,
+            self.ops.knn,
         )
         if self.driver.dp_noise_multiplier is not None:
             self.log(
@@ -124,7 +132,7 @@ class Federation:
                 if wire is None:  # dropped out after the download
                     continue
                 payload = wire.map(torch.Tensor.float)  # as received
-                upload = self.runtime.local_update(self.clients[cid], payload, self.server, driver.open_round.phases)
+                upload = self.runtime.local_update(self.clients[cid], payload, self.server, driver.phases)
                 driver.upload(cid, upload)
         else:
             # every download first (the snapshot pool: no client sees another's upload), then the local updates in
@@ -132,9 +140,7 @@ class Federation:
             wires = {cid: driver.dispatch(cid) for cid in sampled}
             jobs = [(self.clients[cid], w.map(torch.Tensor.float)) for cid, w in wires.items() if w is not None]
             with nvtx_range("client_update"):
-                uploads = self.runtime.local_updates(
-                    jobs, self.server, driver.open_round.phases, together=self.parallel_clients
-                )
+                uploads = self.runtime.local_updates(jobs, self.server, driver.phases, together=self.parallel_clients)
             for (client, _), upload in zip(jobs, uploads, strict=True):
                 driver.upload(client.cid, upload)
         driver.aggregate()
@@ -168,23 +174,10 @@ class Federation:
         checkpointed (``checkpoints/last.pt``, atomically) so that ``--resume`` continues exactly.
         """
         driver = self.driver
-        board = open_board(self.cfg, run_dir)
-        try:
+        with RunRecorder(self.cfg, run_dir, self.log, self.state_dict) as recorder:
             for t in driver.remaining():
-                record = self.run_round(t)
-                if run_dir is not None:
-                    run_dir.append_round(record.to_json())
-                    checkpoint.save(self.state_dict(), checkpoint.checkpoint_path(run_dir.path))
-                if board is not None:
-                    board.add(record)
-                self.log(record.line(driver.round_indices[-1]))
-        finally:
-            if board is not None:
-                board.close()
-        summary = driver.summary(backends=self.backends)
-        if run_dir is not None:
-            run_dir.write_summary(summary)
-        return History(self.cfg, driver.rounds, summary, run_dir.path if run_dir else None, driver, self)
+                recorder.round(self.run_round(t), driver.round_indices[-1])
+        return recorder.finish(driver.rounds, driver.summary(backends=self.backends), driver, self)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ the captured inputs and replays. Every step still runs exactly once, in order, o
 is the eager one (the CUDA test ``tests/test_graphs.py`` checks replay against eager).
 
 What a captured step may not do: synchronise with the host, or take a data-dependent shape or branch. The
-objectives that are known to satisfy this say so (:attr:`pfedmoap.client.Objective.graphable`); the others, and
+objectives that are known to satisfy this say so (:attr:`pfedmoap.objective.Objective.graphable`); the others, and
 any step whose capture fails, run eagerly (a failed capture is said once, in a warning).
 """
 
@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import CUDA_GRAPHS
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .client import Objective
-
-CUDA_GRAPHS = ("auto", "on", "off")
+    from .objective import Objective
 
 
 def resolve_cuda_graphs(setting: str, device: torch.device) -> bool:
@@ -42,7 +41,7 @@ def resolve_cuda_graphs(setting: str, device: torch.device) -> bool:
 
 def step_graphs(enabled: bool, device: torch.device, objectives: Iterable[Objective]) -> StepGraphs | None:
     """The captured-step runner of one local update, or None (run eagerly): graphs switched on, a CUDA device, and
-    every objective of the update :attr:`~pfedmoap.client.Objective.graphable`."""
+    every objective of the update :attr:`~pfedmoap.objective.Objective.graphable`."""
     if enabled and device.type == "cuda" and all(o.graphable for o in objectives):
         return StepGraphs(device)
     return None

@@ -1,5 +1,6 @@
-"""``run(config)`` and ``resume(run_dir)``: a whole in-process run with its run directory, the library's main
-entry points."""
+"""The in-process engine's whole run: ``run(config)`` and ``resume(run_dir)`` with its run directory, and what
+every engine reads back from a run directory (:func:`saved_run`, :func:`check_engine`). The library's entry points,
+for either engine, are :mod:`pfedmoap.api`'s."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from .config import Config
 from .errors import UserError
 from .federation import Federation
 from .files import read_json
-from .rounds import History
+from .plan import config_from_dict, resolve_config
+from .records import History
 from .rundir import RunDir
 
 
@@ -48,7 +50,7 @@ def run(cfg: Config, out: str | Path | None = None, log: Callable[[str], None] |
 
     Returns the :class:`~pfedmoap.rounds.History` (per-round records, summary, and the final state).
     """
-    cfg = cfg.validate()
+    cfg = resolve_config(cfg)
     target = out if out is not None else cfg.out
     if target is not None:
         RunDir.check(target)  # fail before any expensive work; nothing is created on a bad config
@@ -82,7 +84,7 @@ def saved_run(path: str | Path) -> tuple[RunDir, Config, dict[str, Any]]:
             f"this is {__version__}"
         )
     try:
-        cfg = Config.from_dict(data, source=str(config_file)).validate()
+        cfg = resolve_config(config_from_dict(data, source=str(config_file)))
     except UserError as exc:
         raise UserError(f"the resumed run's config.json {str(config_file)!r} cannot be used: {exc}") from None
     return run_dir, cfg, meta
@@ -104,6 +106,13 @@ def resume(path: str | Path, log: Callable[[str], None] | None = None, progress:
     """
     run_dir, cfg, meta = saved_run(path)
     check_engine(run_dir, meta, "local")
+    return continue_run(run_dir, cfg, log, progress)
+
+
+def continue_run(
+    run_dir: RunDir, cfg: Config, log: Callable[[str], None] | None = None, progress: bool | None = None
+) -> History:
+    """Continue an in-process run from its directory, its config as :func:`saved_run` read it."""
     if progress is not None:
         cfg = cfg.replace(progress=progress)
     fed = Federation(cfg, log=log)

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import torch
 
+from .config import PRECISIONS
 from .errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16")
 _DTYPES = {"bf16": torch.bfloat16}
 
 

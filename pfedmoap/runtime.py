@@ -18,7 +18,7 @@ from torch import nn
 from . import comm
 from .client import Client, Objective, TrainSettings, accuracy
 from .gates import create_gate
-from .methods import EvalState, GlobalState, Method, Payload, Upload
+from .methods import ClientContext, EvalState, GlobalState, Method, Payload, Upload
 from .ops import REFERENCE, OpTable
 from .parallel import train_together
 from .precision import autocast
@@ -43,6 +43,8 @@ class ClientRuntime:
         self.encoder = world.encoder
         self.device = world.device
         self.settings = TrainSettings.from_config(cfg, self.device)
+        # what the methods see of this run (not the runtime itself)
+        self.context = ClientContext(self.encoder, self.clip.gamma, self.device, self.make_gate)
         self.dp_noise_multiplier = run_noise_multiplier(cfg)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
@@ -76,7 +78,7 @@ class ClientRuntime:
         for start in range(0, len(jobs), max(1, size)):
             chunk = jobs[start : start + max(1, size)]
             with timed(phases, "prepare"), self.autocast():  # pFedMoAP encodes its experts here
-                objectives = [self.method.objective(self, state, client, payload) for client, payload in chunk]
+                objectives = [self.method.objective(self.context, state, client, payload) for client, payload in chunk]
             with timed(phases, "train"):
                 batchable = [o.batchable and o.encoder is self.encoder for o in objectives]
                 if len(chunk) > 1 and all(batchable):
@@ -125,7 +127,7 @@ class ClientRuntime:
 
     def _evaluate(self, client: Client, view: EvalState, shared_text: dict[tuple, torch.Tensor]) -> float:
         method, batch = self.method, self.cfg.eval_batch_size
-        scorer = method.scorer(self, client, view, self.encoder, self._text_source(client, "own", shared_text))
+        scorer = method.scorer(self.context, client, view, self.encoder, self._text_source(client, "own", shared_text))
         acc = client.evaluate_with(scorer, batch, weights=view.use_gate)
         split_acc = {}
         for es in self.world.eval_sets():
@@ -133,7 +135,9 @@ class ClientRuntime:
             score = (
                 scorer
                 if same
-                else method.scorer(self, client, view, es.encoder, self._text_source(client, es.name, shared_text))
+                else method.scorer(
+                    self.context, client, view, es.encoder, self._text_source(client, es.name, shared_text)
+                )
             )
             split_acc[es.name] = accuracy(score, es.features, es.labels, batch)[0]
         client.split_acc = split_acc
@@ -157,7 +161,9 @@ class ClientRuntime:
             if client.eval_key == view.key and client.accuracy is not None:
                 continue  # kept: evaluate_client will not encode
             for space, (encoder, wanted) in spaces.items():
-                self.method.scorer(self, client, view, encoder, self._text_source(client, space, shared_text, wanted))
+                self.method.scorer(
+                    self.context, client, view, encoder, self._text_source(client, space, shared_text, wanted)
+                )
         passes = 0
         with self.autocast():
             for encoder, wanted in spaces.values():

@@ -20,12 +20,16 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .registry import register_selection
+from .settings import Setting
 
 if TYPE_CHECKING:
+    from .config import Config
     from .server import Server
 
 DISTANCES = ("l2", "cosine")
+DISTANCE = Setting("expert_distance", "l2", "knn's distance between flattened prompts", kind=str, choices=DISTANCES)
 
 
 class ExpertSelection:
@@ -33,9 +37,24 @@ class ExpertSelection:
 
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
+    settings: ClassVar[tuple[Setting, ...]] = ()
 
     def __init__(self, distance: str = "l2"):
         self.distance = distance
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ExpertSelection:
+        """The rule with the config's settings."""
+        return cls(DISTANCE.of(cfg))
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse settings this rule cannot run with (ConfigError, one line)."""
+        distance = DISTANCE.of(cfg)
+        if distance != "l2" and DISTANCE not in cls.settings:
+            raise ConfigError(
+                f"expert_distance={distance} applies to expert_selection=knn only (got expert_selection={cls.name})"
+            )
 
     def select(self, server: Server, cid: int, view: Mapping[int, torch.Tensor], candidates: list[int], k: int):
         """The ids (at most ``k``, from ``candidates``, sorted ascending) of client ``cid``'s experts, in the
@@ -47,6 +66,7 @@ class ExpertSelection:
 class KnnSelection(ExpertSelection):
     name = "knn"
     help = "the K nearest pool prompts to the client's own (--expert-distance l2 or cosine)"
+    settings = (DISTANCE,)
 
     def select(self, server, cid, view, candidates, k):
         ids = sorted([cid, *candidates])

@@ -8,14 +8,24 @@ sampled, what each client receives, what is accepted, the round's record) is the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 
-from . import registry
 from .errors import UserError
 from .ops import REFERENCE, KnnFn
 from .profiling import nvtx_range
 from .seeding import Stream, stream
+
+
+class Selection(Protocol):
+    """An expert-selection rule (:mod:`pfedmoap.selection`), handed to the server by the engine."""
+
+    name: str
+
+    def select(
+        self, server: Server, cid: int, view: Mapping[int, torch.Tensor], candidates: list[int], k: int
+    ) -> list[int]: ...
 
 
 class Server:
@@ -28,10 +38,9 @@ class Server:
         train_sizes: list[int],
         frac: float,
         seed: int,
-        expert_selection: str = "knn",
+        selection: Selection,
         max_norm: float | None = None,
         knn: KnnFn = REFERENCE.knn,
-        expert_distance: str = "l2",
     ):
         self.num_clients = num_clients
         self.prompt_shape = tuple(init_prompt.shape)
@@ -43,8 +52,7 @@ class Server:
         self.extras: dict[str, torch.Tensor] = {}
         self.train_sizes = list(train_sizes)
         self.frac = frac
-        self.expert_selection = expert_selection
-        self.selection = registry.selection_class(expert_selection)(expert_distance)
+        self.selection = selection
         self.max_norm = max_norm
         self.knn = knn
         self.sample_rng = stream(seed, Stream.SAMPLE)

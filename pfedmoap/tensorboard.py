@@ -4,7 +4,7 @@ One event file per run, under ``RUN_DIR/tensorboard/``, written through ``torch.
 (the step is the round index): mean and std client accuracy (and base / novel / HM under base2novel), every
 client's accuracy as a histogram, bytes down and up, the round's seconds and each phase's, failed and refused
 uploads, and the gate's attention per expert slot (local first, then the non-local experts in the order sent),
-averaged over the clients that have a gate. Both engines log the same :class:`~pfedmoap.rounds.RoundRecord`.
+averaged over the clients that have a gate. Both engines log the same :class:`~pfedmoap.records.RoundRecord`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .config import Config
-    from .rounds import RoundRecord
+    from .records import RoundRecord
     from .rundir import RunDir
 
 INSTALL_HINT = "--tensorboard needs TensorBoard: pip install 'pfedmoap[tensorboard]'"

@@ -10,58 +10,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import profiling, registry
+from . import api, profiling, registry
 from .cli import OneLineParser, fail, run_command
 from .config import (
     COMM_DTYPES,
     DEFAULT_PRESET,
     DEVICES,
     EVAL_SPLITS,
-    EXPERT_DISTANCES,
     GATE_SHARINGS,
     PARTITIONS,
     POOL_VIEWS,
-    REDUCTIONS,
     SUBSAMPLES,
     TEXT_ENCODERS,
     Config,
     list_presets,
-    make_config,
     preset_description,
 )
 from .errors import UserError
 from .graphs import CUDA_GRAPHS
-from .launch import default_run_dir, resume, run
+from .launch import default_run_dir
+from .plan import make_config
 from .precision import PRECISIONS
-from .rounds import History
+from .records import History
 from .rundir import RunDir
 
 PROG = "pfedmoap.train"
 
-ENGINES = ("local", "flower")
 
-
-def _attn_scale(text: str) -> float | str:
-    if text == "sqrt":
-        return "sqrt"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number or 'sqrt'") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number or 'sqrt'")
-    return value
-
-
-# flag -> (config field, type, help); flags default to "not given" so the preset's value stands
+# flag -> (config field, type, help); flags default to "not given" so the preset's value stands. METHODS, GATES and
+# SELECTIONS in a help line become the registered names when the parser is built (outside plug-ins included).
 _OVERRIDES: list[tuple[str, str, Any, str]] = [
-    ("--method", "method", str, " | ".join(registry.methods())),
+    ("--method", "method", str, "METHODS"),
     ("--dataset", "dataset", str, "a registered dataset (default: synthetic)"),
     ("--data-root", "data_root", str, "folder holding real datasets"),
     ("--model", "model", str, "open_clip architecture, e.g. RN50, ViT-B-16, pfedmoap-tiny"),
@@ -83,29 +67,14 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--ctx-init", "ctx_init", str, "initialise the context from a phrase, e.g. 'a photo of a' (CoOp; default random)"),
     ("--text-encoder", "text_encoder", str, " | ".join(TEXT_ENCODERS)),
     ("--experts", "experts", int, "K non-local experts per client"),
-    ("--gate", "gate", str, " | ".join(registry.gates()) + " (how a client mixes its experts)"),
-    ("--lambda", "lam", float, "weight of the local logits: logits = l_moe + lambda * l_loc"),
-    ("--d-gate", "d_gate", int, "gate width d (features reduced from D to d)"),
-    ("--heads", "heads", int, "gate attention heads"),
-    ("--attn-scale", "attn_scale", _attn_scale, "score scaling: a number (reference: 10) or sqrt"),
-    ("--reduction", "reduction", str, " | ".join(REDUCTIONS)),
-    ("--expert-selection", "expert_selection", str, " | ".join(registry.selections()) + " (how experts are chosen)"),
-    ("--expert-distance", "expert_distance", str, " | ".join(EXPERT_DISTANCES) + " (knn's distance)"),
+    ("--gate", "gate", str, "GATES (how a client mixes its experts)"),
+    ("--expert-selection", "expert_selection", str, "SELECTIONS (how experts are chosen)"),
     ("--gate-sharing", "gate_sharing", str, " | ".join(GATE_SHARINGS) + " (private = paper; aggregated = FedAvg'd)"),
     ("--pool-view", "pool_view", str, " | ".join(POOL_VIEWS) + " (snapshot = paper)"),
     ("--parallel-clients", "parallel_clients", int, "sampled clients trained in lock step (CUDA: all, CPU: 1)"),
     ("--lr-prompt", "lr_prompt", float, "prompt learning rate"),
-    ("--lr-gate", "lr_gate", float, "gate learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "SGD weight decay"),
-    ("--fedprox-mu", "fedprox_mu", float, "FedProx proximal weight"),
-    ("--fedotp-eps", "fedotp_eps", float, "FedOTP: entropic regularisation of the transport (0.01)"),
-    ("--fedotp-top-percent", "fedotp_top_percent", float, "FedOTP: share of local-feature mass transported (0.8)"),
-    ("--fedotp-thresh", "fedotp_thresh", float, "FedOTP: Sinkhorn stopping threshold on log v (1e-3)"),
-    ("--fedotp-max-iter", "fedotp_max_iter", int, "FedOTP: Sinkhorn iterations at most (100)"),
-    ("--fedpgp-bottleneck", "fedpgp_bottleneck", int, "FedPGP: rank of the client's low-rank prompt part (4)"),
-    ("--fedpgp-mu", "fedpgp_mu", float, "FedPGP: weight of the contrastive term (0.5)"),
-    ("--fedpgp-temperature", "fedpgp_temperature", float, "FedPGP: contrastive temperature (0.5)"),
     ("--subsample", "subsample", str, " | ".join(SUBSAMPLES) + " (classes clients see; base = first half)"),
     ("--eval-split", "eval_split", str, " | ".join(EVAL_SPLITS) + " (base2novel: also base and novel accuracy)"),
     ("--client-dropout", "client_dropout", float, "probability a sampled client fails mid-round, in [0, 1)"),
@@ -142,12 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last complete round")
     parser.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=api.ENGINES,
         help="local: in-process simulation (default); flower: Flower's simulation engine via flwr run on a local "
         "SuperLink, one SuperNode per client",
     )
+    names = {
+        "METHODS": " | ".join(registry.methods()),
+        "GATES": " | ".join(registry.gates()),
+        "SELECTIONS": " | ".join(registry.selections()),
+    }
     for flag, dest, kind, text in _OVERRIDES:
+        head, _, tail = text.partition(" ")
+        text = names[head] + (" " + tail if tail else "") if head in names else text
         parser.add_argument(flag, dest=dest, type=kind, help=text)
+    # each plug-in's own settings, from their declarations (pfedmoap.settings)
+    for name, (setting, owners) in registry.settings().items():
+        parser.add_argument(setting.flag, dest=name, type=setting.cli_type(), help=setting.cli_help(", ".join(owners)))
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + flip")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
@@ -164,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    try:
+        parser = build_parser()
+    except UserError as exc:  # an outside plug-in that cannot be imported ($PFEDMOAP_PLUGINS)
+        return fail(PROG, str(exc))
+    args = vars(parser.parse_args(argv))
     if args.pop("nvtx", False):
         profiling.enable()
     trace = args.pop("profile", None)
@@ -185,22 +168,24 @@ def main(argv: list[str] | None = None) -> int:
         others = sorted(k for k in args if k != "progress")
         if others:
             flags = {dest: flag for flag, dest, _, _ in _OVERRIDES}
+            flags.update({name: setting.flag for name, (setting, _) in registry.settings().items()})
             flag = flags.get(others[0], "--" + others[0].replace("_", "-"))
             return fail(PROG, f"--resume takes the config saved in {resume_dir}; drop {flag}")
-        if engine == "flower":
-            return _flower_resume(resume_dir)
-        return _finish(lambda: resume(resume_dir, progress=args.get("progress")), trace)
+        if engine == "flower":  # Flower's own processes: not profiled here
+            return _finish(lambda: api.resume(resume_dir, log=print, engine=engine))
+        return _finish(lambda: api.resume(resume_dir, progress=args.get("progress"), engine=engine), trace)
     preset = args.pop("preset", DEFAULT_PRESET)
     if print_config:
         return run_command(PROG, lambda: _print_config(make_config(preset, **args)))
-    if engine == "flower":
-        return _flower(preset, args)
 
     def start() -> History:
+        if engine == "flower":
+            api.require_flower()  # before the config: what to install comes first
+            return api.run(make_config(preset, **args), engine="flower", log=print)
         cfg = make_config(preset, **args)
-        return run(cfg.replace(out=cfg.out or str(default_run_dir(cfg))))
+        return api.run(cfg.replace(out=cfg.out or str(default_run_dir(cfg))))
 
-    return _finish(start, trace)
+    return _finish(start, trace if engine == "local" else None)
 
 
 def _list_presets() -> int:
@@ -214,47 +199,6 @@ def _print_config(cfg: Config) -> int:
         RunDir.check(cfg.out)  # what a run would refuse first
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
-
-
-def _no_flower() -> int | None:
-    """Exit status 2 with one line when the Flower extra (flwr with Ray) is not installed, else None."""
-    import importlib.util
-
-    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
-        return fail(PROG, "--engine flower needs Flower: pip install 'pfedmoap[flower]'")
-    return None
-
-
-def _flower(preset: str, args: dict[str, Any]) -> int:
-    """``--engine flower``: the same run on Flower's simulation engine, through ``flwr run`` on a local SuperLink
-    (needs the optional extra)."""
-    if (missing := _no_flower()) is not None:
-        return missing
-
-    def start() -> History:
-        from .flower import run_simulation
-        from .flower.server_app import flower_run_dir
-
-        cfg = make_config(preset, **args)
-        return run_simulation(cfg, out=flower_run_dir(cfg, cfg.out), log=print)
-
-    return _finish(start)
-
-
-def _flower_resume(resume_dir: str) -> int:
-    """``--engine flower --resume RUN_DIR``: continue a Flower simulation run from its last checkpoint."""
-    if (missing := _no_flower()) is not None:
-        return missing
-
-    def start() -> History:
-        from .flower import run_simulation
-        from .launch import check_engine, saved_run
-
-        run_dir, cfg, meta = saved_run(resume_dir)
-        check_engine(run_dir, meta, "flower")
-        return run_simulation(cfg, out=run_dir.path, log=print, resume=True)
-
-    return _finish(start)
 
 
 def _check_trace(trace: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import feature_cache, registry
+from . import feature_cache, plan
 from .client import Client, ClientData
 from .clip import FrozenCLIP, load_clip, resolve_device
 from .data import DatasetBundle, DatasetOptions, create_dataset, partition
@@ -35,6 +35,7 @@ from .seeding import Stream, client_seed, stream
 
 if TYPE_CHECKING:
     from .config import Config
+    from .plan import Plugins
 
 
 def split_clients(cfg: Config, bundle: DatasetBundle) -> list[partition.ClientSplit]:
@@ -104,8 +105,10 @@ class World:
         clip: FrozenCLIP | None = None,
         dataset: DatasetBundle | None = None,
         log: Callable[[str], None] | None = None,
+        plugins: Plugins | None = None,
     ):
         self.cfg = cfg
+        self.plugins = plugins = plugins or plan.plugins(cfg)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.device = run_device(cfg)
         # the data first: a missing dataset should fail before a model is loaded or pretrained
@@ -114,9 +117,9 @@ class World:
         # --subsample: the label space clients see (CoOp's base-to-novel protocol trains on the base half)
         self.dataset = subsample_classes(full, cfg.subsample)
         self.clip = clip or load_clip(cfg.model, cfg.pretrained, self.device, progress=cfg.progress)
-        method = registry.method_class(cfg.method)
+        method = plugins.method
         if method.uses_gate:
-            registry.gate_class(cfg.gate).check_features(cfg, self.clip.embed_dim)
+            plugins.gate.check_features(cfg, self.clip.embed_dim)
         # "local": the method scores the image's local features (FedOTP), so those are what the cache keeps
         self.local_features = method.image_features == "local"
         if self.local_features and self.clip.local_feature_kind is None:

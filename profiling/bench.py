@@ -68,11 +68,12 @@ from pfedmoap import comm, ops  # noqa: E402
 from pfedmoap import profiling as prof  # noqa: E402
 from pfedmoap.client import Client, ClientData, TrainSettings  # noqa: E402
 from pfedmoap.clip import FrozenCLIP, load_clip  # noqa: E402
-from pfedmoap.gates import AttentionGate, pfedmoap_logits  # noqa: E402
+from pfedmoap.gates import AttentionGate, mixture_scorer, pfedmoap_logits  # noqa: E402
 from pfedmoap.methods.pfedmoap import MixtureObjective  # noqa: E402
 from pfedmoap.ops import OpTable  # noqa: E402
 from pfedmoap.parallel import train_together  # noqa: E402
 from pfedmoap.prompt import PromptEncoder, init_prompt  # noqa: E402
+from pfedmoap.selection import KnnSelection  # noqa: E402
 from pfedmoap.server import Server  # noqa: E402
 
 PAPER_PROMPT_VALUES = 16 * 512  # n_ctx x W for RN50 / ViT-B/16 (SPEC §2)
@@ -326,7 +327,7 @@ def fused_differs(used: tuple[str, ...]) -> bool:
 def bench_bytes(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
     """Bytes per client and round, through the library's round driver: the method's payload, cast for the wire and
     counted by ``RoundDriver.dispatch``."""
-    from pfedmoap.config import make_config
+    from pfedmoap import make_config
     from pfedmoap.methods import create_method
     from pfedmoap.rounds import RoundDriver
 
@@ -336,7 +337,7 @@ def bench_bytes(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
             for method in ("pfedmoap", "promptfl"):
                 cfg = make_config("synthetic", method=method, clients=k + 1, experts=k, comm_dtype=dtype, n_ctx=16)
                 clients = k + 1
-                server = Server(clients, torch.zeros(16, 512), [16] * clients, 1.0, seed=0)
+                server = Server(clients, torch.zeros(16, 512), [16] * clients, 1.0, seed=0, selection=KnnSelection())
                 g = torch.Generator().manual_seed(0)
                 for cid in range(clients):
                     server.receive(cid, torch.randn(16, 512, generator=g) * 0.02)
@@ -558,7 +559,9 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
             self.table = table
             self.encoder = PromptEncoder(clip, names, 16, mode="shared-prefix", assemble=table.assemble_prompts)
             # the server side of selection: a pool of K + 1 clients, this client (0) included
-            self.server = Server(k + 1, start, [n_train] * (k + 1), 1.0, seed=0, knn=table.knn)
+            self.server = Server(
+                k + 1, start, [n_train] * (k + 1), 1.0, seed=0, selection=KnnSelection(), knn=table.knn
+            )
             self.server.receive(0, start)
             for j in range(k):
                 self.server.receive(j + 1, experts[j])
@@ -588,7 +591,9 @@ def _round_one(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP, n_cls: 
         def eval(self) -> float:
             with torch.no_grad():
                 local = self.encoder.encode(start)
-            return self.client.evaluate(clip.gamma, local, self.expert_text, self.gate, lam)
+            return self.client.evaluate_with(
+                mixture_scorer(local, self.expert_text, self.gate, clip.gamma, lam), weights=self.gate is not None
+            )
 
     reference_column = Column(bench_ops(False))
     expert_text = {"t": reference_column.expert_text}
@@ -769,8 +774,11 @@ def _accuracy_rounds(sizes, clip, names, n_cls, owned, start, true_ctx, experts,
         prompt = objective.prompt.detach()
         with torch.no_grad():
             local = encoder.encode(prompt)
-            acc = client.evaluate(clip.gamma, local, expert_text, gate, 0.5)
-            start_acc = Client(0, data, seed=4321).evaluate(clip.gamma, encoder.encode(start), None, None, 0.5)
+            acc = client.evaluate_with(mixture_scorer(local, expert_text, gate, clip.gamma, 0.5), weights=True)
+            start_text = encoder.encode(start)
+            start_acc = Client(0, data, seed=4321).evaluate_with(
+                mixture_scorer(start_text, None, None, clip.gamma, 0.5)
+            )
         out[label] = {
             "round_measured_s": seconds,
             "round_measured_epochs": epochs,

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pfedmoap.clip import load_clip  # noqa: E402
-from pfedmoap.config import make_config  # noqa: E402
 from pfedmoap.data import DatasetOptions, create_dataset  # noqa: E402
+from pfedmoap.plan import make_config  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

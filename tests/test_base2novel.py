@@ -19,7 +19,7 @@ from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
 from pfedmoap.gates import pfedmoap_logits
 from pfedmoap.prompt import PromptEncoder
-from pfedmoap.rounds import RoundRecord, harmonic_mean
+from pfedmoap.records import RoundRecord, harmonic_mean
 
 B2N = dict(subsample="base", eval_split="base2novel")
 

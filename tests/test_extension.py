@@ -15,6 +15,7 @@ import torch
 from pfedmoap import ops
 from pfedmoap.ops import cpp, reference
 from pfedmoap.prompt import PromptEncoder
+from pfedmoap.selection import KnnSelection
 from pfedmoap.server import Server
 
 
@@ -376,7 +377,7 @@ def test_server_knn_selection_matches_reference():
     results = {}
     for backend in ("reference", "cpp"):
         knn = ops.select_ops(pins={"knn": backend}).knn
-        server = Server(20, init, train_sizes=[10] * 20, frac=0.5, seed=0, expert_selection="knn", knn=knn)
+        server = Server(20, init, train_sizes=[10] * 20, frac=0.5, seed=0, selection=KnnSelection(), knn=knn)
         for cid, prompt in uploads.items():
             server.receive(cid, prompt)
         view = server.snapshot()

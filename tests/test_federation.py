@@ -201,7 +201,8 @@ def test_experiments_sweep_writes_table(tmp_path):
 
 @pytest.mark.parametrize("preset", ["synthetic", "synthetic-dirichlet", "synthetic-domains"])
 def test_every_preset_builds_and_runs_a_round(tiny_clip, preset):
-    from pfedmoap.config import list_presets, make_config
+    from pfedmoap.config import list_presets
+    from pfedmoap.plan import make_config
 
     assert preset in list_presets()
     cfg = make_config(preset, pretrained="none", rounds=1, local_epochs=1, progress=False)

@@ -16,12 +16,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from pfedmoap.config import make_config  # noqa: E402
 from pfedmoap.errors import ConfigError, UserError  # noqa: E402
 from pfedmoap.flower.client_app import node_settings  # noqa: E402
 from pfedmoap.flower.local_link import pid_alive, write_toml_table  # noqa: E402
 from pfedmoap.flower.simulation import federation_config_for, write_app  # noqa: E402
 from pfedmoap.flower.task import APP_CONFIG, config_from_run_config  # noqa: E402
+from pfedmoap.plan import make_config  # noqa: E402
 from pfedmoap.rundir import RunDir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from pfedmoap.config import make_config  # noqa: E402
-from pfedmoap.launch import run  # noqa: E402
+from pfedmoap import run  # noqa: E402
+from pfedmoap.plan import make_config  # noqa: E402
 from pfedmoap.rundir import read_metrics  # noqa: E402
 from pfedmoap.train import main  # noqa: E402
 
@@ -74,3 +74,30 @@ def test_ray_simulation_matches_in_process(tmp_path, capsys, monkeypatch):
     assert config["threads"] == 1 and config["_meta"]["nodes"] == 4
     assert "done: final" in capsys.readouterr().out
     print(f"ray simulation: {seconds:.1f} s")  # measured: see docs/flower.md
+
+
+def _resume_to(run_dir, rounds: int) -> None:
+    """A finished run directory made resumable to ``rounds`` rounds (its config raised, its summary dropped)."""
+    data = json.loads((run_dir / "config.json").read_text())
+    data["rounds"] = rounds
+    (run_dir / "config.json").write_text(json.dumps(data))
+    (run_dir / "summary.json").unlink()
+
+
+@pytest.mark.slow
+def test_the_library_runs_and_resumes_either_engine(tmp_path):
+    """pfedmoap.run(cfg, engine="flower") from Python, and pfedmoap.resume(dir) continuing each engine's run on the
+    engine that made it (read from the run's config.json): both end equal to an uninterrupted in-process run."""
+    import pfedmoap
+
+    quiet = lambda m: None  # noqa: E731
+    whole = pfedmoap.run(make_config("synthetic", progress=False, **SETTINGS), out=tmp_path / "whole", log=quiet)
+    short = make_config("synthetic", progress=False, **{**SETTINGS, "rounds": 2})
+    for engine in ("local", "flower"):
+        out = tmp_path / engine
+        first = pfedmoap.run(short, out=out, log=quiet, engine=engine)
+        assert first.summary.get("engine", "local") == engine and len(first.rounds) == 2
+        _resume_to(out, 3)
+        resumed = pfedmoap.resume(out, log=quiet)  # no engine given: the run's own
+        assert [r.to_json()["client_acc"] for r in resumed.rounds] == [r.to_json()["client_acc"] for r in whole.rounds]
+        assert [r["mean_acc"] for r in read_metrics(out)] == [r.mean_acc for r in whole.rounds], engine

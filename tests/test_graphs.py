@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import pfedmoap.graphs as graphs_module
-from pfedmoap.config import make_config
 from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
 from pfedmoap.graphs import resolve_cuda_graphs
+from pfedmoap.plan import make_config
 from tests.conftest import federation_tensors, small_config
 
 

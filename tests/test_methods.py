@@ -8,6 +8,7 @@ from conftest import small_config
 
 from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
+from pfedmoap.gates import mixture_scorer
 from pfedmoap.methods.shared_gate import PREFIX
 
 
@@ -44,7 +45,9 @@ def test_promptfl_clients_are_evaluated_with_the_global_prompt(tiny_clip, small_
     assert encoded and all(torch.equal(ctx, fed.server.global_prompt) for ctx in encoded)
     text = encode(fed.server.global_prompt)
     for client in fed.clients:
-        assert rec.client_acc[client.cid] == client.evaluate(fed.clip.gamma, text, None, None, fed.cfg.lam)
+        assert rec.client_acc[client.cid] == client.evaluate_with(
+            mixture_scorer(text, None, None, fed.clip.gamma, fed.cfg.lam)
+        )
 
 
 def test_non_local_experts_get_no_gradient(tiny_clip, small_world):
@@ -58,7 +61,7 @@ def test_non_local_experts_get_no_gradient(tiny_clip, small_world):
     payload = driver.dispatch(0)
     payload = payload.with_tensors({k: t.float() for k, t in payload.tensors().items()})
     payload.expert_prompts.requires_grad_(True)
-    objective = fed.method.objective(fed.runtime, fed.server, client, payload)
+    objective = fed.method.objective(fed.runtime.context, fed.server, client, payload)
     assert objective.expert_text is not None and not objective.expert_text.requires_grad
     data = client.data
     objective.loss(data.train_features[:8], data.train_labels[:8]).backward()
@@ -94,7 +97,7 @@ def test_shared_gate_travels_both_ways_and_is_fedavgd(tiny_clip, small_world):
         assert payload.extras.keys() == fed.server.extras.keys()
         for name, value in payload.extras.items():
             assert torch.equal(value, fed.server.extras[name])
-        objective = fed.method.objective(fed.runtime, fed.server, fed.clients[cid], payload)
+        objective = fed.method.objective(fed.runtime.context, fed.server, fed.clients[cid], payload)
         for key, value in objective.gate.state_dict().items():
             assert torch.equal(value, fed.server.extras[PREFIX + key])
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import pfedmoap.runtime as runtime_module
-from pfedmoap.config import make_config
 from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
+from pfedmoap.plan import make_config
 from tests.conftest import federation_tensors, small_config
 
 RTOL = 1e-5  # a taller batched GEMM may sum in another order (on these CPUs the results were bit-equal)

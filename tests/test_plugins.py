@@ -17,6 +17,7 @@ from pfedmoap.federation import Federation
 from pfedmoap.gates import AverageGate, pfedmoap_logits
 from pfedmoap.methods import create_method
 from pfedmoap.methods.shared_gate import PREFIX, PFedMoAPSharedGate
+from pfedmoap.selection import FixedSelection, KnnSelection, RandomSelection
 from pfedmoap.server import Server
 
 
@@ -123,7 +124,7 @@ def test_knn_l2_and_cosine_against_brute_force() -> None:
     view = _view(12)
     flat = {j: v.reshape(-1).double().numpy() for j, v in view.items()}
     for distance in ("l2", "cosine"):
-        server = Server(12, torch.zeros(4, 6), [1] * 12, 1.0, seed=0, expert_selection="knn", expert_distance=distance)
+        server = Server(12, torch.zeros(4, 6), [1] * 12, 1.0, seed=0, selection=KnnSelection(distance))
         for cid in range(12):
 
             def dist(j: int, cid: int = cid, distance: str = distance) -> float:
@@ -134,15 +135,15 @@ def test_knn_l2_and_cosine_against_brute_force() -> None:
 
             expected = sorted((j for j in view if j != cid), key=lambda j: (dist(j), j))[:4]
             assert server.select_experts(cid, view, 4) == expected, (distance, cid)
-    l2 = Server(12, torch.zeros(4, 6), [1] * 12, 1.0, seed=0, expert_distance="l2")
-    cos = Server(12, torch.zeros(4, 6), [1] * 12, 1.0, seed=0, expert_distance="cosine")
+    l2 = Server(12, torch.zeros(4, 6), [1] * 12, 1.0, seed=0, selection=KnnSelection("l2"))
+    cos = Server(12, torch.zeros(4, 6), [1] * 12, 1.0, seed=0, selection=KnnSelection("cosine"))
     assert any(l2.select_experts(c, view, 4) != cos.select_experts(c, view, 4) for c in range(12))
 
 
 def test_fixed_gives_every_client_the_lowest_other_ids() -> None:
     view = _view(8)
     del view[2]  # not in the pool (e.g. refused): never an expert
-    server = Server(8, torch.zeros(4, 6), [1] * 8, 1.0, seed=0, expert_selection="fixed")
+    server = Server(8, torch.zeros(4, 6), [1] * 8, 1.0, seed=0, selection=FixedSelection())
     assert server.select_experts(0, view, 3) == [1, 3, 4]
     assert server.select_experts(5, view, 3) == [0, 1, 3]
     assert server.select_experts(2, view, 3) == []  # no own entry: first participation, no experts
@@ -151,8 +152,8 @@ def test_fixed_gives_every_client_the_lowest_other_ids() -> None:
 
 def test_random_selection_draws_from_the_selection_stream() -> None:
     view = _view(10)
-    a = Server(10, torch.zeros(4, 6), [1] * 10, 1.0, seed=3, expert_selection="random")
-    b = Server(10, torch.zeros(4, 6), [1] * 10, 1.0, seed=3, expert_selection="random")
+    a = Server(10, torch.zeros(4, 6), [1] * 10, 1.0, seed=3, selection=RandomSelection())
+    b = Server(10, torch.zeros(4, 6), [1] * 10, 1.0, seed=3, selection=RandomSelection())
     draws = [a.select_experts(c, view, 3) for c in range(10)]
     assert draws == [b.select_experts(c, view, 3) for c in range(10)]
     assert all(len(set(d)) == 3 and c not in d for c, d in enumerate(draws))

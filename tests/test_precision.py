@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from pfedmoap import precision
-from pfedmoap.config import make_config
 from pfedmoap.errors import ConfigError
 from pfedmoap.federation import Federation
+from pfedmoap.plan import make_config
 from tests.conftest import small_config
 
 

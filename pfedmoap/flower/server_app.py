@@ -19,7 +19,8 @@ from flwr.superlink.grid.http_grid import HttpGrid
 from .. import checkpoint
 from ..config import Config
 from ..launch import default_run_dir
-from ..rounds import History
+from ..plan import resolve_config
+from ..records import History
 from ..rundir import RunDir
 from .strategy import PFedMoAPStrategy, PromptGrid
 from .task import FlowerOptions, check_flower_config, config_from_run_config
@@ -50,7 +51,7 @@ def make_server_app(
             config, opts = config_from_run_config(context.run_config)
         else:
             config, opts = cfg, options or FlowerOptions()
-        config = check_flower_config(config.validate())
+        config = check_flower_config(resolve_config(config))
         resume = opts.resume
         if config.threads:  # the server's own work (aggregation, expert selection) obeys --threads too
             torch.set_num_threads(config.threads)

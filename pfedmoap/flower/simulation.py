@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from .. import __version__, checkpoint
+from .. import checkpoint
+from .._version import __version__
 from ..config import Config
 from ..errors import ConfigError, RunFailed, UserError
 from ..files import read_json
-from ..rounds import History
+from ..plan import config_from_dict, resolve_config
+from ..records import History
 from ..rundir import RunDir
 from .local_link import LocalSuperLink, toml_table, write_toml_table
 from .server_app import flower_run_dir
@@ -124,7 +126,7 @@ def run_simulation(
     last checkpoint with every node's gate, and its metrics equal an uninterrupted run's. Raises
     :class:`~pfedmoap.errors.RunFailed` when Flower reports the run failed.
     """
-    cfg = check_flower_config(cfg.validate())
+    cfg = check_flower_config(resolve_config(cfg))
     cfg = cfg.replace(threads=cfg.threads or 1, progress=False)
     target = Path(out if out is not None else flower_run_dir(cfg, cfg.out)).resolve()
     if not resume:
@@ -176,7 +178,7 @@ def history_from_run_dir(path: str | os.PathLike) -> History:
     except UserError as exc:
         raise RunFailed(f"the Flower run finished without a complete run directory: {exc}") from None
     data.pop("_meta", None)
-    cfg = Config.from_dict(data, source=str(path / "config.json"))
+    cfg = config_from_dict(data, source=str(path / "config.json"))
     strategy = PFedMoAPStrategy(cfg, log=lambda _: None)
     ckpt = checkpoint.checkpoint_path(path)
     if ckpt.exists():

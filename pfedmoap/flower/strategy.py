@@ -28,17 +28,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from .. import checkpoint
 from .._version import __version__
 from ..config import Config
 from ..errors import UserError
-from ..methods import Payload, Upload, create_method
+from ..methods import Payload, Upload
 from ..ops import select_ops
+from ..plan import plugins, resolve_config
 from ..prompt import initial_prompt
-from ..rounds import SPLITS, History, RoundDriver, RoundRecord
+from ..recorder import RunRecorder
+from ..records import SPLITS, History, RoundRecord
+from ..rounds import RoundDriver
 from ..rundir import RunDir
 from ..server import Server
-from ..tensorboard import TensorBoardLog, open_board
 from .task import (
     CONFIG,
     METRICS,
@@ -81,13 +82,14 @@ class PFedMoAPStrategy(Strategy):
         round_timeout: float = 3600.0,
         connect_timeout: float = 600.0,
     ):
-        self.cfg = check_flower_config(cfg.validate())
-        self.run_dir = run_dir
-        self.board: TensorBoardLog | None = None  # --tensorboard, opened by run()
+        self.cfg = check_flower_config(resolve_config(cfg))
+        self.plugins = plugins(self.cfg)
         self.log = log or logging.getLogger("flwr").info
+        # metrics line, checkpoint (the server side only), TensorBoard and log line of every round, then the summary
+        self.recorder = RunRecorder(self.cfg, run_dir, lambda line: self.log(line), self.state_dict)
         self.round_timeout = round_timeout
         self.connect_timeout = connect_timeout
-        self.method = create_method(self.cfg)
+        self.method = self.plugins.method(self.cfg)
         self.width = prompt_width(self.cfg.model)
         # the same P_g^0 as every node and the in-process run; train sizes arrive with the handshake (FedAvg only
         # ever weighs partitions that answered it)
@@ -100,7 +102,9 @@ class PFedMoAPStrategy(Strategy):
             phrase = phrase_embedding(clip, self.cfg.ctx_init)
         init = initial_prompt(self.cfg, self.width, phrase)
         sizes = [0] * self.cfg.clients
-        self.driver = RoundDriver.for_config(self.cfg, self.method, init, sizes, select_ops(self.cfg.fused).knn)
+        selection = self.plugins.selection.from_config(self.cfg)
+        knn = select_ops(self.cfg.fused).knn
+        self.driver = RoundDriver.for_config(self.cfg, self.method, selection, init, sizes, knn)
         self.config_json = config_json(self.cfg)
         # names this run's node states on the nodes' disks (node config state-dir); a resumed run keeps it
         self.run_token = uuid.uuid4().hex
@@ -115,6 +119,15 @@ class PFedMoAPStrategy(Strategy):
         # this round's, which rode on train replies, and the last one of every partition, kept until it trains again
         self._rode: dict[int, Evaluation] = {}
         self._kept: dict[int, Evaluation] = {}
+
+    @property
+    def run_dir(self) -> RunDir | None:
+        """Where the run is recorded (the ServerApp sets it once the run directory is made)."""
+        return self.recorder.run_dir
+
+    @run_dir.setter
+    def run_dir(self, value: RunDir | None) -> None:
+        self.recorder.run_dir = value
 
     @property
     def server(self) -> Server:
@@ -280,7 +293,7 @@ class PFedMoAPStrategy(Strategy):
         """Hand each node's reply to the driver (upload, unreadable upload or failure), then aggregate. Returns P_g
         and counts."""
         driver = self.driver
-        driver.open_round.phases["train"] += time.perf_counter() - self._mark
+        driver.add_phase("train", time.perf_counter() - self._mark)
         by_node: dict[int, Message] = {}
         for reply in replies:
             by_node.setdefault(reply.metadata.src_node_id, reply)
@@ -386,15 +399,10 @@ class PFedMoAPStrategy(Strategy):
                 self._kept.pop(pid, None)
             else:
                 self._kept[pid] = evaluation
-        driver.open_round.phases["eval"] += time.perf_counter() - self._mark
+        driver.add_phase("eval", time.perf_counter() - self._mark)
         record = driver.finish(accs, attention, eval_failed, split_acc)
-        if self.run_dir is not None:
-            self.run_dir.append_round(record.to_json())
-            # the server side only: the nodes' states stay on the nodes (node config state-dir)
-            checkpoint.save(self.state_dict(), checkpoint.checkpoint_path(self.run_dir.path))
-        if self.board is not None:
-            self.board.add(record)
-        self.log(record.line(driver.round_indices[-1]))
+        # the checkpoint holds the server side only: the nodes' states stay on the nodes (node config state-dir)
+        self.recorder.round(record, driver.round_indices[-1])
         return MetricRecord(
             {
                 "mean-acc": record.mean_acc,
@@ -459,17 +467,9 @@ class PFedMoAPStrategy(Strategy):
         if self.run_dir is not None and not resumed:
             self.run_dir.write_config({**self.cfg.to_dict(), "_meta": self.meta()})
         rounds = len(self.driver.remaining())
-        self.board = open_board(self.cfg, self.run_dir)
-        try:
+        with self.recorder.open():
             self.start(grid, self.initial_arrays(), num_rounds=rounds, timeout=self.round_timeout)
-        finally:
-            if self.board is not None:
-                self.board.close()
-        summary = self.driver.summary(engine="flower")
-        if self.run_dir is not None:
-            self.run_dir.write_summary(summary)
-        path = self.run_dir.path if self.run_dir is not None else None
-        return History(self.cfg, self.driver.rounds, summary, path, self.driver)
+        return self.recorder.finish(self.driver.rounds, self.driver.summary(engine="flower"), self.driver)
 
     def meta(self) -> dict[str, Any]:
         """``config.json``'s ``_meta``: versions, engine, and what the nodes reported in the handshake."""

@@ -19,10 +19,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from ..client import Client
-from ..config import DEFAULT_PRESET, Config, make_config
+from ..config import DEFAULT_PRESET, Config
 from ..errors import ConfigError
-from ..methods import create_method
 from ..ops import select_ops
+from ..plan import config_from_dict, make_config, plugin_settings, plugins, resolve_config
 from ..runtime import ClientRuntime
 from ..world import World
 
@@ -108,11 +108,13 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
         if preset and named and named != preset:
             raise ConfigError(f"run config preset={preset!r} but config-json names preset {named!r}: give one")
         preset = preset or named
-    fields = {f.name for f in dataclasses.fields(Config)}
+    settings = plugin_settings()
+    fields = {f.name for f in dataclasses.fields(Config)} - {"settings"} | set(settings)
+    aliases = {s.flag.removeprefix("--"): s.name for s in settings.values()}  # lambda -> lam
     for key, value in run_config.items():
         if key in RUN_CONFIG_KEYS or value == "":
             continue
-        name = "lam" if key == "lambda" else key.replace("-", "_")
+        name = aliases.get(key, key.replace("-", "_"))
         if name not in fields:
             raise ConfigError(f"run config key {key!r} is not a pfedmoap config field")
         overrides[name] = value
@@ -245,7 +247,7 @@ def node_for(cfg_json: str, node_config: Mapping[str, Any]) -> Node:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"the server sent a config that is not JSON ({exc.msg})") from None
     data.update(node_config_overrides(node_config))
-    cfg = check_flower_config(Config.from_dict(data, source="server config").validate())
+    cfg = check_flower_config(resolve_config(config_from_dict(data, source="server config")))
     cfg = cfg.replace(progress=False, out=None)
     # a node is one of many processes on its machine: one torch thread unless the config or node config says more,
     # set before the world is built (a few processes of 2 threads each on 2 cores run 10x slower)
@@ -255,8 +257,9 @@ def node_for(cfg_json: str, node_config: Mapping[str, Any]) -> Node:
     if node is None:
         _NODES.clear()  # one run's world per process bounds memory
         ops = select_ops(cfg.fused)
-        world = World(cfg, ops)
-        node = Node(cfg, world, ClientRuntime(cfg, world, create_method(cfg), ops))
+        found = plugins(cfg)
+        world = World(cfg, ops, plugins=found)
+        node = Node(cfg, world, ClientRuntime(cfg, world, found.method(cfg), ops))
         _NODES[key] = node
     return node
 

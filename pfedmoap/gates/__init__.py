@@ -14,7 +14,7 @@ from ..ops import REFERENCE, OpTable
 from ..registry import gate_class, register_gate
 from .attention import AttentionGate
 from .average import AverageGate
-from .base import Gate, pfedmoap_logits, reduce_features
+from .base import Gate, mixture_scorer, pfedmoap_logits, reduce_features
 from .linear import LinearGate
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ __all__ = [
     "Gate",
     "LinearGate",
     "create_gate",
+    "mixture_scorer",
     "pfedmoap_logits",
     "reduce_features",
     "register_gate",

@@ -7,6 +7,8 @@ in the reference code), softmax over experts, no residual / norm / dropout; l_mo
 
 from __future__ import annotations
 
+import argparse
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,10 +17,48 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops import REFERENCE, OpTable, reference
 from ..registry import register_gate
-from .base import Gate, reduce_features
+from ..settings import Setting
+from .base import D_GATE, REDUCTION, Gate, reduce_features
 
 if TYPE_CHECKING:
     from ..config import Config
+
+
+def _parse_scale(text: str) -> float | str:
+    if text == "sqrt":
+        return "sqrt"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number or 'sqrt'") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number or 'sqrt'")
+    return value
+
+
+def _check_scale(value: object) -> None:
+    if value == "sqrt":
+        return
+    try:
+        scale = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"attn_scale={value!r}: use a positive number or 'sqrt'") from None
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ConfigError(f"attn_scale={value!r}: use a positive number or 'sqrt'")
+
+
+HEADS = Setting("heads", 8, "gate attention heads", kind=int, low=1)
+ATTN_SCALE: Setting[float | str] = Setting(
+    "attn_scale", 10.0, "score scaling: a number (reference: 10) or sqrt", parse=_parse_scale, check=_check_scale
+)
+
+
+def attn_scaling(cfg: Config) -> float:
+    """The numeric factor the gate multiplies attention scores by: the number, or 1 / sqrt(head width)."""
+    scale = ATTN_SCALE.of(cfg)
+    if scale == "sqrt":
+        return 1.0 / math.sqrt(D_GATE.of(cfg) // HEADS.of(cfg))
+    return float(scale)
 
 
 @register_gate
@@ -31,6 +71,7 @@ class AttentionGate(Gate):
 
     name = "attention"
     help = "multi-head attention over the experts (the paper's gate)"
+    settings = (*Gate.settings, HEADS, ATTN_SCALE)
 
     def __init__(
         self,
@@ -52,16 +93,17 @@ class AttentionGate(Gate):
 
     @classmethod
     def from_config(cls, cfg: Config, ops: OpTable = REFERENCE) -> AttentionGate:
-        return cls(cfg.d_gate, cfg.heads, cfg.attn_scaling, cfg.reduction, ops)
+        return cls(D_GATE.of(cfg), HEADS.of(cfg), attn_scaling(cfg), REDUCTION.of(cfg), ops)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.d_gate % cfg.heads:
-            raise ConfigError(f"d_gate={cfg.d_gate} is not divisible by heads={cfg.heads}")
+        d_gate, heads = D_GATE.of(cfg), HEADS.of(cfg)
+        if d_gate % heads:
+            raise ConfigError(f"d_gate={d_gate} is not divisible by heads={heads}")
 
     @classmethod
     def valid_widths(cls, cfg: Config, embed_dim: int) -> list[int]:
-        return [d for d in super().valid_widths(cfg, embed_dim) if d % cfg.heads == 0]
+        return [d for d in super().valid_widths(cfg, embed_dim) if d % HEADS.of(cfg) == 0]
 
     def forward(
         self,

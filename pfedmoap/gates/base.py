@@ -20,9 +20,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops import REFERENCE, OpTable
+from ..settings import Setting
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..objective import Scorer
 
 
 def reduce_features(x: torch.Tensor, dim: int, mode: str = "strided") -> torch.Tensor:
@@ -43,11 +45,24 @@ def reduce_features(x: torch.Tensor, dim: int, mode: str = "strided") -> torch.T
     raise ValueError(f"reduction={mode!r} is not one of: strided, avgpool")
 
 
+REDUCTIONS = ("strided", "avgpool")
+
+# every gate's settings (pfedmoap.settings): a gate reads its own with e.g. D_GATE.of(cfg)
+D_GATE = Setting("d_gate", 128, "gate width d (features reduced from D to d)", kind=int, low=1)
+REDUCTION = Setting("reduction", "strided", "how features are reduced from D to d", kind=str, choices=REDUCTIONS)
+LAM = Setting(
+    "lam", 0.5, "weight of the local logits: logits = l_moe + lambda * l_loc", flag="--lambda", label="lambda"
+)
+LR_GATE = Setting("lr_gate", 0.01, "gate learning rate", low=0.0, strict=True)
+
+
 class Gate(nn.Module):
-    """Base of the registered gates: their name, help line, config checks and construction from a config."""
+    """Base of the registered gates: their name, help line, settings, config checks and construction from a
+    config."""
 
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
+    settings: ClassVar[tuple[Setting, ...]] = (D_GATE, REDUCTION, LAM, LR_GATE)
 
     def forward(
         self,
@@ -78,10 +93,11 @@ class Gate(nn.Module):
     @classmethod
     def check_features(cls, cfg: Config, embed_dim: int) -> None:
         """Refuse a ``d_gate`` that does not fit the model's feature dim (known once the model is loaded)."""
-        if cfg.d_gate > embed_dim or embed_dim % cfg.d_gate:
+        d_gate = D_GATE.of(cfg)
+        if d_gate > embed_dim or embed_dim % d_gate:
             valid = ", ".join(map(str, cls.valid_widths(cfg, embed_dim)))
             raise ConfigError(
-                f"d_gate={cfg.d_gate} does not divide the feature dim {embed_dim} of {cfg.model} (valid: {valid})"
+                f"d_gate={d_gate} does not divide the feature dim {embed_dim} of {cfg.model} (valid: {valid})"
             )
 
 
@@ -104,3 +120,15 @@ def pfedmoap_logits(
         return local_logits, None
     experts = torch.cat([local_text[None], expert_text.to(local_text.dtype)], dim=0)
     return gate(image, experts, gamma=gamma, local_logits=local_logits, lam=lam, need_weights=need_weights)
+
+
+def mixture_scorer(
+    local_text: torch.Tensor, expert_text: torch.Tensor | None, gate: nn.Module | None, gamma: float, lam: float
+) -> Scorer:
+    """A client's classifier with pFedMoAP's logits (:func:`pfedmoap_logits`; the local prompt's alone without a gate
+    or experts), for :meth:`~pfedmoap.client.Client.evaluate_with`."""
+
+    def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return pfedmoap_logits(features, local_text, expert_text, gate, gamma, lam, need_weights)
+
+    return score

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..ops import REFERENCE, OpTable
 from ..registry import register_gate
-from .base import Gate, reduce_features
+from .base import D_GATE, REDUCTION, Gate, reduce_features
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -43,7 +43,7 @@ class LinearGate(Gate):
 
     @classmethod
     def from_config(cls, cfg: Config, ops: OpTable = REFERENCE) -> LinearGate:
-        return cls(cfg.d_gate, cfg.experts + 1, cfg.reduction)
+        return cls(D_GATE.of(cfg), cfg.experts + 1, REDUCTION.of(cfg))
 
     def forward(
         self,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..registry import method_class, register_method
 from . import fedotp, fedpgp, fedprox, local, pfedmoap, promptfl, shared_gate, zeroshot  # noqa: F401  (registers them)
-from .base import EvalState, GlobalState, Method, Payload, PromptObjective, Upload
+from .base import ClientContext, EvalState, GlobalState, Method, Payload, PromptObjective, Upload
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -24,6 +24,7 @@ def create_method(cfg: Config) -> Method:
 
 
 __all__ = [
+    "ClientContext",
     "EvalState",
     "GlobalState",
     "Method",

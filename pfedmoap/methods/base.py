@@ -24,13 +24,13 @@ from torch import nn
 
 from ..client import Client, Objective, Scorer
 from ..errors import ConfigError
-from ..gates import pfedmoap_logits
+from ..gates import mixture_scorer
+from ..gates.base import LAM
 from ..profiling import nvtx_range
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..prompt import PromptEncoder
-    from ..runtime import ClientRuntime
     from ..server import Server
 
 
@@ -43,6 +43,18 @@ class GlobalState(Protocol):
     init_prompt: torch.Tensor
     global_prompt: torch.Tensor
     global_version: int
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What a method's client side may use of the run (:meth:`Method.objective`, :meth:`Method.scorer`): the
+    prompt encoder over the run's classes, CLIP's logit scale gamma, the device, and a fresh gate of the run's kind
+    (with the run's fused ops). The engines' :class:`~pfedmoap.runtime.ClientRuntime` builds it once per run."""
+
+    encoder: PromptEncoder
+    gamma: float
+    device: torch.device
+    make_gate: Callable[[], nn.Module]
 
 
 @dataclass
@@ -206,9 +218,9 @@ class Method:
         """Where the local prompt starts: the downloaded P_g (SPEC §2), else the server's."""
         return payload.global_prompt if payload.global_prompt is not None else state.global_prompt
 
-    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
         """What this client's local update optimises."""
-        return PromptObjective(runtime.encoder, self.start_prompt(state, client, payload), self.cfg.lr_prompt)
+        return PromptObjective(ctx.encoder, self.start_prompt(state, client, payload), self.cfg.lr_prompt)
 
     def upload(self, client: Client, objective: Objective) -> Upload | None:
         """What goes back after training (before DP noise and the wire cast), or None."""
@@ -228,7 +240,7 @@ class Method:
 
     def scorer(
         self,
-        runtime: ClientRuntime,
+        ctx: ClientContext,
         client: Client,
         view: EvalState,
         encoder: PromptEncoder,
@@ -239,14 +251,10 @@ class Method:
         ``text(key, prompts)`` encodes prompts over those classes (cached by ``key`` for the evaluation). Default:
         pFedMoAP's logits (the local prompt's alone without a gate); the handcrafted prompt when ``view`` has none.
         """
-        gamma, lam = runtime.clip.gamma, self.cfg.lam
+        gamma, lam = ctx.gamma, LAM.of(self.cfg)
         local_text = encoder.zero_shot() if view.prompt is None else text(view.key, view.prompt)
         expert_text, gate = None, None
         if view.use_gate:
             expert_text = text(("experts", *view.key), view.expert_prompts)
             gate = client.gate
-
-        def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return pfedmoap_logits(features, local_text, expert_text, gate, gamma, lam, need_weights)
-
-        return score
+        return mixture_scorer(local_text, expert_text, gate, gamma, lam)

@@ -38,22 +38,27 @@ from ..profiling import nvtx_range
 from ..prompt import init_prompt
 from ..registry import register_method
 from ..seeding import Stream, init_generator
+from ..settings import Setting
 from ..transport import transport_logits
-from .base import EvalState, GlobalState, Method, Payload
+from .base import ClientContext, EvalState, GlobalState, Method, Payload
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..prompt import PromptEncoder
-    from ..runtime import ClientRuntime
 
 LOCAL = "local_prompt"  # the name of the local prompt in Client.private
 
 
+EPS = Setting("fedotp_eps", 0.01, "entropic regularisation of the transport", low=0.0, strict=True)
+TOP_PERCENT = Setting("fedotp_top_percent", 0.8, "share of local-feature mass transported", low=0.0, strict=True)
+THRESH = Setting("fedotp_thresh", 1e-3, "Sinkhorn stops when the mean change of log v falls below this", low=0.0)
+MAX_ITER = Setting("fedotp_max_iter", 100, "Sinkhorn iterations at most", kind=int, low=1)
+
+
 def ot_logits(cfg: Config, gamma: float, local_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """FedOTP's logits [B, C] for local features [B, M, D] and the prompts' text features [2, C, D]."""
-    return transport_logits(
-        local_features, text, gamma, cfg.fedotp_eps, cfg.fedotp_top_percent, cfg.fedotp_thresh, cfg.fedotp_max_iter
-    )
+    eps, top, thresh, max_iter = EPS.of(cfg), TOP_PERCENT.of(cfg), THRESH.of(cfg), MAX_ITER.of(cfg)
+    return transport_logits(local_features, text, gamma, eps, top, thresh, max_iter)
 
 
 class TransportObjective(Objective):
@@ -87,6 +92,7 @@ class TransportObjective(Objective):
 class FedOTP(Method):
     name = "fedotp"
     help = "FedOTP: FedAvg'd global + private local prompt, scored by unbalanced OT over local image features"
+    settings = (EPS, TOP_PERCENT, THRESH, MAX_ITER)
     image_features = "local"
 
     def __init__(self, cfg: Config):
@@ -103,10 +109,10 @@ class FedOTP(Method):
     def local_prompt(self, client: Client, width: int) -> torch.Tensor:
         return client.private[LOCAL] if LOCAL in client.private else self.initial_local(width)
 
-    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
         start = self.start_prompt(state, client, payload)
         local = self.local_prompt(client, start.shape[-1])
-        return TransportObjective(self.cfg, runtime.encoder, start, local)
+        return TransportObjective(self.cfg, ctx.encoder, start, local)
 
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         local = self.local_prompt(client, state.global_prompt.shape[-1])
@@ -117,14 +123,14 @@ class FedOTP(Method):
 
     def scorer(
         self,
-        runtime: ClientRuntime,
+        ctx: ClientContext,
         client: Client,
         view: EvalState,
         encoder: PromptEncoder,
         text: Callable[[tuple, torch.Tensor], torch.Tensor],
     ) -> Scorer:
         prompts_text = text(view.key, view.prompt)  # [2, C, D]
-        gamma = runtime.clip.gamma
+        gamma = ctx.gamma
 
         def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             return ot_logits(self.cfg, gamma, features, prompts_text), None

@@ -33,12 +33,17 @@ from ..errors import ConfigError
 from ..profiling import nvtx_range
 from ..registry import register_method
 from ..seeding import Stream, init_generator
-from .base import EvalState, GlobalState, Method, Payload
+from ..settings import Setting
+from .base import ClientContext, EvalState, GlobalState, Method, Payload
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..prompt import PromptEncoder
-    from ..runtime import ClientRuntime
+
+
+BOTTLENECK = Setting("fedpgp_bottleneck", 4, "rank r of the client's low-rank prompt part U V", kind=int, low=1)
+MU = Setting("fedpgp_mu", 0.5, "weight of the contrastive term", low=0.0)
+TEMPERATURE = Setting("fedpgp_temperature", 0.5, "temperature of the contrastive term", low=0.0, strict=True)
 
 
 def contrastive_term(anchor: torch.Tensor, global_text: torch.Tensor, personal_text: torch.Tensor, tau: float):
@@ -78,10 +83,11 @@ class LowRankObjective(Objective):
         personal, global_text = text
         with nvtx_range("step.gate"):
             ce = F.cross_entropy(self.gamma * features @ personal.t(), labels)
-            if cfg.fedpgp_mu <= 0:
+            mu = MU.of(cfg)
+            if mu <= 0:
                 return ce
-            con = contrastive_term(self.anchor, global_text, personal, cfg.fedpgp_temperature)
-            return ce + cfg.fedpgp_mu * con
+            con = contrastive_term(self.anchor, global_text, personal, TEMPERATURE.of(cfg))
+            return ce + mu * con
 
     def private_state(self) -> dict[str, torch.Tensor]:
         return {"u": self.u.detach(), "v": self.v.detach()}
@@ -91,6 +97,7 @@ class LowRankObjective(Objective):
 class FedPGP(Method):
     name = "fedpgp"
     help = "FedPGP: FedAvg'd global prompt + a private low-rank part, with a contrastive term to the hand prompt"
+    settings = (BOTTLENECK, MU, TEMPERATURE)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -99,9 +106,10 @@ class FedPGP(Method):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
-        if cfg.fedpgp_bottleneck > cfg.n_ctx:  # U [n_ctx, r] @ V [r, W] has rank n_ctx at most
+        rank = BOTTLENECK.of(cfg)
+        if rank > cfg.n_ctx:  # U [n_ctx, r] @ V [r, W] has rank n_ctx at most
             raise ConfigError(
-                f"fedpgp_bottleneck={cfg.fedpgp_bottleneck} is above n_ctx={cfg.n_ctx}: the low-rank part's rank "
+                f"fedpgp_bottleneck={rank} is above n_ctx={cfg.n_ctx}: the low-rank part's rank "
                 f"cannot exceed the prompt's length (valid: 1..{cfg.n_ctx})"
             )
 
@@ -109,8 +117,9 @@ class FedPGP(Method):
         """The common initial U [n_ctx, r] and V [r, W] (from the run seed, their own stream)."""
         if self._initial is None or self._initial[1].shape[-1] != width:
             cfg, gen = self.cfg, init_generator(self.cfg.seed, Stream.LOW_RANK)
-            u = torch.randn(cfg.n_ctx, cfg.fedpgp_bottleneck, generator=gen) * cfg.ctx_init_std
-            v = torch.randn(cfg.fedpgp_bottleneck, width, generator=gen) * cfg.ctx_init_std
+            rank = BOTTLENECK.of(cfg)
+            u = torch.randn(cfg.n_ctx, rank, generator=gen) * cfg.ctx_init_std
+            v = torch.randn(rank, width, generator=gen) * cfg.ctx_init_std
             self._initial = (u, v)
         return self._initial
 
@@ -119,10 +128,10 @@ class FedPGP(Method):
             return client.private["u"], client.private["v"]
         return self.initial_factors(width)
 
-    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
         sigma = self.start_prompt(state, client, payload)
         u, v = self.factors(client, sigma.shape[-1])
-        return LowRankObjective(self.cfg, runtime.encoder, sigma, u, v)
+        return LowRankObjective(self.cfg, ctx.encoder, sigma, u, v)
 
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         u, v = self.factors(client, state.global_prompt.shape[-1])

@@ -8,12 +8,12 @@ import torch
 
 from ..client import Client, Objective
 from ..registry import register_method
-from .base import GlobalState, Payload, PromptObjective
+from ..settings import Setting
+from .base import ClientContext, GlobalState, Payload, PromptObjective
 from .promptfl import PromptFL
 
 if TYPE_CHECKING:
     from ..prompt import PromptEncoder
-    from ..runtime import ClientRuntime
 
 
 class ProximalObjective(PromptObjective):
@@ -43,11 +43,15 @@ class ProximalObjective(PromptObjective):
         return loss + 0.5 * self.mu * (state["prompt"] - state["anchor"]).pow(2).sum()
 
 
+MU = Setting("fedprox_mu", 0.01, "weight mu of the proximal term mu / 2 * ||P - P_g||^2", low=0.0)
+
+
 @register_method
 class FedProx(PromptFL):
     name = "fedprox"
     help = "PromptFL + FedProx's proximal term (--fedprox-mu)"
+    settings = (MU,)
 
-    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
         start = self.start_prompt(state, client, payload)
-        return ProximalObjective(runtime.encoder, start, self.cfg.lr_prompt, payload.global_prompt, self.cfg.fedprox_mu)
+        return ProximalObjective(ctx.encoder, start, self.cfg.lr_prompt, payload.global_prompt, MU.of(self.cfg))

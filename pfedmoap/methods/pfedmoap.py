@@ -13,14 +13,14 @@ from torch import nn
 from ..client import Client, Objective
 from ..errors import ConfigError
 from ..gates import pfedmoap_logits
+from ..gates.base import LAM, LR_GATE
 from ..profiling import nvtx_range
-from ..registry import register_method
-from .base import EvalState, GlobalState, Method, Payload, PromptObjective
+from ..registry import method_class, register_method
+from .base import ClientContext, EvalState, GlobalState, Method, Payload, PromptObjective
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..prompt import PromptEncoder
-    from ..runtime import ClientRuntime
     from ..server import Server
 
 
@@ -86,10 +86,8 @@ class PFedMoAP(Method):
 
     @classmethod
     def resolve(cls, cfg: Config) -> type[Method]:
-        if cfg.gate_sharing == "aggregated":
-            from .shared_gate import PFedMoAPSharedGate
-
-            return PFedMoAPSharedGate
+        if cfg.gate_sharing == "aggregated":  # its shared-gate variant (methods/shared_gate.py, a subclass of this)
+            return method_class("pfedmoap-shared-gate")
         return cls
 
     @classmethod
@@ -106,19 +104,19 @@ class PFedMoAP(Method):
         experts = torch.stack([view[j] for j in ids]) if ids else None
         return Payload(global_prompt=server.global_prompt, expert_ids=ids, expert_prompts=experts)
 
-    def encode_experts(self, runtime: ClientRuntime, payload: Payload) -> torch.Tensor:
+    def encode_experts(self, ctx: ClientContext, payload: Payload) -> torch.Tensor:
         """The K frozen experts' text features: encoded once per round, in one batched pass, without grad."""
         with nvtx_range("encode_experts"), torch.no_grad():
-            return runtime.encoder.encode(payload.expert_prompts)
+            return ctx.encoder.encode(payload.expert_prompts)
 
-    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
+    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
         cfg = self.cfg
         start = self.start_prompt(state, client, payload)
         if not payload.expert_ids:  # first participation: the prompt alone, l_loc only
-            return PromptObjective(runtime.encoder, start, cfg.lr_prompt)
-        gate = client.ensure_gate(runtime.make_gate, runtime.device)  # the client's own, created at first use
-        expert_text = self.encode_experts(runtime, payload)
-        return MixtureObjective(runtime.encoder, start, cfg.lr_prompt, gate, expert_text, cfg.lam, cfg.lr_gate)
+            return PromptObjective(ctx.encoder, start, cfg.lr_prompt)
+        gate = client.ensure_gate(ctx.make_gate, ctx.device)  # the client's own, created at first use
+        expert_text = self.encode_experts(ctx, payload)
+        return MixtureObjective(ctx.encoder, start, cfg.lr_prompt, gate, expert_text, LAM.of(cfg), LR_GATE.of(cfg))
 
     def eval_needs_global(self, client: Client) -> bool:
         # a trained client: its own prompt, its experts and its gate (the shared-gate ablation too: the gate it

@@ -21,12 +21,11 @@ from ..client import Client, Objective
 from ..errors import ConfigError
 from ..gates import create_gate
 from ..registry import register_method
-from .base import GlobalState, Payload, Upload
+from .base import ClientContext, GlobalState, Payload, Upload
 from .pfedmoap import MixtureObjective, PFedMoAP
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..runtime import ClientRuntime
     from ..server import Server
 
 PREFIX = "gate."  # wire names of the gate's tensors: "gate.q_proj.weight", ...
@@ -89,8 +88,8 @@ class PFedMoAPSharedGate(PFedMoAP):
             server.extras = {name: server.fedavg({cid: gate[name] for cid, gate in gates.items()}) for name in names}
 
     # ------------------------------------------------------------------------------------ client side
-    def objective(self, runtime: ClientRuntime, state: GlobalState, client: Client, payload: Payload) -> Objective:
-        objective = super().objective(runtime, state, client, payload)
+    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
+        objective = super().objective(ctx, state, client, payload)
         if isinstance(objective, MixtureObjective):
             downloaded = {k[len(PREFIX) :]: v for k, v in payload.extras.items()}
             objective.gate.load_state_dict(downloaded)
