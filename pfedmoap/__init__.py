@@ -21,19 +21,19 @@ from ._version import __version__
 
 # names are loaded on first use (pfedmoap._lazy): the Flower ClientApp must import without torch
 _EXPORTS = {
-    "Client": "client",
-    "FrozenCLIP": "clip",
-    "load_clip": "clip",
+    "Client": "federated.client",
+    "FrozenCLIP": "model.clip",
+    "load_clip": "model.clip",
     "Config": "config",
     "list_presets": "config",
-    "make_config": "plan",
-    "resolve_config": "plan",
+    "make_config": "federated.plan",
+    "resolve_config": "federated.plan",
     "create_dataset": "data",
     "list_datasets": "data",
     "register_dataset": "data",
-    "ConfigError": "errors",
-    "UserError": "errors",
-    "Federation": "federation",
+    "ConfigError": "base.errors",
+    "UserError": "base.errors",
+    "Federation": "engine.federation",
     "AttentionGate": "gates",
     "Gate": "gates",
     "LinearGate": "gates",
@@ -46,34 +46,34 @@ _EXPORTS = {
     "create_method": "methods",
     "OpTable": "ops",
     "select_ops": "ops",
-    "PromptEncoder": "prompt",
-    "register_gate": "registry",
-    "register_method": "registry",
-    "History": "records",
-    "RoundDriver": "rounds",
-    "RoundRecord": "records",
-    "Server": "server",
-    "World": "world",
+    "PromptEncoder": "federated.prompt",
+    "register_gate": "federated.registry",
+    "register_method": "federated.registry",
+    "History": "engine.records",
+    "RoundDriver": "engine.rounds",
+    "RoundRecord": "engine.records",
+    "Server": "federated.server",
+    "World": "engine.world",
 }
 
 if TYPE_CHECKING:
     from .api import resume, run
-    from .client import Client
-    from .clip import FrozenCLIP, load_clip
+    from .base.errors import ConfigError, UserError
     from .config import Config, list_presets
     from .data import create_dataset, list_datasets, register_dataset
-    from .errors import ConfigError, UserError
-    from .federation import Federation
+    from .engine.federation import Federation
+    from .engine.records import History, RoundRecord
+    from .engine.rounds import RoundDriver
+    from .engine.world import World
+    from .federated.client import Client
+    from .federated.plan import make_config, resolve_config
+    from .federated.prompt import PromptEncoder
+    from .federated.registry import register_gate, register_method
+    from .federated.server import Server
     from .gates import AttentionGate, Gate, LinearGate, create_gate, pfedmoap_logits, reduce_features
     from .methods import Method, create_method
+    from .model.clip import FrozenCLIP, load_clip
     from .ops import OpTable, select_ops
-    from .plan import make_config, resolve_config
-    from .prompt import PromptEncoder
-    from .records import History, RoundRecord
-    from .registry import register_gate, register_method
-    from .rounds import RoundDriver
-    from .server import Server
-    from .world import World
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -16,11 +16,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import launch
+from .base.errors import ConfigError, UserError
 from .config import Config
-from .errors import ConfigError, UserError
-from .plan import resolve_config
-from .records import History
+from .engine import launch
+from .engine.records import History
+from .federated.plan import resolve_config
 
 ENGINES = ("local", "flower")
 FLOWER_HINT = "--engine flower needs Flower: pip install 'pfedmoap[flower]'"
@@ -35,7 +35,7 @@ def run(
     federation_config: Mapping[str, Any] | None = None,
     round_timeout: float = 3600.0,
 ) -> History:
-    """Run a whole federation and return its :class:`~pfedmoap.records.History`.
+    """Run a whole federation and return its :class:`~pfedmoap.engine.records.History`.
 
     ``engine="local"``: the in-process simulation; it writes a run directory only with ``out`` (or ``cfg.out``).
     ``engine="flower"``: the same run on Flower's simulation engine through ``flwr run`` on a private local

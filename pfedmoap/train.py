@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import api, profiling, registry
-from .cli import OneLineParser, fail, run_command
+from . import api
+from .base import tracing as profiling
+from .base.cli import OneLineParser, fail, run_command
+from .base.errors import UserError
 from .config import (
     COMM_DTYPES,
     DEFAULT_PRESET,
@@ -31,13 +33,13 @@ from .config import (
     list_presets,
     preset_description,
 )
-from .errors import UserError
-from .graphs import CUDA_GRAPHS
-from .launch import default_run_dir
-from .plan import make_config
-from .precision import PRECISIONS
-from .records import History
-from .rundir import RunDir
+from .engine.launch import default_run_dir
+from .engine.records import History
+from .engine.rundir import RunDir
+from .federated import registry
+from .federated.graphs import CUDA_GRAPHS
+from .federated.plan import make_config
+from .model.precision import PRECISIONS
 
 PROG = "pfedmoap.train"
 
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         head, _, tail = text.partition(" ")
         text = names[head] + (" " + tail if tail else "") if head in names else text
         parser.add_argument(flag, dest=dest, type=kind, help=text)
-    # each plug-in's own settings, from their declarations (pfedmoap.settings)
+    # each plug-in's own settings, from their declarations (pfedmoap.config.settings)
     for name, (setting, owners) in registry.settings().items():
         parser.add_argument(setting.flag, dest=name, type=setting.cli_type(), help=setting.cli_help(", ".join(owners)))
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")

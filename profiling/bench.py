@@ -64,17 +64,18 @@ import torch.nn.functional as F  # noqa: E402
 from refstyle import RefStyleClient, RefStyleGate  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from pfedmoap import comm, ops  # noqa: E402
-from pfedmoap import profiling as prof  # noqa: E402
-from pfedmoap.client import Client, ClientData, TrainSettings  # noqa: E402
-from pfedmoap.clip import FrozenCLIP, load_clip  # noqa: E402
+from pfedmoap import ops  # noqa: E402
+from pfedmoap.base import tracing as prof  # noqa: E402
+from pfedmoap.engine.lockstep import train_together  # noqa: E402
+from pfedmoap.federated import wire as comm  # noqa: E402
+from pfedmoap.federated.client import Client, ClientData, TrainSettings  # noqa: E402
+from pfedmoap.federated.prompt import PromptEncoder, init_prompt  # noqa: E402
+from pfedmoap.federated.selection import KnnSelection  # noqa: E402
+from pfedmoap.federated.server import Server  # noqa: E402
 from pfedmoap.gates import AttentionGate, mixture_scorer, pfedmoap_logits  # noqa: E402
 from pfedmoap.methods.pfedmoap import MixtureObjective  # noqa: E402
+from pfedmoap.model.clip import FrozenCLIP, load_clip  # noqa: E402
 from pfedmoap.ops import OpTable  # noqa: E402
-from pfedmoap.parallel import train_together  # noqa: E402
-from pfedmoap.prompt import PromptEncoder, init_prompt  # noqa: E402
-from pfedmoap.selection import KnnSelection  # noqa: E402
-from pfedmoap.server import Server  # noqa: E402
 
 PAPER_PROMPT_VALUES = 16 * 512  # n_ctx x W for RN50 / ViT-B/16 (SPEC §2)
 SECTIONS = ("bytes", "knn", "gate", "round", "efficiency", "text-encoder", "parallel")
@@ -328,8 +329,8 @@ def bench_bytes(sizes: Sizes, args: argparse.Namespace) -> list[dict]:
     """Bytes per client and round, through the library's round driver: the method's payload, cast for the wire and
     counted by ``RoundDriver.dispatch``."""
     from pfedmoap import make_config
+    from pfedmoap.engine.rounds import RoundDriver
     from pfedmoap.methods import create_method
-    from pfedmoap.rounds import RoundDriver
 
     rows = []
     for k in sorted({9, 19, sizes.experts}):

@@ -40,9 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pfedmoap import make_config  # noqa: E402
-from pfedmoap.clip import load_clip, resolve_device  # noqa: E402
 from pfedmoap.data.registry import DatasetBundle, LabeledImages  # noqa: E402
-from pfedmoap.federation import Federation  # noqa: E402
+from pfedmoap.engine.federation import Federation  # noqa: E402
+from pfedmoap.model.clip import load_clip, resolve_device  # noqa: E402
 
 
 @dataclass

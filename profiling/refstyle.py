@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pfedmoap.clip import FrozenCLIP
 from pfedmoap.gates import reduce_features
+from pfedmoap.model.clip import FrozenCLIP
 
 
 class RefStylePrompts:

@@ -13,9 +13,9 @@ if not torch.cuda.is_available():
     # without a GPU the Triton kernels run on CPU tensors in the interpreter, chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pfedmoap.clip import load_clip  # noqa: E402
 from pfedmoap.data import DatasetOptions, create_dataset  # noqa: E402
-from pfedmoap.plan import make_config  # noqa: E402
+from pfedmoap.federated.plan import make_config  # noqa: E402
+from pfedmoap.model.clip import load_clip  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pfedmoap import ablations
-from pfedmoap.errors import ConfigError, UserError
+from pfedmoap.base.errors import ConfigError, UserError
 from pfedmoap.experiments import main
+from pfedmoap.research import ablations
 
 # a smoke-size world: 4 clients, 2 rounds of 1 epoch on random weights (seconds per run)
 SMOKE_SET = {

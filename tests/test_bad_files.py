@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfedmoap import files
-from pfedmoap.errors import UserError
+from pfedmoap.base import files
+from pfedmoap.base.errors import UserError
 from pfedmoap.train import main
 
 SMALL = ["--pretrained", "none", "--rounds", "2", "--clients", "3", "--experts", "1", "--local-epochs", "1",
@@ -115,7 +115,7 @@ def test_json_of_another_shape_and_a_torn_last_line(tmp_path):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 @pytest.mark.parametrize("kind", ["random", "truncated", "text", "empty"])
 def test_pretrained_weights_that_are_not_weights(tmp_path, capsys, kind, suffix):
-    from pfedmoap.pretrain import shipped_path
+    from pfedmoap.model.pretraining import shipped_path
 
     path = tmp_path / f"weights{suffix}"
     damage(path, kind, shipped_path().read_bytes())
@@ -135,7 +135,7 @@ def test_pretrained_etc_passwd_and_weights_of_another_model(tmp_path, capsys):
 @pytest.mark.parametrize("kind", KINDS)
 def test_damaged_shipped_weights_are_a_damaged_install(tmp_path, capsys, monkeypatch, kind):
     """Not a fallback to minutes of pretraining (which would give this machine another model): one line."""
-    from pfedmoap import pretrain as pt
+    from pfedmoap.model import pretraining as pt
 
     good = pt.shipped_path()
     monkeypatch.setattr(pt, "SHIPPED_DIR", tmp_path / "weights")
@@ -254,7 +254,7 @@ def test_a_damaged_suite_file(tmp_path, capsys, kind):
 # ------------------------------------------------------------------------------------------ read back by reports
 @pytest.mark.parametrize("kind", KINDS)
 def test_reports_read_damaged_metrics_and_summaries_in_one_line(finished_run, tmp_path, kind):
-    from pfedmoap.rundir import read_metrics
+    from pfedmoap.engine.rundir import read_metrics
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
@@ -272,7 +272,7 @@ def test_reports_read_damaged_metrics_and_summaries_in_one_line(finished_run, tm
 # ------------------------------------------------------------------------------------------ the library's own caches
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_damaged_feature_cache_file_is_rebuilt_with_one_log_line(tmp_path, kind):
-    from pfedmoap.feature_cache import FeatureCache
+    from pfedmoap.engine.feature_cache import FeatureCache
 
     said: list[str] = []
     cache = FeatureCache(tmp_path / "cache", said.append)
@@ -315,9 +315,9 @@ def test_a_damaged_node_state_file_is_skipped_and_said(tmp_path, kind):
 def test_a_damaged_image_in_a_dataset_is_one_line(tmp_path, kind):
     from test_real_data import _write_coop
 
+    from pfedmoap.base.errors import ConfigError
     from pfedmoap.data import DatasetOptions, create_dataset
     from pfedmoap.data.real import COOP_DATASETS
-    from pfedmoap.errors import ConfigError
 
     _write_coop(tmp_path, "dtd", train_per_class=1, test_per_class=1)
     folder, image_dir, _, _ = COOP_DATASETS["dtd"]

@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import small_config
 
+from pfedmoap.base.errors import ConfigError
 from pfedmoap.data import DatasetBundle, LabeledImages
 from pfedmoap.data.subsample import base_novel_classes, subsample_classes
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
+from pfedmoap.engine.federation import Federation
+from pfedmoap.engine.records import RoundRecord, harmonic_mean
+from pfedmoap.federated.prompt import PromptEncoder
 from pfedmoap.gates import pfedmoap_logits
-from pfedmoap.prompt import PromptEncoder
-from pfedmoap.records import RoundRecord, harmonic_mean
 
 B2N = dict(subsample="base", eval_split="base2novel")
 
@@ -127,7 +127,7 @@ def test_pfedmoap_novel_classes_use_the_experts_contexts_with_the_novel_names(ti
 
 @pytest.mark.parametrize("method", ["zeroshot", "local", "fedprox", "fedotp", "fedpgp", "pfedmoap-shared-gate"])
 def test_every_method_reports_base_novel_and_hm(tiny_clip, small_world, method, tmp_path) -> None:
-    from pfedmoap.rundir import RunDir
+    from pfedmoap.engine.rundir import RunDir
 
     cfg = small_config(clients=4, experts=2, rounds=2, method=method, **B2N)
     fed = Federation(cfg, clip=tiny_clip, dataset=small_world, log=lambda m: None)
@@ -152,7 +152,7 @@ def test_without_base2novel_the_record_has_no_split_fields(tiny_clip, small_worl
 
 
 def test_experiments_base2novel_table_beside_pfedmma(tmp_path) -> None:
-    from pfedmoap.experiments import PAPER_RESULTS, base2novel_table, run_sweep
+    from pfedmoap.research.sweeps import PAPER_RESULTS, base2novel_table, run_sweep
 
     overrides = dict(
         pretrained="none", rounds=1, local_epochs=1, train_per_class=10, test_per_class=4, clients=4, experts=2

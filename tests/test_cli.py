@@ -132,7 +132,7 @@ def test_print_config_checks_and_prints_without_running(tmp_path, capsys):
 
 
 def test_list_methods_names_every_registered_method_and_gate(capsys):
-    from pfedmoap import registry
+    from pfedmoap.federated import registry
 
     assert main(["--list-methods"]) == 0
     lines = capsys.readouterr().out.splitlines()

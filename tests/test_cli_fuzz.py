@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from pfedmoap import profiling
+from pfedmoap.base import tracing as profiling
 from pfedmoap.train import _OVERRIDES, main
 
 CASES = 1500  # random flag combinations per run of this test

@@ -322,7 +322,7 @@ def _readonly_folder(path: Path, fill) -> Path | None:
 def files(tmp_path_factory):
     from test_real_data import _write_coop
 
-    from pfedmoap.pretrain import shipped_path
+    from pfedmoap.model.pretraining import shipped_path
 
     master = tmp_path_factory.mktemp("master")
     shutil.copy(shipped_path(), master / "weights.safetensors")

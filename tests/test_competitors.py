@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from conftest import small_config
 
-from pfedmoap.clip import FrozenCLIP
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.engine.federation import Federation
 from pfedmoap.methods.fedotp import LOCAL, TransportObjective
 from pfedmoap.methods.fedpgp import LowRankObjective, contrastive_term
-from pfedmoap.transport import transport_logits
+from pfedmoap.methods.transport import transport_logits
+from pfedmoap.model.clip import FrozenCLIP
 
 
 def build(tiny_clip, small_world, **overrides):
@@ -28,7 +28,7 @@ def test_tiny_clip_gives_four_local_features_whose_pooled_token_is_the_image_emb
     assert local.shape == (3, 4, tiny_clip.embed_dim) == (3, tiny_clip.local_feature_count, tiny_clip.embed_dim)
     torch.testing.assert_close(local.norm(dim=-1), torch.ones(3, 4))
     # the same attention pool with every position kept: its position 0 is what encode_image returns
-    from pfedmoap.clip import _attention_pool_all
+    from pfedmoap.model.clip import _attention_pool_all
 
     v = tiny_clip.model.visual
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_fedotp_gradients_reach_both_prompts_through_the_similarities_only(tiny_
     p, q = (t.detach().clone().requires_grad_(True) for t in (obj.prompt, obj.local_prompt))
     text = fed.encoder.encode(torch.stack([p, q]))
     sim = torch.einsum("bmd,ncd->bcmn", feats, text)
-    from pfedmoap.transport import unbalanced_sinkhorn
+    from pfedmoap.methods.transport import unbalanced_sinkhorn
 
     plan = unbalanced_sinkhorn(sim, cfg.fedotp_eps, cfg.fedotp_top_percent, cfg.fedotp_thresh, cfg.fedotp_max_iter)
     logits = tiny_clip.gamma * (plan * sim).sum((-2, -1))

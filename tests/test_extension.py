@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from pfedmoap import ops
+from pfedmoap.federated.prompt import PromptEncoder
+from pfedmoap.federated.selection import KnnSelection
+from pfedmoap.federated.server import Server
 from pfedmoap.ops import cpp, reference
-from pfedmoap.prompt import PromptEncoder
-from pfedmoap.selection import KnnSelection
-from pfedmoap.server import Server
 
 
 @pytest.fixture(autouse=True)

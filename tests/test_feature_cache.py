@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-import pfedmoap.world as world_module
-from pfedmoap.errors import ConfigError
-from pfedmoap.world import World
+import pfedmoap.engine.world as world_module
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.engine.world import World
 from tests.conftest import small_config
 
 
@@ -48,7 +48,7 @@ def test_second_world_loads_the_same_features_without_encoding(tmp_path, monkeyp
 def test_a_fresh_process_loads_the_cache(tmp_path):
     """What a Flower ClientApp process does per message: build the world, ask for its client."""
     code = (
-        "import sys, torch; from tests.conftest import small_config; import pfedmoap.world as w;"
+        "import sys, torch; from tests.conftest import small_config; import pfedmoap.engine.world as w;"
         "calls = [];"
         "real = w.encode_subset;"
         "w.encode_subset = lambda *a, **k: calls.append(1) or real(*a, **k);"

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from pfedmoap.federation import Federation
-from pfedmoap.launch import run
+from pfedmoap.engine.federation import Federation
+from pfedmoap.engine.launch import run
 
 
 def build(tiny_clip, small_world, **overrides):
@@ -170,7 +170,7 @@ def test_image_encoder_runs_once_per_image_unless_augmenting(tiny_clip, small_wo
 
 
 def test_experiments_sweep_writes_table(tmp_path):
-    from pfedmoap.experiments import markdown_table, run_sweep
+    from pfedmoap.research.sweeps import markdown_table, run_sweep
 
     overrides = dict(
         pretrained="none",
@@ -185,7 +185,7 @@ def test_experiments_sweep_writes_table(tmp_path):
     results = run_sweep(["synthetic"], ["zeroshot", "pfedmoap"], [1, 2], tmp_path, overrides, log=lambda m: None)
     table = markdown_table(results)
     pytest.importorskip("matplotlib")
-    from pfedmoap.experiments import write_plots
+    from pfedmoap.research.sweeps import write_plots
 
     written = write_plots(tmp_path, ["synthetic"], ["zeroshot", "pfedmoap"], [1, 2])
     names = sorted(p.name for p in written)
@@ -202,7 +202,7 @@ def test_experiments_sweep_writes_table(tmp_path):
 @pytest.mark.parametrize("preset", ["synthetic", "synthetic-dirichlet", "synthetic-domains"])
 def test_every_preset_builds_and_runs_a_round(tiny_clip, preset):
     from pfedmoap.config import list_presets
-    from pfedmoap.plan import make_config
+    from pfedmoap.federated.plan import make_config
 
     assert preset in list_presets()
     cfg = make_config(preset, pretrained="none", rounds=1, local_epochs=1, progress=False)

@@ -16,13 +16,13 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from pfedmoap.errors import ConfigError, UserError  # noqa: E402
+from pfedmoap.base.errors import ConfigError, UserError  # noqa: E402
+from pfedmoap.engine.rundir import RunDir  # noqa: E402
+from pfedmoap.federated.plan import make_config  # noqa: E402
 from pfedmoap.flower.client_app import node_settings  # noqa: E402
 from pfedmoap.flower.local_link import pid_alive, write_toml_table  # noqa: E402
+from pfedmoap.flower.run_config import APP_CONFIG, config_from_run_config  # noqa: E402
 from pfedmoap.flower.simulation import federation_config_for, write_app  # noqa: E402
-from pfedmoap.flower.task import APP_CONFIG, config_from_run_config  # noqa: E402
-from pfedmoap.plan import make_config  # noqa: E402
-from pfedmoap.rundir import RunDir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,8 +234,8 @@ def test_a_missing_dataset_is_one_line_before_flower_starts(tmp_path, capsys):
 
 
 def test_a_failed_run_is_one_line_and_exit_code_1(capsys):
-    from pfedmoap.cli import run_command
-    from pfedmoap.errors import RunFailed
+    from pfedmoap.base.cli import run_command
+    from pfedmoap.base.errors import RunFailed
 
     def job() -> int:
         raise RunFailed("the Flower run 7 ended finished:failed: boom")

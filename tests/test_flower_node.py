@@ -18,10 +18,10 @@ pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 
+from pfedmoap.flower.messages import STATE_GATE  # noqa: E402
 from pfedmoap.flower.node_state import KEEP, NodeStateStore, message_tag  # noqa: E402
 from pfedmoap.flower.node_worker import socket_path, uses_worker  # noqa: E402
 from pfedmoap.flower.strategy import PFedMoAPStrategy  # noqa: E402
-from pfedmoap.flower.task import STATE_GATE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "ab" * 16
@@ -266,8 +266,8 @@ def test_a_resumed_flower_server_equals_an_uninterrupted_run(tmp_path):
     from the run directory with nodes that have new ids and empty memories: every round equals the uninterrupted
     run's, since each node starts round 3 from its state of the end of round 2 on its disk, not from the round-3
     state it saved before the server died."""
-    from pfedmoap import checkpoint
-    from pfedmoap.rundir import RunDir, read_metrics
+    from pfedmoap.engine import checkpoint
+    from pfedmoap.engine.rundir import RunDir, read_metrics
 
     cfg = cfg_for(rounds=4)
     whole_dir = RunDir.create(tmp_path / "whole")
@@ -309,7 +309,7 @@ def test_a_resumed_flower_server_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_a_run_of_the_other_engine(tmp_path):
-    from pfedmoap.rundir import RunDir
+    from pfedmoap.engine.rundir import RunDir
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     flower_run = RunDir.create(tmp_path / "flower")

@@ -16,8 +16,8 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 from pfedmoap import run  # noqa: E402
-from pfedmoap.plan import make_config  # noqa: E402
-from pfedmoap.rundir import read_metrics  # noqa: E402
+from pfedmoap.engine.rundir import read_metrics  # noqa: E402
+from pfedmoap.federated.plan import make_config  # noqa: E402
 from pfedmoap.train import main  # noqa: E402
 
 # the synthetic preset, 4 clients x 3 rounds, small enough for CI; a learning rate high enough that

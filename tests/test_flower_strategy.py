@@ -23,13 +23,14 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict  # 
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from pfedmoap.errors import ConfigError, UserError  # noqa: E402
-from pfedmoap.federation import Federation  # noqa: E402
+from pfedmoap.base.errors import ConfigError, UserError  # noqa: E402
+from pfedmoap.engine.federation import Federation  # noqa: E402
+from pfedmoap.engine.rundir import RunDir, read_metrics  # noqa: E402
 from pfedmoap.flower.client_app import make_client_app  # noqa: E402
+from pfedmoap.flower.messages import STATE_GATE, UPLOAD  # noqa: E402
+from pfedmoap.flower.run_config import FlowerOptions, config_from_run_config  # noqa: E402
 from pfedmoap.flower.server_app import make_server_app  # noqa: E402
 from pfedmoap.flower.strategy import PFedMoAPStrategy  # noqa: E402
-from pfedmoap.flower.task import STATE_GATE, UPLOAD, FlowerOptions, config_from_run_config  # noqa: E402
-from pfedmoap.rundir import RunDir, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -445,7 +446,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_core_library_never_imports_flwr():
     code = (
         "import sys\n"
-        "import pfedmoap, pfedmoap.train, pfedmoap.federation, pfedmoap.experiments\n"
+        "import pfedmoap, pfedmoap.train, pfedmoap.engine.federation, pfedmoap.experiments\n"
         "from pfedmoap import make_config, run\n"
         "assert 'flwr' not in sys.modules, sorted(m for m in sys.modules if m.startswith('flwr'))\n"
         "sys.modules['flwr'] = None\n"  # and with flwr blocked outright, the core still works
@@ -479,9 +480,12 @@ def test_engine_flower_without_flwr_says_how_to_install():
 def test_a_node_builds_only_its_own_partition(tiny_clip, monkeypatch):
     """A node encodes its own partition's images and nobody else's; a second partition served by the same process
     shares the model and dataset and encodes only its own."""
-    from pfedmoap.flower.task import config_json, node_for
+    from pfedmoap.flower.node import node_for
+    from pfedmoap.flower.run_config import config_json
 
-    monkeypatch.setattr("pfedmoap.world.load_clip", lambda *a, **k: tiny_clip)  # one instance, to count its calls
+    monkeypatch.setattr(
+        "pfedmoap.engine.world.load_clip", lambda *a, **k: tiny_clip
+    )  # one instance, to count its calls
     cfg = cfg_for(clients=4, rounds=1)
     encoded = []
     encode = tiny_clip.encode_images

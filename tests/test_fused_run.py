@@ -15,7 +15,7 @@ import torch
 from conftest import small_config
 
 from pfedmoap import ops
-from pfedmoap.federation import Federation
+from pfedmoap.engine.federation import Federation
 from pfedmoap.ops import reference, triton_gate
 
 pytestmark = pytest.mark.skipif(

@@ -153,8 +153,9 @@ def test_a_gate_written_outside_the_library_plugs_in_by_name(tiny_clip, small_wo
     under its own seed, trained and evaluated through the shared loop."""
     from conftest import small_config
 
-    from pfedmoap import Gate, registry
-    from pfedmoap.federation import Federation
+    from pfedmoap import Gate
+    from pfedmoap.engine.federation import Federation
+    from pfedmoap.federated import registry
 
     monkeypatch.setattr(registry, "_GATES", dict(registry._GATES))  # this test's registration stays in this test
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pfedmoap.graphs as graphs_module
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
-from pfedmoap.graphs import resolve_cuda_graphs
-from pfedmoap.plan import make_config
+import pfedmoap.federated.graphs as graphs_module
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.engine.federation import Federation
+from pfedmoap.federated.graphs import resolve_cuda_graphs
+from pfedmoap.federated.plan import make_config
 from tests.conftest import federation_tensors, small_config
 
 
@@ -55,7 +55,7 @@ def _counting(monkeypatch) -> list[graphs_module.StepGraphs]:
             super().__init__(device)
             made.append(self)
 
-    monkeypatch.setattr("pfedmoap.graphs.StepGraphs", Counting)  # what step_graphs builds
+    monkeypatch.setattr("pfedmoap.federated.graphs.StepGraphs", Counting)  # what step_graphs builds
     return made
 
 

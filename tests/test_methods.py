@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.engine.federation import Federation
 from pfedmoap.gates import mixture_scorer
 from pfedmoap.methods.shared_gate import PREFIX
 
@@ -132,7 +132,7 @@ def test_eval_needs_global_agrees_with_the_eval_state_key(tiny_clip, small_world
     when the client's evaluation key moves with the global version, for trained and never-trained clients alike."""
     from dataclasses import dataclass
 
-    from pfedmoap import registry
+    from pfedmoap.federated import registry
 
     assert set(registry.methods()) >= {method}
     cfg = small_config(method=method, clients=4, frac=0.5, experts=1, rounds=1)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pfedmoap.runtime as runtime_module
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
-from pfedmoap.plan import make_config
+import pfedmoap.engine.runtime as runtime_module
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.engine.federation import Federation
+from pfedmoap.federated.plan import make_config
 from tests.conftest import federation_tensors, small_config
 
 RTOL = 1e-5  # a taller batched GEMM may sum in another order (on these CPUs the results were bit-equal)
@@ -133,7 +133,7 @@ def test_bad_parallel_settings_are_one_line():
         make_config("synthetic", parallel_clients=10, pool_view="live")
     make_config("synthetic", parallel_clients=1, pool_view="live")  # sequential is fine with the live pool
     pytest.importorskip("flwr")
-    from pfedmoap.flower.task import check_flower_config
+    from pfedmoap.flower.run_config import check_flower_config
 
     with pytest.raises(ConfigError, match="parallel_clients=4 applies to the in-process engine"):
         check_flower_config(make_config("synthetic", parallel_clients=4))

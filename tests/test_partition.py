@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from pfedmoap.base.errors import ConfigError
 from pfedmoap.data import partition
-from pfedmoap.errors import ConfigError
 
 
 def labels(classes, per_class):

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import small_config
 
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.engine.federation import Federation
+from pfedmoap.federated.selection import FixedSelection, KnnSelection, RandomSelection
+from pfedmoap.federated.server import Server
 from pfedmoap.gates import AverageGate, pfedmoap_logits
 from pfedmoap.methods import create_method
 from pfedmoap.methods.shared_gate import PREFIX, PFedMoAPSharedGate
-from pfedmoap.selection import FixedSelection, KnnSelection, RandomSelection
-from pfedmoap.server import Server
 
 
 def build(tiny_clip, small_world, **overrides):
@@ -170,7 +170,7 @@ def test_tensorboard_event_file_holds_the_rounds(tiny_clip, small_world, tmp_pat
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pfedmoap.rundir import RunDir
+    from pfedmoap.engine.rundir import RunDir
 
     fed = build(tiny_clip, small_world, tensorboard=True, rounds=2)
     history = fed.run(RunDir.create(tmp_path / "run"))
@@ -187,7 +187,7 @@ def test_tensorboard_event_file_holds_the_rounds(tiny_clip, small_world, tmp_pat
 
 
 def test_tensorboard_is_off_by_default_and_needs_a_run_directory(tiny_clip, small_world, tmp_path) -> None:
-    from pfedmoap.rundir import RunDir
+    from pfedmoap.engine.rundir import RunDir
 
     build(tiny_clip, small_world, rounds=1).run(RunDir.create(tmp_path / "plain"))
     assert not (tmp_path / "plain" / "tensorboard").exists()
@@ -214,7 +214,7 @@ def test_ctx_init_in_coops_form_starts_at_the_hand_written_prompt(tiny_clip, sma
 
 
 def test_ctx_init_pads_with_random_vectors_in_front_and_refuses_too_short_contexts(tiny_clip, small_world) -> None:
-    from pfedmoap.prompt import phrase_embedding
+    from pfedmoap.federated.prompt import phrase_embedding
 
     padded = build(tiny_clip, small_world, ctx_init="a photo of a", n_ctx=6).server.global_prompt
     plain = build(tiny_clip, small_world, n_ctx=6).server.global_prompt

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pfedmoap import precision
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
-from pfedmoap.plan import make_config
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.engine.federation import Federation
+from pfedmoap.federated.plan import make_config
+from pfedmoap.model import precision
 from tests.conftest import small_config
 
 

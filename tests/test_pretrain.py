@@ -15,11 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedmoap import pretrain as pt
-from pfedmoap.errors import UserError
-from pfedmoap.model_configs import CONFIG_DIR, TINY_MODEL, register_model_configs
-from pfedmoap.pretrain import PretrainConfig, ensure_tiny_clip, zero_shot_accuracy
-from pfedmoap.text_encoder import TextTower
+from pfedmoap.base import files
+from pfedmoap.base.errors import UserError
+from pfedmoap.model import pretraining as pt
+from pfedmoap.model.model_configs import CONFIG_DIR, TINY_MODEL, register_model_configs
+from pfedmoap.model.pretraining import PretrainConfig, ensure_tiny_clip, zero_shot_accuracy
+from pfedmoap.model.text_encoder import TextTower
+from pfedmoap.pretrain import main as pretrain_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # 1 thread: tests may share the CPU with other processes, and oversubscribed torch threads are very slow
@@ -133,10 +135,10 @@ def test_ensure_tiny_clip_leaves_no_partial_file(tmp_path: Path, monkeypatch: py
 
 def test_cache_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PFEDMOAP_CACHE", str(tmp_path))
-    assert pt.cache_dir() == tmp_path
+    assert files.cache_dir() == tmp_path
     assert pt.weights_path(TINY).parent == tmp_path
     monkeypatch.delenv("PFEDMOAP_CACHE")
-    assert pt.cache_dir() == Path.home() / ".cache" / "pfedmoap"
+    assert files.cache_dir() == Path.home() / ".cache" / "pfedmoap"
 
 
 def test_zero_shot_accuracy() -> None:
@@ -157,10 +159,10 @@ def test_zero_shot_accuracy() -> None:
 def test_cli_trains_caches_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--steps", "2", "--batch-size", "8", "--threads", "1", "--no-progress"]
     args += ["--cache-dir", str(tmp_path)]
-    assert pt.main(args) == 0
+    assert pretrain_cli(args) == 0
     first = capsys.readouterr().out
     assert "pretrained in" in first and str(tmp_path) in first
-    assert pt.main([*args, "--eval", "--eval-per-class", "1"]) == 0
+    assert pretrain_cli([*args, "--eval", "--eval-per-class", "1"]) == 0
     out = capsys.readouterr().out
     assert "cached" in out
     for style in ("photo", "noisy", "striped", "cluttered", "outline", "faded"):
@@ -172,7 +174,7 @@ def test_cli_trains_caches_and_evaluates(tmp_path: Path, capsys: pytest.CaptureF
 )
 def test_cli_bad_input_is_one_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     try:
-        code = pt.main(args)
+        code = pretrain_cli(args)
     except SystemExit as exc:  # argparse's own errors exit from inside parse_args
         code = exc.code
     assert code == 2
@@ -183,7 +185,7 @@ def test_cli_bad_input_is_one_line(args: list[str], capsys: pytest.CaptureFixtur
 def test_cli_unusable_cache_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    assert pt.main(["--steps", "1", "--batch-size", "2", "--no-progress", "--cache-dir", str(not_a_dir)]) == 2
+    assert pretrain_cli(["--steps", "1", "--batch-size", "2", "--no-progress", "--cache-dir", str(not_a_dir)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cache" in err
 

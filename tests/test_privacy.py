@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from pfedmoap import privacy
-from pfedmoap.federation import Federation
+from pfedmoap.engine.federation import Federation
+from pfedmoap.federated import privacy
 
 pytest.importorskip("dp_accounting")
 
@@ -64,7 +64,7 @@ def test_dp_round_noises_uploads_only_and_accounts(tiny_clip, small_world):
 
 
 def test_dp_needs_an_uploading_method():
-    from pfedmoap.errors import ConfigError
+    from pfedmoap.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="uploads nothing"):
         small_config(method="local", dp_epsilon=10.0)

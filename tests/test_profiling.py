@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import small_config
 
-from pfedmoap import profiling
-from pfedmoap.federation import Federation
-from pfedmoap.profiling import nvtx_range
+from pfedmoap.base import tracing as profiling
+from pfedmoap.base.tracing import nvtx_range
+from pfedmoap.engine.federation import Federation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_decorator_checks_at_call_time():
 
 
 def test_env_var_switches_ranges_on():
-    code = "import pfedmoap.profiling as p; print(p.is_enabled(), p.describe())"
+    code = "import pfedmoap.base.tracing as p; print(p.is_enabled(), p.describe())"
     env = {**os.environ, "PFEDMOAP_NVTX": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("True profiling ranges: on -> nvtx via nvtx")
@@ -246,7 +246,7 @@ def test_bytes_match_the_paper(bench):
 
 
 def test_text_step_flops_counts_causal_pairs(bench, tiny_clip):
-    from pfedmoap.prompt import PromptEncoder
+    from pfedmoap.federated.prompt import PromptEncoder
 
     enc = PromptEncoder(tiny_clip, ["a", "b c"], 4, mode="shared-prefix")
     f = bench.text_step_flops(enc)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import small_config
 
+from pfedmoap.base.errors import ConfigError
 from pfedmoap.data import DatasetOptions, create_dataset
 from pfedmoap.data.real import DEBIAN_FASHION_MNIST
-from pfedmoap.errors import ConfigError
-from pfedmoap.federation import Federation
+from pfedmoap.engine.federation import Federation
 from pfedmoap.train import main
 
 
@@ -252,7 +252,7 @@ def test_domain_dataset_missing_is_one_line(tmp_path, name):
 
 
 def test_paper_table_puts_ours_next_to_the_paper():
-    from pfedmoap.experiments import PAPER_RESULTS, paper_table
+    from pfedmoap.research.sweeps import PAPER_RESULTS, paper_table
 
     assert PAPER_RESULTS["flowers102"]["pfedmoap"] == 98.41 and PAPER_RESULTS["office-caltech10"]["zeroshot"] == 9.40
     assert "pfedmoap-lambda0" not in PAPER_RESULTS["cifar10"]

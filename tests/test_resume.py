@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from pfedmoap.checkpoint import LAST_CHECKPOINT
-from pfedmoap.launch import resume, run
+from pfedmoap.engine.checkpoint import LAST_CHECKPOINT
+from pfedmoap.engine.launch import resume, run
 from pfedmoap.train import main
 
 ARGS = [
@@ -163,7 +163,7 @@ def test_resume_refuses_other_flags(tmp_path, capsys):
 def test_disk_full_on_checkpoint_write_keeps_previous_checkpoint(tmp_path, capsys, monkeypatch):
     import errno
 
-    import pfedmoap.checkpoint as checkpoint
+    import pfedmoap.engine.checkpoint as checkpoint
 
     out = tmp_path / "r"
     real_save = torch.save

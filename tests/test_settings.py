@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pfedmoap import registry
+from pfedmoap.base.errors import ConfigError
 from pfedmoap.config import Config
-from pfedmoap.errors import ConfigError
-from pfedmoap.launch import resume, run
-from pfedmoap.plan import config_from_dict, make_config, resolve_config
-from pfedmoap.rundir import read_metrics
-from pfedmoap.settings import Setting
+from pfedmoap.config.settings import Setting
+from pfedmoap.engine.launch import resume, run
+from pfedmoap.engine.rundir import read_metrics
+from pfedmoap.federated import registry
+from pfedmoap.federated.plan import config_from_dict, make_config, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "pre-settings"
@@ -29,8 +29,8 @@ TIMING = {"seconds", "phase_seconds"}
 OUTSIDE = '''
 """A method from outside the library: PromptFL whose new global prompt is scaled by --shrink-alpha."""
 from pfedmoap.methods.promptfl import PromptFL
-from pfedmoap.registry import register_method
-from pfedmoap.settings import Setting
+from pfedmoap.federated.registry import register_method
+from pfedmoap.config.settings import Setting
 
 ALPHA = Setting("shrink_alpha", 1.0, "scale of the new global prompt", low=0.0, strict=True, high=1.0)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pfedmoap.clip import load_clip
-from pfedmoap.errors import ConfigError
-from pfedmoap.prompt import PromptEncoder, init_prompt
+from pfedmoap.base.errors import ConfigError
+from pfedmoap.federated.prompt import PromptEncoder, init_prompt
+from pfedmoap.model.clip import load_clip
 
 NAMES = ["red circle", "a_very_long_class_name with several words in it", "x", "yellow crescent moon shape"]
 
@@ -85,7 +85,7 @@ def test_refuses_unknown_model():
 
 
 def test_refuses_tower_without_causal_mask(tiny_clip):
-    from pfedmoap.text_encoder import TextTower
+    from pfedmoap.model.text_encoder import TextTower
 
     class Fake(torch.nn.Module):
         def __init__(self):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedmoap.transport import transport_logits, unbalanced_sinkhorn
+from pfedmoap.methods.transport import transport_logits, unbalanced_sinkhorn
 
 
 def naive_plan(sim: np.ndarray, eps: float, top_percent: float, iters: int) -> np.ndarray:

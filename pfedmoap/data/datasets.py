@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from . import synthetic
 from .registry import DatasetBundle, DatasetOptions, LabeledImages, register_dataset
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from ..files import first_line
+from ..base.errors import ConfigError
+from ..base.files import first_line
 from .registry import DatasetBundle, DatasetOptions, LabeledImages, register_dataset
 
 
@@ -84,7 +84,7 @@ def _fashion_root(opts: DatasetOptions) -> Path:
     import os
     import shutil
 
-    from ..pretrain import cache_dir
+    from ..base.files import cache_dir
 
     given = Path(opts.root).expanduser() if opts.root else None
     if given is not None and all((given / "FashionMNIST" / "raw" / f).is_file() for f in _FASHION_FILES):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 
 @dataclass

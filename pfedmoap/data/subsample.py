@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .registry import DatasetBundle, LabeledImages
 
 SUBSAMPLES = ("all", "base", "new")

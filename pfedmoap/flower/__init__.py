@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING  # noqa: E402
 from .._lazy import lazy_exports  # noqa: E402
 
 if TYPE_CHECKING:
+    from .run_config import config_from_run_config
     from .simulation import run_simulation
     from .strategy import PFedMoAPStrategy
-    from .task import config_from_run_config
 
 # loaded on first use: the ClientApp (pfedmoap.flower.client_app) must import without torch
-_EXPORTS = {"run_simulation": "simulation", "PFedMoAPStrategy": "strategy", "config_from_run_config": "task"}
+_EXPORTS = {"run_simulation": "simulation", "PFedMoAPStrategy": "strategy", "config_from_run_config": "run_config"}
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import OneLineParser, run_command
-from ..errors import UserError
+from ..base.cli import OneLineParser, run_command
+from ..base.errors import UserError
 
 PROG = "python -m pfedmoap.flower.credentials"
 LOOPBACK = ("127.0.0.1", "localhost")

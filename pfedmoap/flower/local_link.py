@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import RunFailed
+from ..base.errors import RunFailed
 
 CONNECTION = "pfedmoap-local"  # the connection name in the private FLWR_HOME/config.toml
 STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to answer its health check

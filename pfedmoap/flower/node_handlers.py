@@ -28,25 +28,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..client import Client
-from ..comm import wire_dtype
+from ..federated.client import Client
+from ..federated.wire import wire_dtype
 from ..methods import Payload
+from .messages import CONFIG, METRICS, NOTES, PAYLOAD, STATE_RUN, STATE_TAG, UPLOAD, decode_tensors, encode_tensor
+from .node import Node, node_for, partition_id, save_client_state
 from .node_state import NodeStateStore, message_tag, replace_client_records, state_tag
-from .task import (
-    CONFIG,
-    METRICS,
-    NOTES,
-    PAYLOAD,
-    STATE_RUN,
-    STATE_TAG,
-    UPLOAD,
-    Node,
-    decode_tensors,
-    encode_tensor,
-    node_for,
-    partition_id,
-    save_client_state,
-)
 
 _log = logging.getLogger("pfedmoap")
 

@@ -31,8 +31,7 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from ..files import first_line
-from ..rundir import atomic_file
+from ..base.files import atomic_file, first_line
 
 FORMAT = 1
 KEEP = 3  # states kept per partition: the newest, and enough older ones to redo an interrupted round

@@ -1,7 +1,7 @@
 """The pFedMoAP ServerApp: builds the config, the run directory and the strategy, then runs every round.
 
 The config comes from the run config (``[tool.flwr.app.config]`` in pyproject.toml plus ``flwr run --run-config``
-overrides, see :func:`~pfedmoap.flower.task.config_from_run_config`), also for ``--engine flower``, which submits
+overrides, see :func:`~pfedmoap.flower.run_config.config_from_run_config`), also for ``--engine flower``, which submits
 the run to a local SuperLink with ``flwr run`` (:mod:`~pfedmoap.flower.simulation`). ``resume=true`` continues the
 unfinished run in ``out``.
 """
@@ -16,14 +16,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from .. import checkpoint
 from ..config import Config
-from ..launch import default_run_dir
-from ..plan import resolve_config
-from ..records import History
-from ..rundir import RunDir
+from ..engine import checkpoint
+from ..engine.launch import default_run_dir
+from ..engine.records import History
+from ..engine.rundir import RunDir
+from ..federated.plan import resolve_config
+from .run_config import FlowerOptions, check_flower_config, config_from_run_config
 from .strategy import PFedMoAPStrategy, PromptGrid
-from .task import FlowerOptions, check_flower_config, config_from_run_config
 
 
 def flower_run_dir(cfg: Config, out: str | None) -> str:

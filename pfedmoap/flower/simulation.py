@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint
 from .._version import __version__
+from ..base.errors import ConfigError, RunFailed, UserError
+from ..base.files import read_json
 from ..config import Config
-from ..errors import ConfigError, RunFailed, UserError
-from ..files import read_json
-from ..plan import config_from_dict, resolve_config
-from ..records import History
-from ..rundir import RunDir
+from ..engine import checkpoint
+from ..engine.records import History
+from ..engine.rundir import RunDir
+from ..federated.plan import config_from_dict, resolve_config
 from .local_link import LocalSuperLink, toml_table, write_toml_table
+from .run_config import APP_CONFIG, check_flower_config
 from .server_app import flower_run_dir
-from .task import APP_CONFIG, check_flower_config
 
 # what `flwr run --federation-config` accepts for a simulation (flwr 1.42's SimulationConfig), in its spelling
 FEDERATION_KEYS = (
@@ -71,7 +71,7 @@ def check_node_inputs(cfg: Config) -> None:
     """What every simulated node checks first when it builds its world (device, precision, the dataset under
     ``data_root``), checked once here: they share this machine. A mistake is then one line before Flower starts,
     not every node's traceback in Flower's log (10 nodes without their dataset wrote 11,000 lines)."""
-    from ..world import load_dataset, run_device
+    from ..engine.world import load_dataset, run_device
 
     run_device(cfg)
     if cfg.dataset != "synthetic":  # generated, it cannot be missing
@@ -124,7 +124,7 @@ def run_simulation(
     The simulated nodes share this machine's disk: each saves its client state under ``RUN_DIR/node-states`` (as a
     deployment node does under its ``state-dir``), so that ``resume=True`` continues the run in ``out`` from its
     last checkpoint with every node's gate, and its metrics equal an uninterrupted run's. Raises
-    :class:`~pfedmoap.errors.RunFailed` when Flower reports the run failed.
+    :class:`~pfedmoap.base.errors.RunFailed` when Flower reports the run failed.
     """
     cfg = check_flower_config(resolve_config(cfg))
     cfg = cfg.replace(threads=cfg.threads or 1, progress=False)

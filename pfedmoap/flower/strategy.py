@@ -1,9 +1,9 @@
 """The pFedMoAP Strategy: the library's round driver behind Flower's Message API.
 
 The strategy is only a transport. The server side of every round (sampling, the pool snapshot, each client's
-payload, upload checks, aggregation, DP accounting, the round's record) is :class:`~pfedmoap.rounds.RoundDriver`'s,
-the same object the in-process engine drives; the strategy turns its payloads into messages, replies back into
-uploads, and keeps what only Flower has: node ids, the handshake, timeouts.
+payload, upload checks, aggregation, DP accounting, the round's record) is
+:class:`~pfedmoap.engine.rounds.RoundDriver`'s, the same object the in-process engine drives; the strategy turns its
+payloads into messages, replies back into uploads, and keeps what only Flower has: node ids, the handshake, timeouts.
 
 Unlike FedAvg, every node gets its own payload: P_g plus ITS K experts, in a fresh RecordDict per node. The
 strategy never sees a gate. Flower's node ids are random per run, so nodes are mapped to partition ids by a
@@ -29,35 +29,26 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .._version import __version__
+from ..base.errors import UserError
 from ..config import Config
-from ..errors import UserError
+from ..engine.recorder import RunRecorder
+from ..engine.records import SPLITS, History, RoundRecord
+from ..engine.rounds import RoundDriver
+from ..engine.rundir import RunDir
+from ..federated.plan import plugins, resolve_config
+from ..federated.prompt import initial_prompt
+from ..federated.server import Server
 from ..methods import Payload, Upload
 from ..ops import select_ops
-from ..plan import plugins, resolve_config
-from ..prompt import initial_prompt
-from ..recorder import RunRecorder
-from ..records import SPLITS, History, RoundRecord
-from ..rounds import RoundDriver
-from ..rundir import RunDir
-from ..server import Server
-from .task import (
-    CONFIG,
-    METRICS,
-    NOTES,
-    PAYLOAD,
-    UPLOAD,
-    check_flower_config,
-    config_json,
-    decode_tensors,
-    encode_tensor,
-)
+from .messages import CONFIG, METRICS, NOTES, PAYLOAD, UPLOAD, decode_tensors, encode_tensor
+from .run_config import check_flower_config, config_json
 
 
 def prompt_width(model_name: str) -> int:
     """Token width W of an open_clip architecture's text tower, from its config (no weights are loaded)."""
     import open_clip
 
-    from ..model_configs import register_model_configs
+    from ..model.model_configs import register_model_configs
 
     register_model_configs()
     model_cfg = open_clip.get_model_config(model_name)
@@ -67,7 +58,7 @@ def prompt_width(model_name: str) -> int:
 
 
 class PFedMoAPStrategy(Strategy):
-    """Flower's transport for the :class:`~pfedmoap.rounds.RoundDriver`: sends each sampled node its own payload,
+    """Flower's transport for the :class:`~pfedmoap.engine.rounds.RoundDriver`: sends each sampled node its own payload,
     hands replies to the driver, evaluates every node each round.
 
     Drive it with :meth:`run` (handshake, all rounds, summary) or with Flower's own ``Strategy.start``.
@@ -95,8 +86,8 @@ class PFedMoAPStrategy(Strategy):
         # ever weighs partitions that answered it)
         phrase = None
         if self.cfg.ctx_init is not None:  # CoOp's phrase init needs the text tower's token embeddings
-            from ..clip import load_clip
-            from ..prompt import phrase_embedding
+            from ..federated.prompt import phrase_embedding
+            from ..model.clip import load_clip
 
             clip = load_clip(self.cfg.model, self.cfg.pretrained, torch.device("cpu"), progress=False)
             phrase = phrase_embedding(clip, self.cfg.ctx_init)

@@ -3,15 +3,15 @@
 ``attention`` is the paper's gate (:class:`AttentionGate`); ``linear`` its linear-projection ablation
 (:class:`LinearGate`); ``average`` a learned weighted mean of the experts (:class:`AverageGate`). A new gate is
 one file with a :class:`Gate` subclass decorated with
-:func:`~pfedmoap.registry.register_gate`, imported here.
+:func:`~pfedmoap.federated.registry.register_gate`, imported here.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..federated.registry import gate_class, register_gate
 from ..ops import REFERENCE, OpTable
-from ..registry import gate_class, register_gate
 from .attention import AttentionGate
 from .average import AverageGate
 from .base import Gate, mixture_scorer, pfedmoap_logits, reduce_features

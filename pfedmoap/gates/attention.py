@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
+from ..config.settings import Setting
+from ..federated.registry import register_gate
 from ..ops import REFERENCE, OpTable, reference
-from ..registry import register_gate
-from ..settings import Setting
 from .base import D_GATE, REDUCTION, Gate, reduce_features
 
 if TYPE_CHECKING:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
+from ..config.settings import Setting
 from ..ops import REFERENCE, OpTable
-from ..settings import Setting
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..objective import Scorer
+    from ..federated.objective import Scorer
 
 
 def reduce_features(x: torch.Tensor, dim: int, mode: str = "strided") -> torch.Tensor:
@@ -47,7 +47,7 @@ def reduce_features(x: torch.Tensor, dim: int, mode: str = "strided") -> torch.T
 
 REDUCTIONS = ("strided", "avgpool")
 
-# every gate's settings (pfedmoap.settings): a gate reads its own with e.g. D_GATE.of(cfg)
+# every gate's settings (pfedmoap.config.settings): a gate reads its own with e.g. D_GATE.of(cfg)
 D_GATE = Setting("d_gate", 128, "gate width d (features reduced from D to d)", kind=int, low=1)
 REDUCTION = Setting("reduction", "strided", "how features are reduced from D to d", kind=str, choices=REDUCTIONS)
 LAM = Setting(
@@ -126,7 +126,7 @@ def mixture_scorer(
     local_text: torch.Tensor, expert_text: torch.Tensor | None, gate: nn.Module | None, gamma: float, lam: float
 ) -> Scorer:
     """A client's classifier with pFedMoAP's logits (:func:`pfedmoap_logits`; the local prompt's alone without a gate
-    or experts), for :meth:`~pfedmoap.client.Client.evaluate_with`."""
+    or experts), for :meth:`~pfedmoap.federated.client.Client.evaluate_with`."""
 
     def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         return pfedmoap_logits(features, local_text, expert_text, gate, gamma, lam, need_weights)

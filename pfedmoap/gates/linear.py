@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..federated.registry import register_gate
 from ..ops import REFERENCE, OpTable
-from ..registry import register_gate
 from .base import D_GATE, REDUCTION, Gate, reduce_features
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..registry import method_class, register_method
+from ..federated.registry import method_class, register_method
 from . import fedotp, fedpgp, fedprox, local, pfedmoap, promptfl, shared_gate, zeroshot  # noqa: F401  (registers them)
 from .base import ClientContext, EvalState, GlobalState, Method, Payload, PromptObjective, Upload
 

@@ -8,7 +8,7 @@ state a client is evaluated with (:meth:`Method.eval_state`). Its traits (``trai
 ``uses_gate``) and its config rules (:meth:`Method.check_config`) live on the class too. The round driver, the
 local training loop, accounting and evaluation are shared by all methods.
 
-A new method is one file: a subclass decorated with :func:`~pfedmoap.registry.register_method`, imported in
+A new method is one file: a subclass decorated with :func:`~pfedmoap.federated.registry.register_method`, imported in
 ``pfedmoap/methods/__init__.py``.
 """
 
@@ -22,22 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..client import Client, Objective, Scorer
-from ..errors import ConfigError
+from ..base.errors import ConfigError
+from ..base.tracing import nvtx_range
+from ..federated.client import Client, Objective, Scorer
 from ..gates import mixture_scorer
 from ..gates.base import LAM
-from ..profiling import nvtx_range
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..prompt import PromptEncoder
-    from ..server import Server
+    from ..federated.prompt import PromptEncoder
+    from ..federated.server import Server
 
 
 class GlobalState(Protocol):
     """The server-held prompts a client side may read: the common init P_g^0, the global prompt and its version.
 
-    The in-process :class:`~pfedmoap.server.Server` is one; a Flower node builds one from its messages.
+    The in-process :class:`~pfedmoap.federated.server.Server` is one; a Flower node builds one from its messages.
     """
 
     init_prompt: torch.Tensor
@@ -49,7 +49,7 @@ class GlobalState(Protocol):
 class ClientContext:
     """What a method's client side may use of the run (:meth:`Method.objective`, :meth:`Method.scorer`): the
     prompt encoder over the run's classes, CLIP's logit scale gamma, the device, and a fresh gate of the run's kind
-    (with the run's fused ops). The engines' :class:`~pfedmoap.runtime.ClientRuntime` builds it once per run."""
+    (with the run's fused ops). The engines' :class:`~pfedmoap.engine.runtime.ClientRuntime` builds it once per run."""
 
     encoder: PromptEncoder
     gamma: float
@@ -187,7 +187,7 @@ class Method:
     def check_config(cls, cfg: Config) -> None:
         """Refuse settings this method cannot run with (ConfigError, one line naming the value)."""
         if cfg.gate_sharing == "aggregated" and not cls.uses_gate:
-            from ..registry import methods
+            from ..federated.registry import methods
 
             gated = ", ".join(name for name, m in methods().items() if m.uses_gate)
             raise ConfigError(
@@ -195,7 +195,7 @@ class Method:
                 f"(methods with a gate: {gated})"
             )
         if cfg.dp_epsilon is not None and not cls.supports_dp():
-            from ..registry import methods
+            from ..federated.registry import methods
 
             able = ", ".join(name for name, m in methods().items() if m.supports_dp())
             raise ConfigError(f"dp_epsilon is set but method={cfg.method} {cls.dp_refusal} (DP applies to {able})")

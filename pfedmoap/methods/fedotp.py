@@ -5,8 +5,8 @@ local features by unbalanced optimal transport.
 Each client holds N = 2 prompts: the global one (downloaded as P_g, trained, uploaded, averaged by the server
 weighted by train size) and its local one (trained, never sent). An image's score for class c is the transport
 value between its M local features (the spatial outputs of the image tower before pooling, projected into the
-joint space: :meth:`~pfedmoap.clip.FrozenCLIP.encode_local_images`) and the two prompts' text features of c,
-with the plan from :func:`~pfedmoap.transport.unbalanced_sinkhorn`. Its hyperparameters (the paper's few-shot
+joint space: :meth:`~pfedmoap.model.clip.FrozenCLIP.encode_local_images`) and the two prompts' text features of c,
+with the plan from :func:`~pfedmoap.methods.transport.unbalanced_sinkhorn`. Its hyperparameters (the paper's few-shot
 settings, ``fedotp_*`` in the config):
 
 - ``fedotp_eps`` = 0.01: the entropic regularisation; small values make the plan close to a hard matching of
@@ -33,18 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..client import Client, Objective, Scorer
-from ..profiling import nvtx_range
-from ..prompt import init_prompt
-from ..registry import register_method
-from ..seeding import Stream, init_generator
-from ..settings import Setting
-from ..transport import transport_logits
+from ..base.tracing import nvtx_range
+from ..config.settings import Setting
+from ..federated.client import Client, Objective, Scorer
+from ..federated.prompt import init_prompt
+from ..federated.registry import register_method
+from ..federated.seeding import Stream, init_generator
 from .base import ClientContext, EvalState, GlobalState, Method, Payload
+from .transport import transport_logits
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..prompt import PromptEncoder
+    from ..federated.prompt import PromptEncoder
 
 LOCAL = "local_prompt"  # the name of the local prompt in Client.private
 

@@ -28,17 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..client import Client, Objective
-from ..errors import ConfigError
-from ..profiling import nvtx_range
-from ..registry import register_method
-from ..seeding import Stream, init_generator
-from ..settings import Setting
+from ..base.errors import ConfigError
+from ..base.tracing import nvtx_range
+from ..config.settings import Setting
+from ..federated.client import Client, Objective
+from ..federated.registry import register_method
+from ..federated.seeding import Stream, init_generator
 from .base import ClientContext, EvalState, GlobalState, Method, Payload
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..prompt import PromptEncoder
+    from ..federated.prompt import PromptEncoder
 
 
 BOTTLENECK = Setting("fedpgp_bottleneck", 4, "rank r of the client's low-rank prompt part U V", kind=int, low=1)

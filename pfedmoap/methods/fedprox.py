@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..client import Client, Objective
-from ..registry import register_method
-from ..settings import Setting
+from ..config.settings import Setting
+from ..federated.client import Client, Objective
+from ..federated.registry import register_method
 from .base import ClientContext, GlobalState, Payload, PromptObjective
 from .promptfl import PromptFL
 
 if TYPE_CHECKING:
-    from ..prompt import PromptEncoder
+    from ..federated.prompt import PromptEncoder
 
 
 class ProximalObjective(PromptObjective):

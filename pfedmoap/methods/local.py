@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..client import Client
-from ..registry import register_method
-from ..server import Server
+from ..federated.client import Client
+from ..federated.registry import register_method
+from ..federated.server import Server
 from .base import EvalState, GlobalState, Method, Payload, Upload
 
 

@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..client import Client, Objective
-from ..errors import ConfigError
+from ..base.errors import ConfigError
+from ..base.tracing import nvtx_range
+from ..federated.client import Client, Objective
+from ..federated.registry import method_class, register_method
 from ..gates import pfedmoap_logits
 from ..gates.base import LAM, LR_GATE
-from ..profiling import nvtx_range
-from ..registry import method_class, register_method
 from .base import ClientContext, EvalState, GlobalState, Method, Payload, PromptObjective
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..prompt import PromptEncoder
-    from ..server import Server
+    from ..federated.prompt import PromptEncoder
+    from ..federated.server import Server
 
 
 class MixtureObjective(PromptObjective):

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..client import Client, Objective
-from ..errors import ConfigError
+from ..base.errors import ConfigError
+from ..federated.client import Client, Objective
+from ..federated.registry import register_method
 from ..gates import create_gate
-from ..registry import register_method
 from .base import ClientContext, GlobalState, Payload, Upload
 from .pfedmoap import MixtureObjective, PFedMoAP
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..server import Server
+    from ..federated.server import Server
 
 PREFIX = "gate."  # wire names of the gate's tensors: "gate.q_proj.weight", ...
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..client import Client
-from ..registry import register_method
+from ..federated.client import Client
+from ..federated.registry import register_method
 from .base import EvalState, GlobalState, Method
 
 

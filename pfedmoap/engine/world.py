@@ -1,0 +1,273 @@
+"""A run's world, built from its config alone: the dataset, the frozen CLIP, the partition, the prompt encoder and
+each client's data (its split and the frozen image features of its images).
+
+Every engine builds the same world from the same config: the in-process engine builds every client; a Flower
+node builds only its own (:meth:`World.client_data` encodes one client's images on demand). A client's features
+are encoded from that client's images alone, in its split's order, so they do not depend on which other clients
+a process builds.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..base.errors import ConfigError
+from ..data import DatasetBundle, DatasetOptions, create_dataset, partition
+from ..data.subsample import subsample_classes
+from ..federated import plan
+from ..federated.client import Client, ClientData
+from ..federated.graphs import resolve_cuda_graphs
+from ..federated.prompt import PromptEncoder, initial_prompt, phrase_embedding
+from ..federated.seeding import Stream, client_seed, stream
+from ..model.clip import FrozenCLIP, load_clip, resolve_device
+from ..model.features import encode_subset
+from ..model.precision import autocast, check_precision
+from ..ops import REFERENCE, OpTable
+from . import feature_cache
+from .feature_cache import FeatureCache
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..federated.plan import Plugins
+
+
+def split_clients(cfg: Config, bundle: DatasetBundle) -> list[partition.ClientSplit]:
+    """The partition named by ``cfg.partition``, drawn from the run's partition stream."""
+    rng = stream(cfg.seed, Stream.PARTITION)
+    tr, te = bundle.train.labels, bundle.test.labels
+    if cfg.partition == "pathological":
+        return partition.pathological(tr, te, cfg.clients, cfg.shots, rng, num_classes=bundle.num_classes)
+    if cfg.partition == "dirichlet":
+        return partition.dirichlet(tr, te, cfg.clients, cfg.dirichlet_alpha, rng, cfg.min_client_size)
+    if cfg.partition == "domain-dirichlet":
+        if bundle.train.domains is None:
+            raise ConfigError(f"partition=domain-dirichlet needs a dataset with domains; {bundle.name} has none")
+        return partition.domain_dirichlet(
+            tr,
+            te,
+            bundle.train.domains,
+            bundle.test.domains,
+            cfg.clients,
+            cfg.dirichlet_alpha,
+            rng,
+            cfg.min_client_size,
+        )
+    return partition.iid(tr, te, cfg.clients, rng)
+
+
+@dataclass
+class EvalSet:
+    """A test set every client is scored on besides its own split (``--eval-split base2novel``: all base classes'
+    test images over the base label space, all novel classes' over the novel one)."""
+
+    name: str
+    encoder: PromptEncoder  # over this set's label space
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
+def run_device(cfg: Config) -> torch.device:
+    """The config's device, after the settings that depend on it (precision; CUDA graphs, which need CUDA) are
+    checked: each mistake is one line, before anything is built."""
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    resolve_cuda_graphs(cfg.cuda_graphs, device)
+    return device
+
+
+def load_dataset(cfg: Config) -> DatasetBundle:
+    """The config's whole dataset (every client's images), from ``data_root`` or generated (synthetic)."""
+    options = DatasetOptions(
+        root=cfg.data_root,
+        domains=cfg.domains,
+        train_per_class=cfg.train_per_class,
+        test_per_class=cfg.test_per_class,
+        seed=cfg.data_seed,
+    )
+    return create_dataset(cfg.dataset, options)
+
+
+class World:
+    """The data side of a run. Cheap parts (labels, the partition, the encoder's frozen token embeddings) are built
+    at once; a client's image features when :meth:`client_data` first asks for them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        ops: OpTable = REFERENCE,
+        clip: FrozenCLIP | None = None,
+        dataset: DatasetBundle | None = None,
+        log: Callable[[str], None] | None = None,
+        plugins: Plugins | None = None,
+    ):
+        self.cfg = cfg
+        self.plugins = plugins = plugins or plan.plugins(cfg)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.device = run_device(cfg)
+        # the data first: a missing dataset should fail before a model is loaded or pretrained
+        full = dataset or load_dataset(cfg)
+        self.full_dataset = full
+        # --subsample: the label space clients see (CoOp's base-to-novel protocol trains on the base half)
+        self.dataset = subsample_classes(full, cfg.subsample)
+        self.clip = clip or load_clip(cfg.model, cfg.pretrained, self.device, progress=cfg.progress)
+        method = plugins.method
+        if method.uses_gate:
+            plugins.gate.check_features(cfg, self.clip.embed_dim)
+        # "local": the method scores the image's local features (FedOTP), so those are what the cache keeps
+        self.local_features = method.image_features == "local"
+        if self.local_features and self.clip.local_feature_kind is None:
+            raise ConfigError(
+                f"method={cfg.method} needs local image features, and model={cfg.model}'s image tower exposes "
+                "none (valid: ModifiedResNet towers such as RN50 and pfedmoap-tiny, or ViTs)"
+            )
+        self.splits = split_clients(cfg, self.dataset)
+        self.encoder = PromptEncoder(
+            self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=ops.assemble_prompts
+        )
+        phrase = phrase_embedding(self.clip, cfg.ctx_init) if cfg.ctx_init is not None else None
+        self.init_prompt = initial_prompt(cfg, self.clip.width, phrase)  # P_g^0: the common start of every prompt
+        self._data: dict[int, ClientData] = {}
+        self.feature_cache = None
+        if cfg.feature_cache is not None:
+            if Path(cfg.feature_cache).exists() and not Path(cfg.feature_cache).is_dir():
+                raise ConfigError(f"feature_cache={cfg.feature_cache!r} is a file; it must be a folder (or not exist)")
+            self.feature_cache = FeatureCache(cfg.feature_cache, self.log)
+        self._tower_fingerprint: str | None = None
+        self._eval_sets: list[EvalSet] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.splits)
+
+    @property
+    def train_sizes(self) -> list[int]:
+        """Training-set size of every client (FedAvg's weights), from the partition alone."""
+        return [len(s.train) for s in self.splits]
+
+    @property
+    def built(self) -> list[int]:
+        """The clients whose data this process has built (encoded) so far."""
+        return sorted(self._data)
+
+    def client_data(self, cid: int) -> ClientData:
+        """Client ``cid``'s labels and frozen image features (encoded once, then kept)."""
+        if not 0 <= cid < self.num_clients:
+            raise ConfigError(f"client {cid} is outside 0..{self.num_clients - 1}")
+        if cid not in self._data:
+            self._data[cid] = self._cached(cid)
+        return self._data[cid]
+
+    def _cached(self, cid: int) -> ClientData:
+        """Client ``cid``'s data from the feature cache when it holds them for exactly this client, else encoded
+        (and stored there)."""
+        cache, key = self.feature_cache, None
+        if cache is not None:
+            key = feature_cache.client_key(self._feature_parts(), self.splits[cid].train, self.splits[cid].test)
+            stored = cache.load(cid, key)
+            if stored is not None:
+                return self._from_cache(cid, stored)
+        with autocast(self.cfg.precision, self.device):  # the frozen image encoder's forward (features: fp32)
+            data = self._encode(cid)
+        if cache is not None:
+            cache.store(cid, key, {"train_features": data.train_features, "test_features": data.test_features})
+        return data
+
+    def _feature_parts(self) -> dict[str, Any]:
+        """What a client's features depend on besides its split (pfedmoap.engine.feature_cache)."""
+        cfg = self.cfg
+        if self._tower_fingerprint is None:
+            self._tower_fingerprint = feature_cache.tower_fingerprint(self.clip.model.visual)
+        return {
+            "model": cfg.model,
+            "tower": self._tower_fingerprint,
+            "dataset": self.full_dataset.name,
+            "data_root": cfg.data_root,
+            "domains": cfg.domains,
+            "train_per_class": cfg.train_per_class,
+            "test_per_class": cfg.test_per_class,
+            "data_seed": cfg.data_seed,
+            "subsample": cfg.subsample,
+            "images": [len(self.dataset.train), len(self.dataset.test)],
+            "image_size": self.clip.image_size,
+            "precision": cfg.precision,
+            "local_features": self.local_features,
+            "augment": cfg.augment,
+        }
+
+    def _encode(self, cid: int) -> ClientData:
+        cfg, data, split = self.cfg, self.dataset, self.splits[cid]
+        batch = cfg.eval_batch_size
+        # the frozen image encoder runs once per image; with augmentation, train features are per batch
+        local = self.local_features
+        train_features = None if cfg.augment else encode_subset(self.clip, data.train, split.train, batch, local=local)
+        test_features = encode_subset(self.clip, data.test, split.test, batch, local=local)
+        return self._client_data(cid, train_features, test_features)
+
+    def _from_cache(self, cid: int, stored: dict[str, torch.Tensor | None]) -> ClientData:
+        train, test = stored["train_features"], stored["test_features"]
+        assert test is not None  # the checksum covers what store() wrote
+        return self._client_data(cid, None if train is None else train.to(self.device), test.to(self.device))
+
+    def _client_data(self, cid: int, train_features: torch.Tensor | None, test_features: torch.Tensor) -> ClientData:
+        data, split = self.dataset, self.splits[cid]
+        images = None
+        if self.cfg.augment:
+            imgs = data.train.images
+            images = (
+                imgs[torch.as_tensor(split.train)]
+                if isinstance(imgs, torch.Tensor)
+                else torch.stack([imgs[int(i)] for i in split.train])
+            )
+        return ClientData(
+            train_labels=torch.as_tensor(data.train.labels[split.train], dtype=torch.long),
+            test_labels=torch.as_tensor(data.test.labels[split.test], dtype=torch.long),
+            test_features=test_features,
+            train_features=train_features,
+            train_images=images,
+            local_features=self.local_features,
+        )
+
+    def new_client(self, cid: int) -> Client:
+        """A fresh client ``cid`` (its own seed, no state yet) over its data."""
+        return Client(cid, self.client_data(cid), client_seed(self.cfg.seed, cid))
+
+    def new_clients(self, progress: bool = False) -> list[Client]:
+        """Every client, fresh; encodes all their images."""
+        ids = tqdm(range(self.num_clients), desc="image features", disable=not progress, leave=False)
+        return [self.new_client(cid) for cid in ids]
+
+    def zero_shot_text(self) -> torch.Tensor:
+        """The handcrafted "a photo of a {class}." text features (computed once)."""
+        return self.encoder.zero_shot()
+
+    def eval_sets(self) -> list[EvalSet]:
+        """The shared evaluation sets of ``cfg.eval_split`` (none for "local"), encoded once on first use."""
+        if self._eval_sets is None:
+            self._eval_sets = []
+            if self.cfg.eval_split == "base2novel":
+                novel = subsample_classes(self.full_dataset, "new")
+                self._eval_sets = [
+                    self._eval_set("base", self.encoder, self.dataset),
+                    self._eval_set("novel", self._encoder_for(novel.classnames), novel),
+                ]
+        return self._eval_sets
+
+    def _encoder_for(self, classnames: list[str]) -> PromptEncoder:
+        cfg = self.cfg
+        return PromptEncoder(
+            self.clip, classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=self.encoder.assemble_prompts
+        )
+
+    def _eval_set(self, name: str, encoder: PromptEncoder, bundle: DatasetBundle) -> EvalSet:
+        rows = np.arange(len(bundle.test))
+        with autocast(self.cfg.precision, self.device):
+            feats = encode_subset(self.clip, bundle.test, rows, self.cfg.eval_batch_size, local=self.local_features)
+        return EvalSet(name, encoder, feats, torch.as_tensor(bundle.test.labels, dtype=torch.long))
