@@ -110,9 +110,9 @@ step paper-run 200 "$PY" profiling/paper_run.py --size "$SIZE" --device "$DEVICE
 # benchmarks: the ops first (cheap), then client-parallel training and the client round at paper shapes
 BENCH_SIZE=$SIZE
 [ "$DRY" = 1 ] && BENCH_SIZE=smoke
-step bench-ops 60 "$PY" profiling/bench.py gate knn bytes --size "$BENCH_SIZE" --device "$DEVICE" \
+step bench-ops 60 "$PY" -m profiling.bench gate knn bytes --size "$BENCH_SIZE" --device "$DEVICE" \
     --json "$OUT/bench-ops.json" --markdown "$OUT/bench-ops.md"
-step bench-round 90 "$PY" profiling/bench.py parallel round --size "$BENCH_SIZE" --device "$DEVICE" \
+step bench-round 90 "$PY" -m profiling.bench parallel round --size "$BENCH_SIZE" --device "$DEVICE" \
     --no-accuracy-round --json "$OUT/bench-round.json" --markdown "$OUT/bench-round.md"
 cat "$OUT"/paper-run.md "$OUT"/smoke/smoke.md "$OUT"/bench-*.md 2>/dev/null
 

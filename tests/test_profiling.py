@@ -177,18 +177,10 @@ def test_torch_profiler_summary_on_cpu(tiny_clip, small_world, tmp_path):
     assert not profiling.is_enabled()
 
 
-# ------------------------------------------------------------------------------------------ bench.py
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("pfedmoap_bench", ROOT / "profiling" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
+# ------------------------------------------------------------------------------------------ profiling/bench
 @pytest.fixture(scope="module")
 def bench():
-    return _load_bench()
+    return importlib.import_module("profiling.bench")  # the repository root is on sys.path, as for python -m
 
 
 def test_bench_smoke_end_to_end(bench, tmp_path, capsys):

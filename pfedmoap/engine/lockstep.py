@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 def default_parallel_clients(device: torch.device) -> int:
     """How many sampled clients train together when ``--parallel-clients`` is not given (0: all of a round's): all
     on CUDA (a step is bound by kernel launches there), one on CPU (the sequential order reproduces the published
-    CPU numbers bit for bit; lock step was faster on CPU too in profiling/bench.py parallel, but changes the
+    CPU numbers bit for bit; lock step was faster on CPU too in python -m profiling.bench parallel, but changes the
     float rounding of some runs)."""
     return 0 if device.type == "cuda" else 1
 

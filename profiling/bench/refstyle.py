@@ -1,7 +1,7 @@
 """A cost model of the reference code's training pattern, for side-by-side benchmarks (not used by the library).
 
 It computes the same function as the library (same logits for the same weights and images, up to float
-rounding: ``bench.py`` checks this), but pays what the reference implementation's pattern pays:
+rounding: the ``round`` section checks this), but pays what the reference implementation's pattern pays:
 
 - the frozen image encoder runs on every training batch (no feature cache);
 - every prompt is the full context_length (77) tokens: no truncation at the EOT, no shared prefix;
