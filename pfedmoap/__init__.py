@@ -45,6 +45,7 @@ _EXPORTS = {
     "Method": "methods",
     "create_method": "methods",
     "OpTable": "ops",
+    "Setting": "config.settings",
     "select_ops": "ops",
     "PromptEncoder": "federated.prompt",
     "register_gate": "federated.registry",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from .api import resume, run
     from .base.errors import ConfigError, UserError
     from .config import Config, list_presets
+    from .config.settings import Setting
     from .data import create_dataset, list_datasets, register_dataset
     from .engine.federation import Federation
     from .engine.records import History, RoundRecord
@@ -94,6 +96,7 @@ __all__ = [
     "RoundDriver",
     "RoundRecord",
     "Server",
+    "Setting",
     "UserError",
     "World",
     "__version__",

@@ -118,3 +118,14 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
             if theirs is None or theirs[0] > own[0] or (theirs[0] == own[0] and theirs[1] != own[1]):
                 wrong.append(f"{name} -> {target}")
     assert wrong == []
+
+
+def test_the_public_names_stay_importable() -> None:
+    """Every name pfedmoap/__init__.py hands on resolves (they are loaded lazily, so a moved module would only
+    show when the name is first used)."""
+    import pfedmoap
+
+    assert all(getattr(pfedmoap, name) is not None for name in pfedmoap.__all__)
+    assert {"run", "resume", "make_config", "Setting", "register_method", "Federation", "History"} <= set(
+        pfedmoap.__all__
+    )

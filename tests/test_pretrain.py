@@ -246,3 +246,18 @@ def test_shipped_weights_give_the_documented_zero_shot_accuracy() -> None:
         torch.set_num_threads(previous)
     for style, expected in pt.SHIPPED_ZERO_SHOT.items():
         assert abs(acc[style] - expected) <= 0.01, (style, acc[style], expected)
+
+
+def test_installed_copy_finds_the_shipped_weights_of_the_installed_distribution() -> None:
+    """What a Flower FAB's unpacked code (which has no weights folder) falls back to: the same file, under the same
+    path below the package's folder, in the installed distribution (here the editable install of this checkout)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("pfedmoap")
+    except metadata.PackageNotFoundError:
+        pytest.skip("pfedmoap is not installed (pip install -e .)")
+    shipped = pt.shipped_path()
+    found = pt.installed_copy(shipped)
+    assert found is not None and found.resolve().read_bytes() == shipped.read_bytes()
+    assert found.relative_to(found.parents[3]).as_posix() == f"pfedmoap/model/weights/{shipped.name}"

@@ -28,9 +28,8 @@ TIMING = {"seconds", "phase_seconds"}
 
 OUTSIDE = '''
 """A method from outside the library: PromptFL whose new global prompt is scaled by --shrink-alpha."""
+from pfedmoap import Setting, register_method
 from pfedmoap.methods.promptfl import PromptFL
-from pfedmoap.federated.registry import register_method
-from pfedmoap.config.settings import Setting
 
 ALPHA = Setting("shrink_alpha", 1.0, "scale of the new global prompt", low=0.0, strict=True, high=1.0)
 

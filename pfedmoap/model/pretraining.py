@@ -44,7 +44,7 @@ _MAX_LOGIT_SCALE = math.log(100.0)
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 EVAL_SEED = 12345  # the CLI's evaluation images stay the same whatever the training seed
 
-# The default config's weights ship inside the package (pfedmoap/weights/), so a new user's first run needs no
+# The default config's weights ship inside the package (pfedmoap/model/weights/), so a new user's first run needs no
 # pretraining and every machine runs the same model (pretraining on another CPU type gives other weights).
 # Rebuild with `python -m pfedmoap.pretrain --force --ship` after changing the world, the model or the recipe.
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
@@ -281,7 +281,7 @@ def installed_copy(path: Path) -> Path | None:
     has them."""
     from importlib import metadata
 
-    relative = path.relative_to(SHIPPED_DIR.parent.parent)  # pfedmoap/weights/<name>
+    relative = path.relative_to(SHIPPED_DIR.parents[2])  # pfedmoap/model/weights/<name>, from the package's folder
     try:
         dist = metadata.distribution("pfedmoap")
     except metadata.PackageNotFoundError:
