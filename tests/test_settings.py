@@ -138,3 +138,35 @@ def test_a_run_folder_from_before_the_move_resumes_exactly(tmp_path: Path, name:
 
     assert len(results(resumed)) == 2
     assert results(resumed) == results(fresh)
+
+
+def test_an_outside_module_that_cannot_be_imported_is_one_line(monkeypatch, capsys) -> None:
+    from pfedmoap.federated import registry
+    from pfedmoap.train import main
+
+    monkeypatch.setenv("PFEDMOAP_PLUGINS", "no_such_plugin_module")
+    monkeypatch.setattr(registry, "_outside_loaded", False)
+    assert main(["--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "pfedmoap.train: error: PFEDMOAP_PLUGINS names module 'no_such_plugin_module', which cannot be imported "
+        "(ModuleNotFoundError: No module named 'no_such_plugin_module')"
+    ]
+    monkeypatch.delenv("PFEDMOAP_PLUGINS")
+    assert main(["--print-config"]) == 0  # nothing was left half-loaded
+
+
+def test_the_library_calls_refuse_a_bad_engine(tmp_path: Path) -> None:
+    import pfedmoap
+    from pfedmoap.base.errors import UserError
+
+    with pytest.raises(ConfigError, match=r"^engine='ray' is not one of: local, flower$"):
+        pfedmoap.run(make_config(None), engine="ray")
+    made = tmp_path / "made-by-flower"
+    shutil.copytree(FIXTURES / "fedprox", made)
+    data = json.loads((made / "config.json").read_text())
+    data["_meta"]["engine"] = "flower"
+    (made / "config.json").write_text(json.dumps(data))
+    (made / "summary.json").unlink()
+    with pytest.raises(UserError, match="was made with --engine flower; resume it with --engine flower, not local$"):
+        pfedmoap.resume(made, engine="local")
