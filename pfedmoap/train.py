@@ -96,6 +96,21 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
 ]
 
 
+def override_table() -> list[tuple[str, str, Any, str]]:
+    """The shared config's flags as (flag, config field, type, help), with the registered plug-ins' names filled
+    into the help lines; each plug-in's own flags come from its settings (``registry.settings()``)."""
+    names = {
+        "METHODS": " | ".join(registry.methods()),
+        "GATES": " | ".join(registry.gates()),
+        "SELECTIONS": " | ".join(registry.selections()),
+    }
+    table = []
+    for flag, dest, kind, text in _OVERRIDES:
+        head, _, tail = text.partition(" ")
+        table.append((flag, dest, kind, names[head] + (" " + tail if tail else "") if head in names else text))
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m pfedmoap.train",
@@ -117,14 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: in-process simulation (default); flower: Flower's simulation engine via flwr run on a local "
         "SuperLink, one SuperNode per client",
     )
-    names = {
-        "METHODS": " | ".join(registry.methods()),
-        "GATES": " | ".join(registry.gates()),
-        "SELECTIONS": " | ".join(registry.selections()),
-    }
-    for flag, dest, kind, text in _OVERRIDES:
-        head, _, tail = text.partition(" ")
-        text = names[head] + (" " + tail if tail else "") if head in names else text
+    for flag, dest, kind, text in override_table():
         parser.add_argument(flag, dest=dest, type=kind, help=text)
     # each plug-in's own settings, from their declarations (pfedmoap.config.settings)
     for name, (setting, owners) in registry.settings().items():

@@ -67,3 +67,33 @@ def small_config(**overrides):
     )
     base.update(overrides)
     return make_config("synthetic", **base)
+
+
+# python -m pfedmoap.train's value flags in the order of its override table before the plug-ins owned their settings
+# (the plug-in flags were interleaved). The command-line fuzzers draw from this list, so they keep drawing the cases
+# (and, in tests/test_cli_fuzz_run.py, the outcome counts) they were written with.
+FLAGS_BEFORE_SETTINGS_MOVED = (
+    "--method --dataset --data-root --model --pretrained --partition --clients --frac --rounds --local-epochs "
+    "--batch-size --shots --dirichlet-alpha --min-client-size --domains --train-per-class --test-per-class "
+    "--data-seed --n-ctx --ctx-init --text-encoder --experts --gate --lambda --d-gate --heads --attn-scale "
+    "--reduction --expert-selection --expert-distance --gate-sharing --pool-view --parallel-clients --lr-prompt "
+    "--lr-gate --momentum --weight-decay --fedprox-mu --fedotp-eps --fedotp-top-percent --fedotp-thresh "
+    "--fedotp-max-iter --fedpgp-bottleneck --fedpgp-mu --fedpgp-temperature --subsample --eval-split "
+    "--client-dropout --max-prompt-norm --dp-epsilon --dp-delta --dp-clip --seed --device --threads --comm-dtype "
+    "--feature-cache --precision --cuda-graphs --eval-batch-size --out"
+).split()
+
+
+def cli_value_flags() -> list[tuple]:
+    """Every value flag of python -m pfedmoap.train as (flag, config key, type, help): the shared config's and every
+    registered plug-in's, in FLAGS_BEFORE_SETTINGS_MOVED's order (a flag added since goes last). A plug-in flag with
+    choices lists them as its help, ``a | b``, as the override table did."""
+    from pfedmoap.federated import registry
+    from pfedmoap.train import override_table
+
+    rows = {row[0]: row for row in override_table()}
+    for name, (setting, _) in registry.settings().items():
+        text = " | ".join(setting.choices) if setting.choices else setting.help
+        rows[setting.flag] = (setting.flag, name, setting.cli_type(), text)
+    order = {flag: i for i, flag in enumerate(FLAGS_BEFORE_SETTINGS_MOVED)}
+    return sorted(rows.values(), key=lambda row: order.get(row[0], len(order)))

@@ -12,9 +12,10 @@ import json
 import random
 
 import pytest
+from conftest import cli_value_flags
 
 from pfedmoap.base import tracing as profiling
-from pfedmoap.train import _OVERRIDES, main
+from pfedmoap.train import main
 
 CASES = 1500  # random flag combinations per run of this test
 
@@ -50,7 +51,7 @@ def _case(rng: random.Random, tmp) -> list[str]:
     for _ in range(rng.randint(0, 6)):
         roll = rng.random()
         if roll < 0.75:
-            flag, _, kind, text = rng.choice(_OVERRIDES)
+            flag, _, kind, text = rng.choice(cli_value_flags())
             good, bad = _values_for(flag, kind, text, tmp)
             argv += [flag, rng.choice(good if rng.random() < 0.7 else bad)]
         elif roll < 0.82:

@@ -28,8 +28,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import cli_value_flags
 
-from pfedmoap.train import _OVERRIDES, main
+from pfedmoap.train import main
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +178,7 @@ def _case(rng: random.Random, files: Files) -> tuple[list[str], list[tuple[str, 
     for _ in range(rng.randint(0, 3)):
         roll = rng.random()
         if roll < 0.55:
-            flag, _, kind, text = rng.choice([o for o in _OVERRIDES if o[0] not in SKIP])
+            flag, _, kind, text = rng.choice([o for o in cli_value_flags() if o[0] not in SKIP])
             good, bad = _values(flag, kind, text)
             argv += [flag, rng.choice(good if rng.random() < 0.7 else bad)]
         elif roll < 0.67:  # weights: damaged files, a text file, the real ones
