@@ -5,6 +5,8 @@ a walk of our own over every import statement (so a circle of two modules of one
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,23 @@ def test_the_public_names_stay_importable() -> None:
     assert {"run", "resume", "make_config", "Setting", "register_method", "Federation", "History"} <= set(
         pfedmoap.__all__
     )
+
+
+def test_the_config_imports_no_plugin_and_no_torch() -> None:
+    """A config can be built, read and written without torch or any plug-in (what the issue of settings owned by
+    their plug-ins asked of config.py's successor)."""
+    code = (
+        "import sys\n"
+        "import pfedmoap.config, pfedmoap.config.settings\n"
+        "cfg = pfedmoap.config.Config.from_dict({'rounds': 3, 'fedprox_mu': 0.5})\n"
+        "assert cfg.settings == {'fedprox_mu': 0.5} and cfg.to_dict()['fedprox_mu'] == 0.5\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('pfedmoap.'))\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+        "print(' '.join(loaded))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) <= {
+        "pfedmoap._lazy", "pfedmoap._version", "pfedmoap.base", "pfedmoap.base.errors", "pfedmoap.base.files",
+        "pfedmoap.config", "pfedmoap.config.settings",
+    }  # fmt: skip
