@@ -167,14 +167,22 @@ class Federation:
         return accs
 
     # ------------------------------------------------------------------------------------ whole run
-    def run(self, run_dir: RunDir | None = None) -> History:
+    def run(
+        self, run_dir: RunDir | None = None, *, meta: dict[str, Any] | None = None, resumed: bool = False
+    ) -> History:
         """Run the remaining rounds (all of them, or those after a restored checkpoint).
 
         With a run directory, every finished round is appended to ``metrics.jsonl`` and the whole state is
-        checkpointed (``checkpoints/last.pt``, atomically) so that ``--resume`` continues exactly.
+        checkpointed (``checkpoints/last.pt``, atomically) so that ``--resume`` continues exactly. ``meta``: a new
+        run's facts, written with its config as ``config.json`` first; ``resumed``: the run continues from its
+        checkpoint (``metrics.jsonl`` is first made to hold exactly the checkpoint's rounds).
         """
         driver = self.driver
         with RunRecorder(self.cfg, run_dir, self.log, self.state_dict) as recorder:
+            if resumed:
+                recorder.resumed(driver.rounds)
+            elif meta is not None:
+                recorder.begin(meta)
             for t in driver.remaining():
                 recorder.round(self.run_round(t), driver.round_indices[-1])
         return recorder.finish(driver.rounds, driver.summary(backends=self.backends), driver, self)

@@ -56,9 +56,7 @@ def run(cfg: Config, out: str | Path | None = None, log: Callable[[str], None] |
         RunDir.check(target)  # fail before any expensive work; nothing is created on a bad config
     fed = Federation(cfg, log=log)
     run_dir = RunDir.create(target) if target is not None else None
-    if run_dir is not None:
-        run_dir.write_config({**cfg.to_dict(), "_meta": run_meta(fed)})
-    return fed.run(run_dir)
+    return fed.run(run_dir, meta=run_meta(fed))
 
 
 def saved_run(path: str | Path) -> tuple[RunDir, Config, dict[str, Any]]:
@@ -117,8 +115,5 @@ def continue_run(
         cfg = cfg.replace(progress=progress)
     fed = Federation(cfg, log=log)
     checkpoint.resume_into(fed, run_dir)
-    # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
-    checkpoint.checkpoint_path(run_dir.path).parent.mkdir(parents=True, exist_ok=True)
-    run_dir.write_rounds([r.to_json() for r in fed.rounds])
     fed.log(f"resuming {run_dir.path} after round {fed.rounds[-1].round if fed.rounds else 0}")
-    return fed.run(run_dir)
+    return fed.run(run_dir, resumed=True)

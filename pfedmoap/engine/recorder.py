@@ -1,6 +1,7 @@
 """A run's bookkeeping, once for every engine: what happens when a round finishes and when the run ends.
 
-Per finished round: its line in ``metrics.jsonl``, the checkpoint (``checkpoints/last.pt``, atomically), the
+At the start: ``config.json`` (a new run) or ``metrics.jsonl`` made to match the checkpoint (a resumed one). Per
+finished round: its line in ``metrics.jsonl``, the checkpoint (``checkpoints/last.pt``, atomically), the
 TensorBoard step (``--tensorboard``) and the log line. At the end: ``summary.json`` and the :class:`History`. The
 in-process engine (:meth:`pfedmoap.engine.federation.Federation.run`) and the Flower strategy each hand their records to
 one :class:`RunRecorder`; what the checkpoint holds is the engine's (``state``).
@@ -49,6 +50,18 @@ class RunRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def begin(self, meta: dict[str, Any]) -> None:
+        """A new run: ``config.json``, the config with the run's facts under ``_meta`` (versions, device, engine)."""
+        if self.run_dir is not None:
+            self.run_dir.write_config({**self.cfg.to_dict(), "_meta": meta})
+
+    def resumed(self, rounds: list[RoundRecord]) -> None:
+        """A run continued from its checkpoint: ``metrics.jsonl`` rewritten to exactly the checkpoint's rounds (a
+        kill between the two writes of a round can leave one line more)."""
+        if self.run_dir is not None:
+            checkpoint.checkpoint_path(self.run_dir.path).parent.mkdir(parents=True, exist_ok=True)
+            self.run_dir.write_rounds([r.to_json() for r in rounds])
 
     def round(self, record: RoundRecord, total: int) -> None:
         """A finished round (``total``: the run's last round index, for the log line)."""

@@ -69,8 +69,6 @@ def make_server_app(
         strategy.connect(grid)  # nodes build their worlds first: a run that cannot start writes nothing
         if resume:
             strategy.run_dir = RunDir(target)
-            # metrics.jsonl may hold a line past the checkpoint (killed between the two writes): rewrite it
-            strategy.run_dir.write_rounds([r.to_json() for r in strategy.rounds])
             done = strategy.rounds[-1].round if strategy.rounds else 0
             say(f"flower: resuming {strategy.run_dir.path.resolve()} after round {done}")
         else:

@@ -455,8 +455,10 @@ class PFedMoAPStrategy(Strategy):
         run keeps its config.json)."""
         if not self.node_of:
             self.connect(grid)
-        if self.run_dir is not None and not resumed:
-            self.run_dir.write_config({**self.cfg.to_dict(), "_meta": self.meta()})
+        if resumed:
+            self.recorder.resumed(self.rounds)
+        else:
+            self.recorder.begin(self.meta())
         rounds = len(self.driver.remaining())
         with self.recorder.open():
             self.start(grid, self.initial_arrays(), num_rounds=rounds, timeout=self.round_timeout)
