@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,3 +98,16 @@ def cli_value_flags() -> list[tuple]:
         rows[setting.flag] = (setting.flag, name, setting.cli_type(), text)
     order = {flag: i for i, flag in enumerate(FLAGS_BEFORE_SETTINGS_MOVED)}
     return sorted(rows.values(), key=lambda row: order.get(row[0], len(order)))
+
+
+def reopen_run(run_dir, rounds: int | None = None, **meta) -> dict:
+    """A finished run directory made resumable: its config.json's rounds raised to ``rounds``, ``meta`` set in its
+    ``_meta``, its summary.json dropped. Returns the config.json object it now holds."""
+    path = run_dir / "config.json"
+    data = json.loads(path.read_text())
+    if rounds is not None:
+        data["rounds"] = rounds
+    data["_meta"].update(meta)
+    path.write_text(json.dumps(data))
+    (run_dir / "summary.json").unlink()
+    return data

@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
+from conftest import reopen_run  # noqa: E402
+
 from pfedmoap import run  # noqa: E402
 from pfedmoap.engine.rundir import read_metrics  # noqa: E402
 from pfedmoap.federated.plan import make_config  # noqa: E402
@@ -76,14 +78,6 @@ def test_ray_simulation_matches_in_process(tmp_path, capsys, monkeypatch):
     print(f"ray simulation: {seconds:.1f} s")  # measured: see docs/flower.md
 
 
-def _resume_to(run_dir, rounds: int) -> None:
-    """A finished run directory made resumable to ``rounds`` rounds (its config raised, its summary dropped)."""
-    data = json.loads((run_dir / "config.json").read_text())
-    data["rounds"] = rounds
-    (run_dir / "config.json").write_text(json.dumps(data))
-    (run_dir / "summary.json").unlink()
-
-
 @pytest.mark.slow
 def test_the_library_runs_and_resumes_either_engine(tmp_path):
     """pfedmoap.run(cfg, engine="flower") from Python, and pfedmoap.resume(dir) continuing each engine's run on the
@@ -97,7 +91,7 @@ def test_the_library_runs_and_resumes_either_engine(tmp_path):
         out = tmp_path / engine
         first = pfedmoap.run(short, out=out, log=quiet, engine=engine)
         assert first.summary.get("engine", "local") == engine and len(first.rounds) == 2
-        _resume_to(out, 3)
+        reopen_run(out, 3)
         resumed = pfedmoap.resume(out, log=quiet)  # no engine given: the run's own
         assert [r.to_json()["client_acc"] for r in resumed.rounds] == [r.to_json()["client_acc"] for r in whole.rounds]
         assert [r["mean_acc"] for r in read_metrics(out)] == [r.mean_acc for r in whole.rounds], engine

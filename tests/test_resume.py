@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import reopen_run, small_config
 
 from pfedmoap.engine.checkpoint import LAST_CHECKPOINT
 from pfedmoap.engine.launch import resume, run
@@ -75,11 +75,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
 def _resume_to(run_dir, rounds):
     """Continue a finished run directory to ``rounds`` rounds (its config raised, its summary dropped)."""
-    cfg_path = run_dir / "config.json"
-    data = json.loads(cfg_path.read_text())
-    data["rounds"] = rounds
-    cfg_path.write_text(json.dumps(data))
-    (run_dir / "summary.json").unlink()
+    reopen_run(run_dir, rounds)
     return resume(run_dir, log=lambda m: None)
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import reopen_run
 
 from pfedmoap.base.errors import ConfigError
 from pfedmoap.config import Config
@@ -119,11 +120,8 @@ def test_a_run_folder_from_before_the_move_resumes_exactly(tmp_path: Path, name:
     resumed to 2 rounds the run equals a fresh 2-round run of the same config."""
     old = tmp_path / "old"
     shutil.copytree(FIXTURES / name, old)
-    data = json.loads((old / "config.json").read_text())
-    data["rounds"] = 2
-    (old / "config.json").write_text(json.dumps(data))
-    (old / "summary.json").unlink()
-    data.pop("_meta")
+    data = reopen_run(old, 2)
+    data.pop("_meta")  # the run's facts, not config
     cfg = resolve_config(config_from_dict({**data, "out": None}))
     if name == "fedprox":
         assert cfg.settings["fedprox_mu"] == 0.5
@@ -164,9 +162,6 @@ def test_the_library_calls_refuse_a_bad_engine(tmp_path: Path) -> None:
         pfedmoap.run(make_config(None), engine="ray")
     made = tmp_path / "made-by-flower"
     shutil.copytree(FIXTURES / "fedprox", made)
-    data = json.loads((made / "config.json").read_text())
-    data["_meta"]["engine"] = "flower"
-    (made / "config.json").write_text(json.dumps(data))
-    (made / "summary.json").unlink()
+    reopen_run(made, engine="flower")
     with pytest.raises(UserError, match="was made with --engine flower; resume it with --engine flower, not local$"):
         pfedmoap.resume(made, engine="local")

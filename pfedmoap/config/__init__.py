@@ -146,6 +146,11 @@ class Config:
             return settings[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    @classmethod
+    def shared_fields(cls) -> tuple[str, ...]:
+        """The names of the shared knobs, in declaration order (every field but :attr:`settings`)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "settings")
+
     def to_dict(self) -> dict[str, Any]:
         """The config as one flat JSON object (``config.json``): the shared fields and every plug-in setting."""
         data = dataclasses.asdict(self)
@@ -159,7 +164,7 @@ class Config:
         """A config from a flat object (:meth:`to_dict`'s form, a preset's, keyword overrides). Keys that are not
         shared fields are plug-in settings; with ``plugin_settings`` (the names the plug-ins declare) any other
         key is refused here (pfedmoap.federated.plan.config_from_dict passes them)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+        fields = set(cls.shared_fields())
         given = dict(data)
         nested = given.pop("settings", None) or {}
         if not isinstance(nested, dict):
@@ -173,7 +178,7 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes``: shared fields and plug-in settings alike, by their flat names."""
-        fields = {f.name for f in dataclasses.fields(self)} - {"settings"}
+        fields = set(self.shared_fields())
         settings = {**self.settings, **changes.pop("settings", {})}
         settings.update({k: changes.pop(k) for k in list(changes) if k not in fields})
         return dataclasses.replace(self, **changes, settings=settings)

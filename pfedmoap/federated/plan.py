@@ -30,13 +30,11 @@ class Plugins:
 
 def plugin_settings() -> dict[str, Setting]:
     """Every registered plug-in's settings by config key (a plug-in may not take a shared field's name)."""
-    declared = {name: setting for name, (setting, _) in registry.settings().items()}
-    shared = {f.name for f in dataclasses.fields(Config)}
-    clash = sorted(set(declared) & shared)
+    found = registry.settings()
+    clash = sorted(set(found) & {*Config.shared_fields(), "settings"})
     if clash:
-        owners = registry.settings()[clash[0]][1]
-        raise TypeError(f"{owners[0]} declares setting {clash[0]!r}, a shared config field's name")
-    return declared
+        raise TypeError(f"{found[clash[0]][1][0]} declares setting {clash[0]!r}, a shared config field's name")
+    return {name: setting for name, (setting, _) in found.items()}
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -61,7 +59,7 @@ def resolve_config(cfg: Config) -> Config:
     values = {name: cfg.settings.get(name, setting.default) for name, setting in declared.items()}
     for name, setting in declared.items():
         setting.check(values[name])
-    if values != cfg.settings or list(values) != list(cfg.settings):
+    if list(values.items()) != list(cfg.settings.items()):  # same values in declaration order: nothing to fill
         cfg = dataclasses.replace(cfg, settings=values)
     if cfg.subsample == "new" and method.trains:
         raise ConfigError(

@@ -4,7 +4,6 @@ config as the server sends it to every node."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,7 +81,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
             raise ConfigError(f"run config preset={preset!r} but config-json names preset {named!r}: give one")
         preset = preset or named
     settings = plugin_settings()
-    fields = {f.name for f in dataclasses.fields(Config)} - {"settings"} | set(settings)
+    fields = {*Config.shared_fields(), *settings}
     aliases = {s.flag.removeprefix("--"): s.name for s in settings.values()}  # lambda -> lam
     for key, value in run_config.items():
         if key in RUN_CONFIG_KEYS or value == "":

@@ -142,7 +142,7 @@ def _check_keys(where: str, data: Any, valid: tuple[str, ...]) -> None:
 def _check_fields(where: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a JSON object of config fields")
-    shared = [f.name for f in dataclasses.fields(Config) if f.name not in (*_NOT_SETTABLE, "settings")]
+    shared = [name for name in Config.shared_fields() if name not in _NOT_SETTABLE]
     known = shared + list(plugin_settings())
     for key in data:
         if key not in known:
