@@ -9,6 +9,10 @@ compare their ``metrics.jsonl`` round by round.
 ``pfedmoap`` is the one imported), one run directory per config. ``compare`` checks every per-round field except
 wall-clock timings for equality and prints one line per config; it exits 1 when any config differs. Run both
 sides on one machine with the same thread count: a seed gives the same numbers on one machine only.
+
+A config may use a flag that an older checkout lacks: when the flag only spells out that older checkout's
+behaviour (:data:`OLD_BEHAVIOUR`), it is left out there; otherwise (a new method, a new choice) the older checkout
+refuses the config, and ``compare`` reports it as new on one side without counting it as a difference.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from pathlib import Path
 
 # partial participation with client dropout and random expert selection, over 3 rounds
 PARTIAL = ["--frac", "0.5", "--expert-selection", "random", "--client-dropout", "0.2", "--rounds", "3"]
+# FedOTP's Sinkhorn ran our log-v stopping rule before --fedotp-stop existed (its default is now the published rule)
+PINNED_OLD = ["--fedotp-stop", "log-v"]
+# a flag and the value that is a checkout's behaviour from before the flag existed (left out on such a checkout)
+OLD_BEHAVIOUR = {"--fedotp-stop": "log-v"}
 # name -> CLI flags. The first two are the "one house" refactor's acceptance runs; the rest reach every method,
 # DP, the wire dtype, the live pool view and the fused backends.
 CONFIGS: dict[str, list[str]] = {
@@ -33,7 +41,7 @@ CONFIGS: dict[str, list[str]] = {
     "fedprox": ["--method", "fedprox", "--rounds", "2", "--fedprox-mu", "0.5"],
     "local": ["--method", "local", "--rounds", "2"],
     "zeroshot": ["--method", "zeroshot"],
-    "fedotp": ["--method", "fedotp", "--rounds", "1", "--local-epochs", "2"],
+    "fedotp": ["--method", "fedotp", "--rounds", "1", "--local-epochs", "2", *PINNED_OLD],
     "fedpgp": ["--method", "fedpgp", "--rounds", "2"],
     "dp": ["--rounds", "2", "--dp-epsilon", "50", "--dp-delta", "0.05", "--dp-clip", "0.3", "--frac", "0.5"],
     "wire-live": ["--rounds", "2", "--comm-dtype", "float16", "--pool-view", "live", "--lambda", "0"],
@@ -42,7 +50,7 @@ CONFIGS: dict[str, list[str]] = {
     # them out of the shared config)
     "fedotp-settings": (
         "--method fedotp --rounds 1 --local-epochs 1 --fedotp-eps 0.05 --fedotp-top-percent 0.6 "
-        "--fedotp-thresh 0.01 --fedotp-max-iter 50"
+        "--fedotp-thresh 0.01 --fedotp-max-iter 50 --fedotp-stop log-v"
     ).split(),
     "fedpgp-settings": (
         "--method fedpgp --rounds 2 --fedpgp-bottleneck 2 --fedpgp-mu 1.0 --fedpgp-temperature 0.2"
@@ -52,15 +60,34 @@ CONFIGS: dict[str, list[str]] = {
     ).split(),
     "linear-gate": "--rounds 2 --gate linear --expert-selection fixed".split(),
     "shared-gate": "--rounds 2 --gate-sharing aggregated".split(),
+    # new behaviour (older checkouts refuse these): the published FedOTP stopping rule
+    "fedotp-published": "--method fedotp --rounds 1 --local-epochs 2 --fedotp-stop published".split(),
 }
 
 # fields that measure time, not results
 TIMING = {"seconds", "phase_seconds"}
 
 
+def _for_checkout(flags: list[str], known: str) -> list[str]:
+    """``flags`` without the :data:`OLD_BEHAVIOUR` pairs that the checkout's ``--help`` text ``known`` lacks."""
+    kept, i = [], 0
+    while i < len(flags):
+        flag = flags[i]
+        if flag in OLD_BEHAVIOUR and flag not in known and flags[i + 1] == OLD_BEHAVIOUR[flag]:
+            i += 2
+            continue
+        kept.append(flag)
+        i += 1
+    return kept
+
+
 def run(checkout: Path, out: Path, only: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    helped = subprocess.run(
+        [sys.executable, "-m", "pfedmoap.train", "--help"], cwd=checkout, env=env, capture_output=True, text=True
+    )
+    known = helped.stdout
     failed = 0
     for name, flags in CONFIGS.items():
         if only and name not in only:
@@ -69,7 +96,8 @@ def run(checkout: Path, out: Path, only: list[str] | None) -> int:
         if (target / "summary.json").exists():
             print(f"{name:20s} done before, kept")
             continue
-        cmd = [sys.executable, "-m", "pfedmoap.train", *flags, "--out", str(target), "--no-progress"]
+        cmd = [sys.executable, "-m", "pfedmoap.train", *_for_checkout(flags, known), "--out", str(target)]
+        cmd.append("--no-progress")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
@@ -96,12 +124,23 @@ def _equal(a: object, b: object) -> bool:
     return a == b
 
 
+def _refused(side: Path, name: str) -> bool:
+    """Whether ``side``'s run of config ``name`` was refused for a flag or choice that checkout does not know."""
+    log = side / f"{name}.log"
+    text = log.read_text() if log.exists() else ""
+    return "unrecognized arguments" in text or "invalid choice" in text
+
+
 def compare(old: Path, new: Path) -> int:
     """Every config's rounds field by field (timings excluded). A key the old side lacks is reported, not counted
     as a difference (a new field); a key the new side lost, or any differing value, is."""
     bad = 0
     for name in CONFIGS:
-        if not (old / name / "metrics.jsonl").exists() or not (new / name / "metrics.jsonl").exists():
+        old_ran, new_ran = (old / name / "metrics.jsonl").exists(), (new / name / "metrics.jsonl").exists()
+        if not old_ran and new_ran and _refused(old, name):
+            print(f"{name:20s} new: the old checkout refuses it (nothing to compare)")
+            continue
+        if not old_ran or not new_ran:
             print(f"{name:20s} missing on one side")
             bad += 1
             continue

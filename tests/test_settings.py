@@ -21,7 +21,7 @@ from pfedmoap.config.settings import Setting
 from pfedmoap.engine.launch import resume, run
 from pfedmoap.engine.rundir import read_metrics
 from pfedmoap.federated import registry
-from pfedmoap.federated.plan import config_from_dict, make_config, resolve_config
+from pfedmoap.federated.plan import config_from_dict, make_config, resolve_config, saved_config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "pre-settings"
@@ -136,6 +136,27 @@ def test_a_run_folder_from_before_the_move_resumes_exactly(tmp_path: Path, name:
 
     assert len(results(resumed)) == 2
     assert results(resumed) == results(fresh)
+
+
+def test_a_setting_added_later_resumes_a_saved_run_as_it_ran(tmp_path: Path) -> None:
+    """fedotp_stop came after runs were saved with our log-v rule: a saved FedOTP run (1 round, eps 0.1, written by
+    the commit before the setting) resumes with log-v, equal to a fresh log-v run; a new config gets FedOTP's
+    published rule, the default."""
+    old = tmp_path / "old"
+    shutil.copytree(FIXTURES / "fedotp", old)
+    data = reopen_run(old, 2)
+    data.pop("_meta")
+    assert "fedotp_stop" not in data
+    assert resolve_config(saved_config_from_dict(dict(data))).settings["fedotp_stop"] == "log-v"
+    fresh_cfg = resolve_config(config_from_dict({**data, "out": None}))
+    assert fresh_cfg.settings["fedotp_stop"] == "published"
+    resumed = resume(old, log=lambda m: None)
+    ours = run(fresh_cfg.replace(settings={**fresh_cfg.settings, "fedotp_stop": "log-v"}), out=tmp_path / "ours")
+
+    def results(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir)]
+
+    assert results(resumed.run_dir) == results(ours.run_dir)
 
 
 def test_an_outside_module_that_cannot_be_imported_is_one_line(monkeypatch, capsys) -> None:

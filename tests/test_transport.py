@@ -62,11 +62,59 @@ def test_half_precision_input_is_solved_in_float32() -> None:
     assert plan.dtype == torch.float32 and torch.isfinite(plan).all()
 
 
+def naive_published(sim: np.ndarray, eps: float, top_percent: float, thresh: float, max_iter: int) -> np.ndarray:
+    """FedOTP's released stopping rule, stated directly: a batch of problems [P, M, N] iterated together in the
+    direct domain (float64) from u = v = 1, stopping when the mean over the whole batch of |v - v_prev| is below
+    ``thresh`` (checked after each iteration) or after ``max_iter`` iterations."""
+    p, m, n = sim.shape
+    gamma = min(1.0, top_percent)
+    k = np.exp(-(1.0 - sim) / eps)
+    a, b = 1.0 / m, gamma / n
+    u, v = np.ones((p, m)), np.ones((p, n))
+    for _ in range(max_iter):
+        previous = v
+        u = np.minimum(a / np.einsum("pmn,pn->pm", k, v), 1.0)
+        v = b / np.einsum("pmn,pm->pn", k, u)
+        if np.abs(v - previous).mean() < thresh:
+            break
+    return u[:, :, None] * k * v[:, None, :]
+
+
+@pytest.mark.parametrize("eps,thresh", [(0.1, 1e-3), (0.2, 1e-2), (0.3, 1e-1)])
+def test_published_rule_matches_the_direct_statement(eps: float, thresh: float) -> None:
+    gen = torch.Generator().manual_seed(int(eps * 100))
+    sim = torch.rand(12, 6, 2, generator=gen, dtype=torch.float64) * 0.6
+    ref = naive_published(sim.numpy(), eps, 0.8, thresh, 500)
+    plan = unbalanced_sinkhorn(sim, eps, 0.8, thresh=thresh, max_iter=500, rule="published")
+    np.testing.assert_allclose(plan.numpy(), ref, rtol=1e-9, atol=1e-12)
+    # and the iteration count matters here: the same problems run to convergence give another plan
+    converged = unbalanced_sinkhorn(sim, eps, 0.8, thresh=0.0, max_iter=2000)
+    assert not np.allclose(converged.numpy(), ref, rtol=1e-6, atol=1e-9)
+
+
+def test_published_rule_never_fires_at_eps_001_and_ours_does() -> None:
+    """At eps = 0.01 the true v is about 1 / K ~ 1e30, so the mean change of v never drops below 1e-3 and all
+    ``max_iter`` iterations run (as in FedOTP's code); the scale-free log-v rule stops earlier."""
+    gen = torch.Generator().manual_seed(5)
+    sim = 0.3 + torch.rand(32, 16, 2, generator=gen) * 0.05  # close cosines: log v settles in about 20 iterations
+    full = unbalanced_sinkhorn(sim, 0.01, 0.8, thresh=0.0, max_iter=100, rule="log-v")  # exactly 100 iterations
+    published = unbalanced_sinkhorn(sim, 0.01, 0.8, thresh=1e-3, max_iter=100, rule="published")
+    ours = unbalanced_sinkhorn(sim, 0.01, 0.8, thresh=1e-3, max_iter=100, rule="log-v")
+    torch.testing.assert_close(published, full, rtol=0, atol=0)
+    assert not torch.equal(ours, full)
+    torch.testing.assert_close(ours, full, rtol=0.05, atol=2e-3)  # the same fixed point, nearly reached
+
+
+def test_an_unknown_rule_is_refused() -> None:
+    with pytest.raises(ValueError, match="rule must be one of published, log-v"):
+        unbalanced_sinkhorn(torch.zeros(1, 2, 2), eps=0.1, top_percent=0.8, rule="v")
+
+
 def test_stops_early_on_the_threshold() -> None:
     sim = torch.rand(16, 5, 2) * 0.3
-    converged = unbalanced_sinkhorn(sim, 0.1, 0.8, thresh=0.0, max_iter=2000)
-    tight = unbalanced_sinkhorn(sim, 0.1, 0.8, thresh=1e-7, max_iter=2000)
-    loose = unbalanced_sinkhorn(sim, 0.1, 0.8, thresh=1e-2, max_iter=2000)
+    converged = unbalanced_sinkhorn(sim, 0.1, 0.8, thresh=0.0, max_iter=2000, rule="log-v")
+    tight = unbalanced_sinkhorn(sim, 0.1, 0.8, thresh=1e-7, max_iter=2000, rule="log-v")
+    loose = unbalanced_sinkhorn(sim, 0.1, 0.8, thresh=1e-2, max_iter=2000, rule="log-v")
     torch.testing.assert_close(tight, converged, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(loose, converged, rtol=1e-4, atol=1e-7)  # it stopped before converging
     torch.testing.assert_close(loose, converged, rtol=0.2, atol=1e-2)

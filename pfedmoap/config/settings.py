@@ -38,7 +38,9 @@ class Setting(Generic[T]):
     must be above it), ``high`` the largest; with neither, a float need only be finite. Strings: ``choices``.
     ``parse`` turns a flag's text into a value (``argparse``'s ``type``; it raises ``ArgumentTypeError``) and
     ``check`` replaces the built-in check (raise :class:`ConfigError`). ``label`` names the value in errors and
-    ``flag`` on the command line (defaults: the name, and ``--`` + the name with dashes).
+    ``flag`` on the command line (defaults: the name, and ``--`` + the name with dashes). ``saved_default`` is for a
+    setting added after runs were saved whose behaviour it changes: the value a saved run's ``config.json`` without
+    this key ran with (default: ``default``), so that resuming it changes nothing.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Setting(Generic[T]):
         label: str | None = None,
         parse: Callable[[str], Any] | None = None,
         check: Callable[[Any], None] | None = None,
+        saved_default: T | None = None,
     ):
         if not name.isidentifier():
             raise ValueError(f"setting name {name!r} must be an identifier (it is a config key)")
@@ -64,7 +67,9 @@ class Setting(Generic[T]):
         self.flag = flag or "--" + name.replace("_", "-")
         self.label = label or name
         self.parse, self.custom_check = parse, check
+        self.saved_default = default if saved_default is None else saved_default
         self.check(default)  # a declaration whose default it would refuse is a bug in the plug-in
+        self.check(self.saved_default)
 
     def __repr__(self) -> str:
         return f"Setting({self.name!r}, {self.default!r})"

@@ -15,7 +15,7 @@ from .._version import __version__
 from ..base.errors import UserError
 from ..base.files import read_json
 from ..config import Config
-from ..federated.plan import config_from_dict, resolve_config
+from ..federated.plan import resolve_config, saved_config_from_dict
 from . import checkpoint
 from .federation import Federation
 from .records import History
@@ -82,7 +82,7 @@ def saved_run(path: str | Path) -> tuple[RunDir, Config, dict[str, Any]]:
             f"this is {__version__}"
         )
     try:
-        cfg = resolve_config(config_from_dict(data, source=str(config_file)))
+        cfg = resolve_config(saved_config_from_dict(data, source=str(config_file)))
     except UserError as exc:
         raise UserError(f"the resumed run's config.json {str(config_file)!r} cannot be used: {exc}") from None
     return run_dir, cfg, meta

@@ -43,6 +43,16 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     return Config.from_dict(data, source, plugin_settings=plugin_settings())
 
 
+def saved_config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """:func:`config_from_dict` for a saved run's ``config.json`` (its ``_meta`` removed). A run directory's config
+    holds every plug-in setting of its time, so a setting it lacks was declared after the run was saved: it is
+    given the value the run ran with (:attr:`Setting.saved_default`), so that resuming the run changes nothing."""
+    filled = dict(data)
+    for name, setting in plugin_settings().items():
+        filled.setdefault(name, setting.saved_default)
+    return config_from_dict(filled, source)
+
+
 def resolve_config(cfg: Config) -> Config:
     """``cfg`` checked whole (ConfigError, one line naming the first bad value) with every plug-in setting present
     (defaults filled in). Idempotent: a resolved config resolves to an equal one."""

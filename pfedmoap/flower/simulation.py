@@ -23,7 +23,7 @@ from ..config import Config
 from ..engine import checkpoint
 from ..engine.records import History
 from ..engine.rundir import RunDir
-from ..federated.plan import config_from_dict, resolve_config
+from ..federated.plan import resolve_config, saved_config_from_dict
 from .local_link import LocalSuperLink, toml_table, write_toml_table
 from .run_config import APP_CONFIG, check_flower_config
 from .server_app import flower_run_dir
@@ -178,7 +178,7 @@ def history_from_run_dir(path: str | os.PathLike) -> History:
     except UserError as exc:
         raise RunFailed(f"the Flower run finished without a complete run directory: {exc}") from None
     data.pop("_meta", None)
-    cfg = config_from_dict(data, source=str(path / "config.json"))
+    cfg = saved_config_from_dict(data, source=str(path / "config.json"))
     strategy = PFedMoAPStrategy(cfg, log=lambda _: None)
     ckpt = checkpoint.checkpoint_path(path)
     if ckpt.exists():

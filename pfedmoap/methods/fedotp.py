@@ -15,7 +15,9 @@ settings, ``fedotp_*`` in the config):
   0.4, while each local feature may send less than its 1 / M, so the least matching 20% (background, clutter)
   can stay behind. That lets the two prompts attend to different regions (the global one to what every client
   shares, the local one to the client's own classes);
-- 2 prompts (global + local), ``fedotp_thresh`` / ``fedotp_max_iter`` the Sinkhorn stopping rule.
+- 2 prompts (global + local), ``fedotp_thresh`` / ``fedotp_max_iter`` / ``fedotp_stop`` the Sinkhorn stopping
+  rule: by default the published code's (mean change of v; at eps = 0.01 it never fires, so all 100 iterations
+  run), or ours (``log-v``: the mean change of log v, scale-free).
 
 The loss is plain cross-entropy over the transport logits; the plan is a constant for the gradient, which
 reaches both prompts through the similarities. A client is evaluated with the server's current global prompt
@@ -40,7 +42,7 @@ from ..federated.prompt import init_prompt
 from ..federated.registry import register_method
 from ..federated.seeding import Stream, init_generator
 from .base import ClientContext, EvalState, GlobalState, Method, Payload
-from .transport import transport_logits
+from .transport import STOP_RULES, transport_logits
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -51,14 +53,24 @@ LOCAL = "local_prompt"  # the name of the local prompt in Client.private
 
 EPS = Setting("fedotp_eps", 0.01, "entropic regularisation of the transport", low=0.0, strict=True)
 TOP_PERCENT = Setting("fedotp_top_percent", 0.8, "share of local-feature mass transported", low=0.0, strict=True)
-THRESH = Setting("fedotp_thresh", 1e-3, "Sinkhorn stops when the mean change of log v falls below this", low=0.0)
+THRESH = Setting("fedotp_thresh", 1e-3, "Sinkhorn stops when its mean change (fedotp_stop) is below this", low=0.0)
 MAX_ITER = Setting("fedotp_max_iter", 100, "Sinkhorn iterations at most", kind=int, low=1)
+# FedOTP's released code stops on the mean change of v ("published", the default: it reproduces FedOTP); "log-v" is
+# ours, the same test on log v (scale-free); see methods/transport.py
+STOP = Setting(
+    "fedotp_stop",
+    "published",
+    "Sinkhorn's stopping rule: published (mean change of v, FedOTP's code) or log-v (mean change of log v)",
+    kind=str,
+    choices=STOP_RULES,
+    saved_default="log-v",  # runs saved before this setting existed used ours
+)
 
 
 def ot_logits(cfg: Config, gamma: float, local_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """FedOTP's logits [B, C] for local features [B, M, D] and the prompts' text features [2, C, D]."""
     eps, top, thresh, max_iter = EPS.of(cfg), TOP_PERCENT.of(cfg), THRESH.of(cfg), MAX_ITER.of(cfg)
-    return transport_logits(local_features, text, gamma, eps, top, thresh, max_iter)
+    return transport_logits(local_features, text, gamma, eps, top, thresh, max_iter, STOP.of(cfg))
 
 
 class TransportObjective(Objective):
@@ -92,7 +104,7 @@ class TransportObjective(Objective):
 class FedOTP(Method):
     name = "fedotp"
     help = "FedOTP: FedAvg'd global + private local prompt, scored by unbalanced OT over local image features"
-    settings = (EPS, TOP_PERCENT, THRESH, MAX_ITER)
+    settings = (EPS, TOP_PERCENT, THRESH, MAX_ITER, STOP)
     image_features = "local"
 
     def __init__(self, cfg: Config):
