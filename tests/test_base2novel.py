@@ -125,7 +125,9 @@ def test_pfedmoap_novel_classes_use_the_experts_contexts_with_the_novel_names(ti
         assert rec.client_split_acc["novel"][client.cid] == pytest.approx(_acc(logits, novel.labels), abs=1e-9)
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "local", "fedprox", "fedotp", "fedpgp", "pfedmoap-shared-gate"])
+@pytest.mark.parametrize(
+    "method", ["zeroshot", "local", "fedprox", "fedotp", "fedpgp", "pfedmoap-shared-gate", "promptfolio", "fedpha"]
+)
 def test_every_method_reports_base_novel_and_hm(tiny_clip, small_world, method, tmp_path) -> None:
     from pfedmoap.engine.rundir import RunDir
 

@@ -153,6 +153,8 @@ def silent(_: Message, reply: Message) -> None:
         {"subsample": "base", "eval_split": "base2novel", "frac": 0.5},
         {"method": "fedotp", "subsample": "base", "eval_split": "base2novel"},
         {"ctx_init": "a photo of a", "n_ctx": 4, "method": "promptfl"},
+        {"method": "promptfolio", "frac": 0.5},
+        {"method": "fedpha", "fedpha_local_ctx": "4,8", "subsample": "base", "eval_split": "base2novel"},
     ],
     ids=[
         "pfedmoap",
@@ -168,6 +170,8 @@ def silent(_: Message, reply: Message) -> None:
         "base2novel",
         "fedotp-base2novel",
         "ctx-init",
+        "promptfolio",
+        "fedpha-lengths-base2novel",
     ],
 )
 def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):

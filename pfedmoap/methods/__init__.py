@@ -1,7 +1,8 @@
 """Federated prompt-learning methods on one shared round driver; each method is one file.
 
 Built in: ``pfedmoap`` (the paper), ``pfedmoap-shared-gate`` (its aggregated-gate ablation), ``promptfl``,
-``fedprox``, ``fedotp`` (FedOTP), ``fedpgp`` (FedPGP), ``local`` (CoOp) and ``zeroshot``. A new method is a
+``fedprox``, ``fedotp`` (FedOTP), ``fedpgp`` (FedPGP), ``promptfolio`` (PromptFolio), ``fedpha`` (FedPHA), ``local``
+(CoOp) and ``zeroshot``. A new method is a
 :class:`Method` subclass in its own file, decorated with :func:`register_method` and imported below (or anywhere
 before the run is configured).
 """
@@ -11,7 +12,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..federated.registry import method_class, register_method
-from . import fedotp, fedpgp, fedprox, local, pfedmoap, promptfl, shared_gate, zeroshot  # noqa: F401  (registers them)
+from . import (  # noqa: F401  (registers them)
+    fedotp,
+    fedpgp,
+    fedpha,
+    fedprox,
+    local,
+    pfedmoap,
+    promptfl,
+    promptfolio,
+    shared_gate,
+    zeroshot,
+)
 from .base import ClientContext, EvalState, GlobalState, Method, Payload, PromptObjective, Upload
 
 if TYPE_CHECKING:

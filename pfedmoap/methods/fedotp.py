@@ -38,18 +38,16 @@ from torch import nn
 from ..base.tracing import nvtx_range
 from ..config.settings import Setting
 from ..federated.client import Client, Objective, Scorer
-from ..federated.prompt import init_prompt
 from ..federated.registry import register_method
-from ..federated.seeding import Stream, init_generator
-from .base import ClientContext, EvalState, GlobalState, Method, Payload
+from .base import ClientContext, EvalState, GlobalState, Payload
+from .global_local import LOCAL, GlobalLocalMethod
 from .transport import STOP_RULES, transport_logits
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..federated.prompt import PromptEncoder
 
-LOCAL = "local_prompt"  # the name of the local prompt in Client.private
-
+__all__ = ["LOCAL", "FedOTP", "TransportObjective", "ot_logits"]
 
 EPS = Setting("fedotp_eps", 0.01, "entropic regularisation of the transport", low=0.0, strict=True)
 TOP_PERCENT = Setting("fedotp_top_percent", 0.8, "share of local-feature mass transported", low=0.0, strict=True)
@@ -101,25 +99,11 @@ class TransportObjective(Objective):
 
 
 @register_method
-class FedOTP(Method):
+class FedOTP(GlobalLocalMethod):
     name = "fedotp"
     help = "FedOTP: FedAvg'd global + private local prompt, scored by unbalanced OT over local image features"
     settings = (EPS, TOP_PERCENT, THRESH, MAX_ITER, STOP)
     image_features = "local"
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self._initial_local: torch.Tensor | None = None
-
-    def initial_local(self, width: int) -> torch.Tensor:
-        """The common initial local prompt (from the run seed, its own stream: every engine derives it alike)."""
-        if self._initial_local is None or self._initial_local.shape[-1] != width:
-            gen = init_generator(self.cfg.seed, Stream.LOCAL_PROMPT)
-            self._initial_local = init_prompt(self.cfg.n_ctx, width, self.cfg.ctx_init_std, gen)
-        return self._initial_local
-
-    def local_prompt(self, client: Client, width: int) -> torch.Tensor:
-        return client.private[LOCAL] if LOCAL in client.private else self.initial_local(width)
 
     def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
         start = self.start_prompt(state, client, payload)
@@ -127,11 +111,8 @@ class FedOTP(Method):
         return TransportObjective(self.cfg, ctx.encoder, start, local)
 
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
-        local = self.local_prompt(client, state.global_prompt.shape[-1])
-        # untrained clients share the initial local prompt, so they share text features too
-        own = ("init",) if LOCAL not in client.private else (client.cid, client.version)
-        stacked = torch.stack([state.global_prompt.float(), local.float()])
-        return EvalState(("fedotp", state.global_version, *own), stacked)
+        stacked = torch.stack(self.eval_global_local(state, client))
+        return EvalState(("fedotp", state.global_version, *self.local_key(client)), stacked)
 
     def scorer(
         self,
