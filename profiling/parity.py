@@ -62,6 +62,8 @@ CONFIGS: dict[str, list[str]] = {
     "shared-gate": "--rounds 2 --gate-sharing aggregated".split(),
     # new behaviour (older checkouts refuse these): the published FedOTP stopping rule
     "fedotp-published": "--method fedotp --rounds 1 --local-epochs 2 --fedotp-stop published".split(),
+    "promptfolio": "--method promptfolio --rounds 2 --promptfolio-theta 0.4".split(),
+    "fedpha": "--method fedpha --rounds 2 --fedpha-local-ctx 8,16 --fedpha-rho 0.8".split(),
 }
 
 # fields that measure time, not results
