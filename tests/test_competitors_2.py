@@ -1,5 +1,6 @@
-"""PromptFolio and FedPHA against explicit statements of their forward pass and loss (small shapes, loops where the
-code is vectorised); what they send, checked against the published sizes at ViT-B/16; what they are judged with."""
+"""PromptFolio, FedPHA and FedTPG against explicit statements of their forward pass and loss (small shapes, loops
+where the code is vectorised); what they send, checked against the published sizes at ViT-B/16; what they are
+judged with."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pfedmoap.federated import wire as comm
 from pfedmoap.federated.plan import make_config
 from pfedmoap.methods import create_method
 from pfedmoap.methods.fedpha import ProjectionObjective, projection_basis
+from pfedmoap.methods.fedtpg import GeneratorObjective, PromptTranslator
 from pfedmoap.methods.global_local import LOCAL
 from pfedmoap.methods.promptfolio import PortfolioObjective
 
@@ -183,3 +185,88 @@ def test_fedpha_clients_keep_their_own_lengths_and_are_judged_by_the_local_promp
 def test_fedpha_bad_lengths_are_one_line(value: str) -> None:
     with pytest.raises(ConfigError, match="fedpha_local_ctx="):
         make_config("synthetic", method="fedpha", fedpha_local_ctx=value)
+
+
+# ------------------------------------------------------------------------------------------ FedTPG
+def test_fedtpg_generator_is_the_published_size_at_vit_b16() -> None:
+    """Q [4, 512] plus the generator's weights: 4,206,080 values down and up per client per round."""
+    cfg = make_config("synthetic", method="fedtpg", model="ViT-B-16", n_ctx=4, pretrained="none")
+    m = create_method(cfg)
+    assert (m.width, m.dim) == (512, 512)
+    server = SimpleNamespace(global_prompt=torch.zeros(4, 512), extras={})
+    down = m.payload(server, {}, 0).tensors()
+    assert sum(t.numel() for t in down.values()) == 4_206_080
+    assert set(down) == {"global-prompt", *m.initial}
+    assert m.check_extras(dict(m.initial)) is None  # its own weights pass its check
+    bad = dict(m.initial)
+    bad["tpg.ff_out.weight"] = torch.zeros(3)
+    assert "has shape (3,)" in m.check_extras(bad)
+
+
+def test_fedtpg_forward_is_its_stated_cross_attention_and_geglu() -> None:
+    torch.manual_seed(0)
+    width, dim, heads = 16, 12, 4
+    gen = PromptTranslator(width, dim, heads)
+    for p in gen.parameters():  # away from LayerNorm's identity start, so every weight matters
+        torch.nn.init.normal_(p, std=0.3)
+    q, t = torch.randn(4, width), torch.nn.functional.normalize(torch.randn(7, dim), dim=-1)
+    got = gen(q, t)
+
+    def layer_norm(x, ln):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+    attn = gen.attn
+    lq, lkv = layer_norm(q, gen.ln_q), layer_norm(t, gen.ln_kv)
+    wq, wk, wv = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
+    bq, bk, bv = attn.in_proj_bias.chunk(3)
+    dh = width // heads
+    attended = torch.zeros(4, width)
+    for i in range(4):
+        out = []
+        for h in range(heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            qi = (lq[i] @ wq.t() + bq)[sl]
+            scores = torch.stack([(qi * (lkv[j] @ wk.t() + bk)[sl]).sum() / math.sqrt(dh) for j in range(7)])
+            probs = torch.softmax(scores, 0)
+            out.append(sum(probs[j] * (lkv[j] @ wv.t() + bv)[sl] for j in range(7)))
+        attended[i] = torch.cat(out) @ attn.out_proj.weight.t() + attn.out_proj.bias  # no residual
+    hidden = layer_norm(attended, gen.ln_ff) @ gen.ff_in.weight.t() + gen.ff_in.bias
+    value, gate = hidden[:, : 4 * width], hidden[:, 4 * width :]
+    geglu = value * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))
+    ref = geglu @ gen.ff_out.weight.t() + gen.ff_out.bias + attended
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fedtpg_loss_reads_the_generated_context_and_trains_the_generator(tiny_clip, small_world) -> None:
+    fed = build(tiny_clip, small_world, method="fedtpg", n_ctx=4)
+    m = fed.method
+    queries = fed.server.global_prompt
+    obj = GeneratorObjective(fed.cfg, fed.encoder, m.generator(m.initial), queries)
+    feats, labels = batch(fed)
+    loss = obj.loss(feats, labels)
+    loss.backward()
+    names = tiny_clip.tokenize(fed.encoder.classnames)
+    t = torch.nn.functional.normalize(tiny_clip.text.encode_tokens(names).float(), dim=-1)
+    with torch.no_grad():
+        context = m.generator(m.initial)(queries, t)
+        ref = loop_cross_entropy(tiny_clip.gamma * feats @ fed.encoder.encode(context).t(), labels)
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-5)
+    assert obj.prompt.grad.abs().sum() > 0 and obj.generator.ff_in.weight.grad.abs().sum() > 0
+
+
+def test_fedtpg_server_averages_every_generator_unweighted(tiny_clip, small_world) -> None:
+    from pfedmoap.methods import Upload
+
+    fed = build(tiny_clip, small_world, method="fedtpg", n_ctx=4)
+    m, server = fed.method, fed.server
+    server.train_sizes = [10, 30, 1, 1]  # FedAvg would weight these; FedTPG's server does not
+    ups = {}
+    for cid in (0, 1):
+        ups[cid] = Upload(torch.full((4, tiny_clip.width), float(cid)), {k: v + cid for k, v in m.initial.items()})
+    m.aggregate(server, ups)
+    torch.testing.assert_close(server.global_prompt, torch.full((4, tiny_clip.width), 0.5))
+    for k, v in m.initial.items():
+        torch.testing.assert_close(server.extras[k], v + 0.5)
+    assert server.global_version == 1 and m.eval_extras(server) == server.extras

@@ -155,6 +155,7 @@ def silent(_: Message, reply: Message) -> None:
         {"ctx_init": "a photo of a", "n_ctx": 4, "method": "promptfl"},
         {"method": "promptfolio", "frac": 0.5},
         {"method": "fedpha", "fedpha_local_ctx": "4,8", "subsample": "base", "eval_split": "base2novel"},
+        {"method": "fedtpg", "n_ctx": 4, "subsample": "base", "eval_split": "base2novel", "frac": 0.5},
     ],
     ids=[
         "pfedmoap",
@@ -172,6 +173,7 @@ def silent(_: Message, reply: Message) -> None:
         "ctx-init",
         "promptfolio",
         "fedpha-lengths-base2novel",
+        "fedtpg-base2novel",
     ],
 )
 def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):

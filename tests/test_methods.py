@@ -126,7 +126,7 @@ def test_shared_gate_refuses_dp_and_a_bad_gate_upload(tiny_clip, small_world):
 
 
 @pytest.mark.parametrize("method", ["pfedmoap", "pfedmoap-shared-gate", "promptfl", "fedprox", "fedotp", "fedpgp",
-                                    "local", "zeroshot", "promptfolio", "fedpha"])  # fmt: skip
+                                    "local", "zeroshot", "promptfolio", "fedpha", "fedtpg"])  # fmt: skip
 def test_eval_needs_global_agrees_with_the_eval_state_key(tiny_clip, small_world, method):
     """``Method.eval_needs_global`` (what lets a Flower node's evaluation ride on its train reply) says True exactly
     when the client's evaluation key moves with the global version, for trained and never-trained clients alike."""
@@ -144,10 +144,11 @@ def test_eval_needs_global_agrees_with_the_eval_state_key(tiny_clip, small_world
         init_prompt: torch.Tensor
         global_prompt: torch.Tensor
         global_version: int
+        extras: dict
 
     server = fed.server
-    now = State(server.init_prompt, server.global_prompt, server.global_version)
-    later = State(server.init_prompt, server.global_prompt + 1, server.global_version + 1)
+    now = State(server.init_prompt, server.global_prompt, server.global_version, dict(server.extras))
+    later = State(server.init_prompt, server.global_prompt + 1, server.global_version + 1, dict(server.extras))
     kinds = set()
     for client in fed.clients:
         moves = fed.method.eval_state(now, client).key != fed.method.eval_state(later, client).key

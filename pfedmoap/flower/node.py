@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ class NodeView:
     init_prompt: torch.Tensor
     global_prompt: torch.Tensor
     global_version: int
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,10 +49,15 @@ class Node:
     world: World
     runtime: ClientRuntime
 
-    def view(self, conf: Mapping[str, Any], global_prompt: torch.Tensor | None) -> NodeView:
-        """The global state a message carries (its P_g and that P_g's version)."""
+    def view(
+        self,
+        conf: Mapping[str, Any],
+        global_prompt: torch.Tensor | None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> NodeView:
+        """The global state a message carries (its P_g, that P_g's version, a method's other global tensors)."""
         prompt = self.world.init_prompt if global_prompt is None else global_prompt
-        return NodeView(self.world.init_prompt, prompt, int(conf.get("global-version", 0)))
+        return NodeView(self.world.init_prompt, prompt, int(conf.get("global-version", 0)), dict(extras or {}))
 
     def load_client(self, pid: int, state: RecordDict) -> Client:
         """The partition's client with the private state this node saved before (a fresh one on first contact).
@@ -126,9 +132,9 @@ def save_client_state(client: Client, state: RecordDict) -> None:
     private = client.state_dict()
     arrays = ArrayRecord()
     arrays["generator"] = Array(private["generator"].numpy())
-    for field, key in _STATE_TENSORS.items():
-        if field != "generator" and private[field] is not None:
-            arrays[key] = encode_tensor(private[field])
+    for entry, key in _STATE_TENSORS.items():
+        if entry != "generator" and private[entry] is not None:
+            arrays[key] = encode_tensor(private[entry])
     state[STATE_ARRAYS] = arrays
     if private["gate"] is not None:
         state[STATE_GATE] = ArrayRecord.from_torch_state_dict(private["gate"])

@@ -176,16 +176,23 @@ def answer_evaluate(content: RecordDict, node_config: Mapping[str, Any], state: 
     """Accuracy on the node's own test split with the state the method evaluates it with."""
     conf, node, pid = _node(content, node_config, state)
     sent = decode_tensors(content[PAYLOAD])
-    prompt = sent.get("global-prompt")
+    prompt = sent.pop("global-prompt", None)
     shape = tuple(node.world.init_prompt.shape)
-    if set(sent) != {"global-prompt"} or prompt.dtype != torch.float32 or tuple(prompt.shape) != shape:
-        _refuse(pid, f"an evaluate message carries {sorted(sent)}, not this run's float32 global prompt of {shape}")
+    if prompt is None or prompt.dtype != torch.float32 or tuple(prompt.shape) != shape:
+        got = sorted([*sent, *(["global-prompt"] if prompt is not None else [])])
+        _refuse(pid, f"an evaluate message carries {got}, not this run's float32 global prompt of {shape}")
     if not bool(torch.isfinite(prompt).all()):
         _refuse(pid, "global-prompt has non-finite values")
+    # a method's other global tensors (Method.eval_extras): float32, and what its uploads may hold
+    odd = next((name for name, t in sent.items() if t.dtype != torch.float32), None)
+    if odd is not None:
+        _refuse(pid, f"{odd} in an evaluate message is {sent[odd].dtype}, not float32")
+    if sent and (why := node.runtime.method.check_extras(sent)) is not None:
+        _refuse(pid, why)
     session = _Session("evaluate", node_config, state, conf, node, pid)
     client = session.client
     global_prompt = prompt.float()
-    acc = node.runtime.evaluate_client(client, node.view(conf, global_prompt))
+    acc = node.runtime.evaluate_client(client, node.view(conf, global_prompt, sent))
     session.save()
     needs_global = node.runtime.method.eval_needs_global(client)
     metrics = MetricRecord(

@@ -348,7 +348,12 @@ class PFedMoAPStrategy(Strategy):
                 continue
             content = RecordDict(
                 {
-                    PAYLOAD: ArrayRecord({"global-prompt": encode_tensor(self.server.global_prompt)}),
+                    PAYLOAD: ArrayRecord(
+                        {
+                            "global-prompt": encode_tensor(self.server.global_prompt),
+                            **{k: encode_tensor(t.float()) for k, t in self.method.eval_extras(self.server).items()},
+                        }
+                    ),
                     CONFIG: ConfigRecord(
                         {
                             "round": index,

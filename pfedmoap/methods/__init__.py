@@ -1,8 +1,8 @@
 """Federated prompt-learning methods on one shared round driver; each method is one file.
 
 Built in: ``pfedmoap`` (the paper), ``pfedmoap-shared-gate`` (its aggregated-gate ablation), ``promptfl``,
-``fedprox``, ``fedotp`` (FedOTP), ``fedpgp`` (FedPGP), ``promptfolio`` (PromptFolio), ``fedpha`` (FedPHA), ``local``
-(CoOp) and ``zeroshot``. A new method is a
+``fedprox``, ``fedotp`` (FedOTP), ``fedpgp`` (FedPGP), ``promptfolio`` (PromptFolio), ``fedpha`` (FedPHA),
+``fedtpg`` (FedTPG), ``local`` (CoOp) and ``zeroshot``. A new method is a
 :class:`Method` subclass in its own file, decorated with :func:`register_method` and imported below (or anywhere
 before the run is configured).
 """
@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (registers them)
     fedpgp,
     fedpha,
     fedprox,
+    fedtpg,
     local,
     pfedmoap,
     promptfl,

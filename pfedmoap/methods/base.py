@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 
 class GlobalState(Protocol):
-    """The server-held prompts a client side may read: the common init P_g^0, the global prompt and its version.
+    """The server-held state a client side may read: the common init P_g^0, the global prompt and its version, and
+    a method's other global tensors (``extras``, by wire name; what :meth:`Method.eval_extras` sends a Flower node
+    for evaluation).
 
     The in-process :class:`~pfedmoap.federated.server.Server` is one; a Flower node builds one from its messages.
     """
@@ -43,6 +45,7 @@ class GlobalState(Protocol):
     init_prompt: torch.Tensor
     global_prompt: torch.Tensor
     global_version: int
+    extras: Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class EvalState:
     prompt: torch.Tensor | None  # None: use the handcrafted zero-shot text features
     expert_prompts: torch.Tensor | None = None
     use_gate: bool = False
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's other global tensors it reads
 
 
 class PromptObjective(Objective):
@@ -229,6 +233,11 @@ class Method:
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         """The state ``client`` is evaluated with (default: the global prompt)."""
         return EvalState(("global", state.global_version), state.global_prompt)
+
+    def eval_extras(self, server: Server) -> dict[str, torch.Tensor]:
+        """The global tensors besides P_g that a client's evaluation reads (``GlobalState.extras``; a Flower evaluate
+        message carries them, float32). Default: none."""
+        return {}
 
     def eval_needs_global(self, client: Client) -> bool:
         """Whether ``client``'s evaluation reads the server's state after the round's aggregation (P_g, its version).
