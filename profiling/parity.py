@@ -64,6 +64,7 @@ CONFIGS: dict[str, list[str]] = {
     "fedotp-published": "--method fedotp --rounds 1 --local-epochs 2 --fedotp-stop published".split(),
     "promptfolio": "--method promptfolio --rounds 2 --promptfolio-theta 0.4".split(),
     "fedpha": "--method fedpha --rounds 2 --fedpha-local-ctx 8,16 --fedpha-rho 0.8".split(),
+    "fedtpg": "--method fedtpg --rounds 2 --n-ctx 4 --fedtpg-heads 4".split(),
 }
 
 # fields that measure time, not results
