@@ -3,7 +3,8 @@
 Each (preset, method, seed) run gets its own run directory; a run whose ``summary.json`` exists is skipped, so an
 interrupted sweep resumes where it stopped. ``python -m pfedmoap.experiments`` is the command over this module
 (and over :mod:`pfedmoap.research.ablations` for ``--suite``). "pfedmoap-lambda0" is pFedMoAP with lambda = 0 (the
-paper's ablation row); "fedotp" and "fedpgp" are the competitors. A base-to-novel preset (``*-b2n``) also gets a
+paper's ablation row); "fedotp", "fedpgp", "promptfolio", "fedpha" and "fedtpg" (with its paper's n_ctx of 4) are the
+competitors. A base-to-novel preset (``*-b2n``) also gets a
 Local / Base / Novel / HM table, beside the averages pFedMMA reports for the methods it compares.
 """
 
@@ -27,6 +28,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "pfedmoap-lambda0": ("pfedmoap", {"lam": 0.0}, "pFedMoAP, lambda = 0"),
     "fedotp": ("fedotp", {}, "FedOTP (global + local prompt, OT)"),
     "fedpgp": ("fedpgp", {}, "FedPGP (global + low-rank prompt)"),
+    "promptfolio": ("promptfolio", {}, "PromptFolio (global + local text features, mixed)"),
+    "fedpha": ("fedpha", {}, "FedPHA (global + projected local prompt)"),
+    "fedtpg": ("fedtpg", {"n_ctx": 4}, "FedTPG (shared prompt generator, n_ctx 4)"),
     "pfedmoap": ("pfedmoap", {}, "pFedMoAP, lambda = 0.5"),
 }
 
