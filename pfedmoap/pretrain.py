@@ -1,9 +1,11 @@
 """``python -m pfedmoap.pretrain``: pretrain (or find) the tiny CLIP's weights and print where they are.
 
-    python -m pfedmoap.pretrain [--steps N] [--batch-size B] [--seed S] [--threads T] [--cache-dir DIR] [--force]
-                                [--eval] [--eval-per-class N] [--no-progress] [--ship]
+    python -m pfedmoap.pretrain [--model M] [--steps N] [--batch-size B] [--seed S] [--threads T] [--cache-dir DIR]
+                                [--force] [--eval] [--eval-per-class N] [--no-progress] [--ship]
 
-With ``--eval``, also the zero-shot accuracy per style. The pretraining itself is :mod:`pfedmoap.model.pretraining`.
+``--model`` picks the tiny CLIP (``pfedmoap-tiny``, a ResNet, or ``pfedmoap-tiny-vit``); the other settings default
+to that model's shipped config. With ``--eval``, also the zero-shot accuracy per style. The pretraining itself is
+:mod:`pfedmoap.model.pretraining`.
 """
 
 from __future__ import annotations
@@ -24,28 +26,33 @@ from .base.errors import UserError
 from .base.files import cache_dir
 from .data.synthetic import CLASSNAMES, STYLES
 from .model import pretraining
-from .model.model_configs import TINY_MODEL
+from .model.model_configs import TINY_MODEL, TINY_MODELS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
-    defaults = pretraining.PretrainConfig()
+    configs = {name: pretraining.default_pretrain_config(name) for name in TINY_MODELS}
+
+    def per_model(field: str) -> str:
+        return ", ".join(f"{getattr(cfg, field)} for {name}" for name, cfg in configs.items())
+
     parser = OneLineParser(prog="python -m pfedmoap.pretrain", description=pretraining.__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--steps",
-        type=int,
-        default=defaults.steps,
-        help="training steps (default: %(default)s)",
+        "--model",
+        choices=TINY_MODELS,
+        default=TINY_MODEL,
+        help="which tiny CLIP (default: %(default)s)",
     )
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps (default: {per_model('steps')})")
     parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help="images per step (default: %(default)s)"
+        "--batch-size", type=int, default=None, help=f"images per step (default: {per_model('batch_size')})"
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed (default: {per_model('seed')})")
     parser.add_argument(
         "--threads",
         type=int,
-        default=defaults.threads,
-        help="torch threads (results depend on it; default: %(default)s)",
+        default=None,
+        help=f"torch threads (results depend on it; default: {per_model('threads')})",
     )
     parser.add_argument(
         "--cache-dir",
@@ -68,14 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="(maintainers) write the weights into the package as safetensors and print their SHA-256",
     )
     args = parser.parse_args(argv)
-    return run_command(parser.prog, lambda: _pretrain_command(args, defaults), "interrupted; nothing was saved")
+    return run_command(parser.prog, lambda: _pretrain_command(args), "interrupted; nothing was saved")
 
 
-def _pretrain_command(args: argparse.Namespace, defaults: pretraining.PretrainConfig) -> int:
+def _pretrain_command(args: argparse.Namespace) -> int:
+    given = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads}
     try:
-        cfg = dataclasses.replace(
-            defaults, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads
-        )
+        defaults = pretraining.default_pretrain_config(args.model)
+        cfg = dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:  # PretrainConfig's own checks
         raise UserError(str(exc)) from None
     if args.eval_per_class < 1:
@@ -97,8 +104,8 @@ def _pretrain_command(args: argparse.Namespace, defaults: pretraining.PretrainCo
 
     if args.eval:
         n_per_class = args.eval_per_class
-        model = pretraining.create_tiny_clip(cfg.image_size, pretrained=path)
-        tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+        model = pretraining.create_tiny_clip(cfg.image_size, pretrained=path, model=cfg.model)
+        tokenizer = open_clip.get_tokenizer(cfg.model)
         with_threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:

@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from pfedmoap.base import files
 from pfedmoap.base.errors import UserError
 from pfedmoap.model import pretraining as pt
-from pfedmoap.model.model_configs import CONFIG_DIR, TINY_MODEL, register_model_configs
-from pfedmoap.model.pretraining import PretrainConfig, ensure_tiny_clip, zero_shot_accuracy
+from pfedmoap.model.model_configs import CONFIG_DIR, TINY_MODEL, TINY_VIT_MODEL, register_model_configs
+from pfedmoap.model.pretraining import PretrainConfig, default_pretrain_config, ensure_tiny_clip, zero_shot_accuracy
 from pfedmoap.model.text_encoder import TextTower
 from pfedmoap.pretrain import main as pretrain_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # 1 thread: tests may share the CPU with other processes, and oversubscribed torch threads are very slow
 TINY = PretrainConfig(steps=2, batch_size=8, warmup=1, threads=1)
+TINY_VIT = PretrainConfig(steps=2, batch_size=8, warmup=1, threads=1, image_size=32, model=TINY_VIT_MODEL)
 
 
 def test_register_model_configs_is_idempotent() -> None:
@@ -36,6 +37,9 @@ def test_register_model_configs_is_idempotent() -> None:
     assert cfg["embed_dim"] == 64 and cfg["vision_cfg"]["image_size"] == 64
     assert cfg["vision_cfg"]["layers"] == [1, 1, 1, 1]  # ModifiedResNet tower
     assert open_clip.factory._MODEL_CONFIG_PATHS.count(CONFIG_DIR) == 1
+    vit = open_clip.get_model_config(TINY_VIT_MODEL)
+    assert vit["embed_dim"] == 64 and vit["vision_cfg"]["patch_size"] > 0  # VisionTransformer tower
+    assert vit["vision_cfg"]["layers"] >= 4  # pFedMMA adapts the upper blocks
 
 
 def test_config_validation() -> None:
@@ -48,6 +52,7 @@ def test_config_validation() -> None:
         {"image_size": 40},
         {"styles": ("photo", "sketch")},
         {"styles": ()},
+        {"model": "RN50"},
     ):
         with pytest.raises(ValueError):
             PretrainConfig(**bad)
@@ -59,6 +64,18 @@ def test_digest_is_stable_and_sensitive() -> None:
     assert as_list.digest() == as_tuple.digest()
     assert PretrainConfig(seed=1).digest() != PretrainConfig().digest()
     assert PretrainConfig(threads=1).digest() != PretrainConfig().digest()
+
+
+def test_digest_of_the_resnet_is_what_it_was_before_the_model_field() -> None:
+    """The default model does not enter the digest: the shipped ResNet file keeps its name."""
+    assert PretrainConfig().digest() == "41763d6e9524"
+    assert PretrainConfig(model=TINY_MODEL).digest() == "41763d6e9524"
+    assert default_pretrain_config(TINY_MODEL) == PretrainConfig()
+    vit = default_pretrain_config(TINY_VIT_MODEL)
+    assert vit.model == TINY_VIT_MODEL and vit.threads == 1
+    assert vit.digest() != PretrainConfig(**{**vit.__dict__, "model": TINY_MODEL}).digest()
+    assert pt.shipped_path().name == "tiny-clip-41763d6e9524.safetensors"
+    assert pt.shipped_path(vit) != pt.shipped_path()
 
 
 def test_trimmed_text_encoding_matches_open_clip() -> None:
@@ -80,6 +97,18 @@ def test_pretrain_runs_deterministically_and_restores_threads() -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     assert a["logit_scale"].item() <= pt._MAX_LOGIT_SCALE
+
+
+def test_vit_pretrain_runs_and_its_text_tower_trims_exactly() -> None:
+    state = pt.pretrain(TINY_VIT, progress=False)
+    model = pt.create_tiny_clip(32, model=TINY_VIT_MODEL)
+    model.load_state_dict(state)
+    model.eval()
+    tokens = open_clip.get_tokenizer(TINY_VIT_MODEL)(["a red star.", "there is a purple crescent in the image."])
+    with torch.no_grad():
+        full = model.encode_text(tokens, normalize=True)
+        trimmed = F.normalize(TextTower.from_model(model, TINY_VIT_MODEL).encode_tokens(tokens), dim=-1)
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)
 
 
 def test_loss_decreases() -> None:
@@ -170,7 +199,8 @@ def test_cli_trains_caches_and_evaluates(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize(
-    "args", [["--steps", "0"], ["--batch-size", "1"], ["--seed", "-3"], ["--steps", "many"], ["--bogus"]]
+    "args",
+    [["--steps", "0"], ["--batch-size", "1"], ["--seed", "-3"], ["--steps", "many"], ["--bogus"], ["--model", "RN50"]],
 )
 def test_cli_bad_input_is_one_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     try:
@@ -235,17 +265,44 @@ def test_tampered_shipped_weights_are_a_damaged_install(monkeypatch, tmp_path) -
         ensure_tiny_clip(tmp_path / "cache", progress=False)
 
 
-def test_shipped_weights_give_the_documented_zero_shot_accuracy() -> None:
-    model = pt.create_tiny_clip(pretrained=pt.shipped_weights())
-    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+def test_the_vit_weights_ship_with_the_package_and_pass_their_hash(monkeypatch, tmp_path) -> None:
+    cfg = default_pretrain_config(TINY_VIT_MODEL)
+    path = pt.shipped_weights(cfg)
+    assert path is not None and path.suffix == ".safetensors" and path.parent == pt.SHIPPED_DIR
+    assert path.name == f"tiny-clip-vit-{cfg.digest()}.safetensors"
+    assert path != pt.shipped_weights()
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: pytest.fail("must not pretrain: the weights ship"))
+    assert ensure_tiny_clip(tmp_path / "empty-cache", progress=False, cfg=cfg) == path
+    assert not (tmp_path / "empty-cache").exists()
+    assert pt.shipped_weights(TINY_VIT) is None  # another config: no shipped weights
+
+
+@pytest.mark.parametrize("model", [TINY_MODEL, TINY_VIT_MODEL])
+def test_shipped_weights_give_the_documented_zero_shot_accuracy(model: str) -> None:
+    cfg = default_pretrain_config(model)
+    net = pt.create_tiny_clip(cfg.image_size, pretrained=pt.shipped_weights(cfg), model=model)
+    tokenizer = open_clip.get_tokenizer(model)
+    table = pt.SHIPPED_ZERO_SHOT[model]
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2 if model == TINY_MODEL else cfg.threads)
     try:
-        acc = zero_shot_accuracy(model, tokenizer, list(pt.SHIPPED_ZERO_SHOT), n_per_class=50, seed=pt.EVAL_SEED)
+        acc = zero_shot_accuracy(net, tokenizer, list(table), n_per_class=50, seed=pt.EVAL_SEED)
     finally:
         torch.set_num_threads(previous)
-    for style, expected in pt.SHIPPED_ZERO_SHOT.items():
+    assert list(acc) == list(pt.SHIPPED_ZERO_SHOT[TINY_MODEL])  # every style is documented
+    for style, expected in table.items():
         assert abs(acc[style] - expected) <= 0.01, (style, acc[style], expected)
+
+
+def test_load_clip_synthetic_vit_exposes_patch_tokens() -> None:
+    from pfedmoap.model.clip import load_clip
+
+    clip = load_clip(TINY_VIT_MODEL, "synthetic", torch.device("cpu"), progress=False)
+    assert clip.local_feature_kind == "tokens" and clip.embed_dim == 64 and clip.image_size == 32
+    images = torch.zeros(2, 3, clip.image_size, clip.image_size)
+    local = clip.encode_local_images(images)
+    assert local.shape == (2, clip.local_feature_count, 64)
+    assert clip.encode_images(images).shape == (2, 64)
 
 
 def test_installed_copy_finds_the_shipped_weights_of_the_installed_distribution() -> None:

@@ -178,7 +178,7 @@ def load_clip(model_name: str, pretrained: str, device: torch.device, progress: 
     """
     import open_clip
 
-    from .model_configs import TINY_MODEL, register_model_configs
+    from .model_configs import TINY_MODEL, TINY_MODELS, register_model_configs
 
     register_model_configs()
     known = open_clip.list_models()
@@ -190,14 +190,15 @@ def load_clip(model_name: str, pretrained: str, device: torch.device, progress: 
     weights: str | None
     from_file = False  # weights from a file on disk (given, or the tiny CLIP's), not an open_clip tag
     if pretrained == "synthetic":
-        if model_name != TINY_MODEL:
+        if model_name not in TINY_MODELS:
             raise ConfigError(
-                f"pretrained='synthetic' exists only for model={TINY_MODEL}; for {model_name} use an "
+                f"pretrained='synthetic' exists only for model={' or '.join(TINY_MODELS)}; for {model_name} use an "
                 "open_clip tag (e.g. openai), a weights file, or none"
             )
-        from .pretraining import ensure_tiny_clip
+        from .pretraining import default_pretrain_config, ensure_tiny_clip
 
-        weights, from_file = str(ensure_tiny_clip(progress=progress)), True
+        cfg = default_pretrain_config(model_name)
+        weights, from_file = str(ensure_tiny_clip(progress=progress, cfg=cfg)), True
     elif pretrained == "none":
         weights = None
     elif os.path.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):

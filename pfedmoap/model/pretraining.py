@@ -1,4 +1,5 @@
-"""Contrastive pretraining of the tiny CLIP (``pfedmoap-tiny``) on captioned images of the synthetic world.
+"""Contrastive pretraining of the tiny CLIPs (``pfedmoap-tiny``, a ResNet; ``pfedmoap-tiny-vit``, a ViT)
+on captioned images of the synthetic world.
 
 The federation needs a CLIP whose zero-shot accuracy on its target domain is well above chance but far from
 perfect, so that prompt learning has something to learn. Pretraining on some styles of the synthetic world
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from ..base.errors import UserError
 from ..base.files import cache_dir, read_bytes, replacing
 from ..data.synthetic import CLASSNAMES, PRETRAIN_STYLES, STYLES, render, templates, to_model_input
-from .model_configs import TINY_MODEL, register_model_configs
+from .model_configs import TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL, register_model_configs
 from .text_encoder import TextTower
 
 # Bump when the synthetic world, the model config or the training recipe changes in a way that the config
@@ -48,16 +49,32 @@ EVAL_SEED = 12345  # the CLI's evaluation images stay the same whatever the trai
 # pretraining and every machine runs the same model (pretraining on another CPU type gives other weights).
 # Rebuild with `python -m pfedmoap.pretrain --force --ship` after changing the world, the model or the recipe.
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
-SHIPPED_SHA256 = "93efd76f7850f17368645cd6d644ed849e0ee9bb83bc4f5988235376defa6e60"
+# One shipped file per model (for its default_pretrain_config), each with its own SHA-256.
+SHIPPED_SHA256 = {
+    TINY_MODEL: "93efd76f7850f17368645cd6d644ed849e0ee9bb83bc4f5988235376defa6e60",
+    TINY_VIT_MODEL: "f7d5b6a8cf1a263f6fe2366a01b62a0624296663799a45fb398585dbf3fbab6b",
+}
 # their zero-shot accuracy per style (EVAL_SEED, 50 images per class; `python -m pfedmoap.pretrain --eval`)
 SHIPPED_ZERO_SHOT = {
-    "photo": 0.999,
-    "noisy": 0.975,
-    "striped": 0.969,
-    "cluttered": 0.992,
-    "outline": 0.170,
-    "faded": 0.497,
+    TINY_MODEL: {
+        "photo": 0.999,
+        "noisy": 0.975,
+        "striped": 0.969,
+        "cluttered": 0.992,
+        "outline": 0.170,
+        "faded": 0.497,
+    },
+    TINY_VIT_MODEL: {
+        "photo": 0.977,
+        "noisy": 0.845,
+        "striped": 0.927,
+        "cluttered": 0.908,
+        "outline": 0.143,
+        "faded": 0.360,
+    },
 }
+# file name prefix per model (the ResNet's predates the ViT and keeps its name)
+_FILE_PREFIX = {TINY_MODEL: "tiny-clip", TINY_VIT_MODEL: "tiny-clip-vit"}
 _log = logging.getLogger("pfedmoap")
 
 
@@ -65,8 +82,9 @@ _log = logging.getLogger("pfedmoap")
 class PretrainConfig:
     """Everything that determines the pretrained weights (and so the cache file name).
 
-    The defaults take about 10 minutes on 2 CPU cores (64 px input) and leave the held-out styles (outline, faded)
-    clearly above chance but far from solved.
+    The defaults are those of ``pfedmoap-tiny`` (the ResNet): about 10 minutes on 2 CPU cores (64 px input), and they
+    leave the held-out styles (outline, faded) clearly above chance but far from solved. Each model's own defaults
+    come from :func:`default_pretrain_config`.
     """
 
     steps: int = 800
@@ -79,6 +97,7 @@ class PretrainConfig:
     image_size: int = _NATIVE_IMAGE_SIZE  # model input size (a multiple of 32)
     render_size: int = RENDER_SIZE  # images are drawn at this size, then resized to image_size
     styles: tuple[str, ...] = PRETRAIN_STYLES
+    model: str = TINY_MODEL  # one of TINY_MODELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "styles", tuple(self.styles))
@@ -95,6 +114,7 @@ class PretrainConfig:
                 f"image_size must be a positive multiple of 32, got {self.image_size}",
             ),
             (self.render_size >= 8, f"render_size must be at least 8, got {self.render_size}"),
+            (self.model in TINY_MODELS, f"model must be one of {', '.join(TINY_MODELS)}, got {self.model!r}"),
             (
                 len(self.styles) > 0 and all(s in STYLES for s in self.styles),
                 f"styles must be a non-empty subset of {', '.join(STYLES)}, got {self.styles!r}",
@@ -105,9 +125,26 @@ class PretrainConfig:
                 raise ValueError(message)
 
     def digest(self) -> str:
-        """Short stable hash of the config and :data:`FORMAT_VERSION` (names the cache file)."""
-        blob = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """Short stable hash of the config and :data:`FORMAT_VERSION` (names the cache file).
+
+        ``model`` counts only when it is not the default ``pfedmoap-tiny``, so that the ResNet's digests (and its
+        shipped file's name) stay what they were before the field existed."""
+        fields = dataclasses.asdict(self)
+        if self.model == TINY_MODEL:
+            del fields["model"]
+        blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_pretrain_config(model: str = TINY_MODEL) -> PretrainConfig:
+    """The config whose weights ship for ``model`` (one of :data:`TINY_MODELS`)."""
+    if model == TINY_VIT_MODEL:
+        # see the README's tiny-CLIP section for the experiments behind these numbers
+        return PretrainConfig(model=model, **_VIT_DEFAULTS)
+    return PretrainConfig(model=model)
+
+
+_VIT_DEFAULTS: dict = dict(steps=4000, batch_size=256, lr=2e-3, warmup=100, threads=1, image_size=32)
 
 
 class _NoRandomInitWarning(logging.Filter):
@@ -117,15 +154,19 @@ class _NoRandomInitWarning(logging.Filter):
         return not record.getMessage().startswith("No pretrained weights loaded")
 
 
-def create_tiny_clip(image_size: int = _NATIVE_IMAGE_SIZE, pretrained: str | os.PathLike | None = None):
-    """A ``pfedmoap-tiny`` open_clip model (random weights unless ``pretrained`` is a weights file)."""
+def create_tiny_clip(
+    image_size: int | None = None, pretrained: str | os.PathLike | None = None, model: str = TINY_MODEL
+):
+    """A ``model`` (default ``pfedmoap-tiny``) open_clip model (random weights unless ``pretrained`` is a weights
+    file), with input size ``image_size`` (default: the config's own)."""
     register_model_configs()
-    kwargs = {} if image_size == _NATIVE_IMAGE_SIZE else {"force_image_size": image_size}
+    native = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+    kwargs = {} if image_size is None or image_size == native else {"force_image_size": image_size}
     weights = None if pretrained is None else str(pretrained)
     quiet = _NoRandomInitWarning()
     logging.getLogger().addFilter(quiet)  # open_clip logs through the root logger
     try:
-        return open_clip.create_model(TINY_MODEL, pretrained=weights, **kwargs)
+        return open_clip.create_model(model, pretrained=weights, **kwargs)
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -159,11 +200,13 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, losses: list[float] | N
     try:
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        model = create_tiny_clip(cfg.image_size)
-        # channels_last makes the small convolutions of the ResNet tower about 30% faster on CPU
-        model.visual.to(memory_format=torch.channels_last)
+        model = create_tiny_clip(cfg.image_size, model=cfg.model)
+        # channels_last makes the small convolutions of the ResNet tower about 30% faster on CPU (a ViT has one
+        # patch-embedding convolution and gains nothing)
+        layout = torch.channels_last if cfg.model == TINY_MODEL else torch.contiguous_format
+        model.visual.to(memory_format=layout)
         model.train()
-        tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+        tokenizer = open_clip.get_tokenizer(cfg.model)
         style_ids = np.array([STYLES.index(s) for s in cfg.styles])
         table = _caption_tokens(tokenizer, style_ids)
         n_templates = table.shape[2]
@@ -179,7 +222,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, losses: list[float] | N
         targets = torch.arange(cfg.batch_size)
         # the library's own text pass: captions are far shorter than the context, and with a causal mask the
         # padding after the end-of-text token cannot change the pooled feature, so it runs only up to it
-        text_tower = TextTower.from_model(model, TINY_MODEL)
+        text_tower = TextTower.from_model(model, cfg.model)
 
         bar = tqdm(range(cfg.steps), desc="pretraining tiny CLIP", unit="step", disable=not progress)
         for step in bar:
@@ -187,7 +230,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, losses: list[float] | N
             style_pos = rng.integers(0, len(style_ids), cfg.batch_size)
             template = rng.integers(0, n_templates, cfg.batch_size)
             images = to_model_input(render(labels, style_ids[style_pos], rng, cfg.render_size), cfg.image_size)
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=layout)
             tokens = table[torch.from_numpy(style_pos), torch.from_numpy(labels), torch.from_numpy(template)]
 
             for group in opt.param_groups:
@@ -262,13 +305,14 @@ def zero_shot_accuracy(
 
 def weights_path(cfg: PretrainConfig, cache: Path | str | None = None) -> Path:
     """Cache file for ``cfg`` (whether or not it exists yet)."""
-    return (cache_dir() if cache is None else Path(cache)) / f"tiny-clip-{cfg.digest()}.pt"
+    return (cache_dir() if cache is None else Path(cache)) / f"{_FILE_PREFIX[cfg.model]}-{cfg.digest()}.pt"
 
 
 def shipped_path(cfg: PretrainConfig | None = None) -> Path:
-    """Where the package's own weights for ``cfg`` would be (they exist for the default config only)."""
+    """Where the package's own weights for ``cfg`` (default: ``pfedmoap-tiny``'s default config) would be (they exist
+    for each model's :func:`default_pretrain_config` only)."""
     cfg = PretrainConfig() if cfg is None else cfg
-    return SHIPPED_DIR / f"tiny-clip-{cfg.digest()}.safetensors"
+    return SHIPPED_DIR / f"{_FILE_PREFIX[cfg.model]}-{cfg.digest()}.safetensors"
 
 
 _verified: dict[Path, bool] = {}
@@ -307,7 +351,7 @@ def shipped_weights(cfg: PretrainConfig | None = None) -> Path | None:
         return None
     if path not in _verified:
         digest = hashlib.sha256(read_bytes(path, "the shipped tiny-CLIP weights")).hexdigest()
-        _verified[path] = digest == SHIPPED_SHA256
+        _verified[path] = digest == SHIPPED_SHA256[(PretrainConfig() if cfg is None else cfg).model]
     if not _verified[path]:
         raise UserError(
             f"the shipped tiny-CLIP weights {str(path)!r} fail their SHA-256 check (a damaged install): reinstall "
@@ -325,8 +369,8 @@ def ensure_tiny_clip(
     """Path of the tiny-CLIP weights for ``cfg`` (default config): the ones shipped in the package when they are
     for ``cfg`` and intact, else the cached ones, pretraining them first if missing.
 
-    The file is a plain ``state_dict``, loadable with ``open_clip.create_model("pfedmoap-tiny",
-    pretrained=path)`` (this function registers the config with open_clip). It is written to a temporary
+    The file is a plain ``state_dict``, loadable with ``open_clip.create_model(cfg.model, pretrained=path)`` (this
+    function registers the configs with open_clip). It is written to a temporary
     file in the cache folder and renamed into place, so an interrupted pretraining never leaves a partial
     file, and concurrent processes at worst both train and one rename wins. ``force`` retrains even if the
     file exists (and skips the shipped weights).
@@ -358,7 +402,7 @@ def ship(path: Path, cfg: PretrainConfig) -> Path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     out = shipped_path(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "model": TINY_MODEL, "pretrain_digest": cfg.digest()}
+    meta = {"format": "pt", "model": cfg.model, "pretrain_digest": cfg.digest()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
     _verified.pop(out, None)
     return out

@@ -1,7 +1,8 @@
 """open_clip model configs shipped with pfedmoap.
 
 open_clip only knows the configs in its own package folder; :func:`register_model_configs` adds this folder
-so that ``open_clip.create_model(TINY_MODEL)`` and ``open_clip.get_tokenizer(TINY_MODEL)`` work.
+so that ``open_clip.create_model(TINY_MODEL)`` and ``open_clip.get_tokenizer(TINY_MODEL)`` work (and the same for
+:data:`TINY_VIT_MODEL`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from pathlib import Path
 import open_clip
 
 CONFIG_DIR = Path(__file__).resolve().parent
-TINY_MODEL = "pfedmoap-tiny"
+TINY_MODEL = "pfedmoap-tiny"  # ModifiedResNet image tower
+TINY_VIT_MODEL = "pfedmoap-tiny-vit"  # VisionTransformer image tower
+TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL)  # the configs in this folder, each with shipped synthetic weights
 
 
 def register_model_configs() -> None:
     """Make the configs in this folder known to open_clip (safe to call any number of times)."""
     # add_model_config appends to a global path list and rescans every time, so only add the folder once.
-    if TINY_MODEL in open_clip.list_models():
+    known = open_clip.list_models()
+    if all(name in known for name in TINY_MODELS):
         return
     open_clip.add_model_config(CONFIG_DIR)
