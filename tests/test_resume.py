@@ -103,8 +103,9 @@ def test_resume_after_a_stopped_run_is_exact(tmp_path):
         {"method": "promptfolio", "frac": 0.6},
         {"method": "fedpha", "fedpha_local_ctx": "4,8"},
         {"method": "fedtpg", "n_ctx": 4, "frac": 0.6},
+        {"method": "pfedmma", "model": "pfedmoap-tiny-vit", "subsample": "base", "eval_split": "base2novel"},
     ],
-    ids=["fedotp", "fedpgp", "base2novel", "promptfolio", "fedpha-lengths", "fedtpg"],
+    ids=["fedotp", "fedpgp", "base2novel", "promptfolio", "fedpha-lengths", "fedtpg", "pfedmma-base2novel"],
 )
 def test_competitors_and_base2novel_resume_exactly(tmp_path, overrides):
     """Their private state (FedOTP's local prompt, FedPGP's U and V) and the base / novel accuracies travel in

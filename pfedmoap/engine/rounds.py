@@ -167,14 +167,20 @@ class RoundDriver:
         odd = next((t for t in tensors.values() if t.dtype != wire), None)
         if odd is not None:
             return self.refuse(cid, f"dtype {odd.dtype} != wire dtype {wire}", rnd.bytes_up[cid])
-        if upload.prompt is None:
-            return self.refuse(cid, "no prompt in the upload", rnd.bytes_up[cid])
+        shares_prompt = self.method.shares_prompt
+        if (upload.prompt is None) == shares_prompt:
+            what = "no prompt in the upload" if shares_prompt else f"a prompt, which {self.cfg.method} never sends"
+            return self.refuse(cid, what, rnd.bytes_up[cid])
         reason = self.method.check_extras(upload.extras)
         if reason is not None:
             return self.refuse(cid, reason, rnd.bytes_up[cid])
+        extras = upload.map(torch.Tensor.float).extras
+        if not shares_prompt:  # extras only (e.g. pFedMMA's shared adapters): checked above, nothing for the pool
+            rnd.accepted[cid] = Upload(None, extras)
+            return True
         if not self.server.receive(cid, upload.prompt.float()):
             return False
-        rnd.accepted[cid] = Upload(self.server.pool[cid], upload.map(torch.Tensor.float).extras)
+        rnd.accepted[cid] = Upload(self.server.pool[cid], extras)
         return True
 
     def refuse(self, cid: int, reason: str, nbytes: int = 0) -> bool:

@@ -92,7 +92,8 @@ class ClientRuntime:
     def _finish(self, client: Client, payload: Payload, objective: Objective) -> Upload | None:
         """After training: keep the client's new local state, return its upload as it goes on the wire."""
         cfg, method = self.cfg, self.method
-        client.prompt = objective.prompt.detach().cpu()
+        prompt = getattr(objective, "prompt", None)  # None: a method that trains no prompt (pFedMMA)
+        client.prompt = None if prompt is None else prompt.detach().cpu()
         client.private = {**client.private, **{k: v.detach().cpu() for k, v in objective.private_state().items()}}
         client.expert_ids = list(payload.expert_ids)
         client.expert_prompts = payload.expert_prompts

@@ -128,6 +128,9 @@ class World:
                 f"method={cfg.method} needs local image features, and model={cfg.model}'s image tower exposes "
                 "none (valid: ModifiedResNet towers such as RN50 and pfedmoap-tiny, or ViTs)"
             )
+        # "states": the method runs the image tower's upper blocks itself (pFedMMA), so the cache keeps each image's
+        # token states entering its first adapted block
+        self.states_from = method.states_block(cfg, self.clip) if method.image_features == "states" else None
         self.splits = split_clients(cfg, self.dataset)
         self.encoder = PromptEncoder(
             self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=ops.assemble_prompts
@@ -200,15 +203,16 @@ class World:
             "precision": cfg.precision,
             "local_features": self.local_features,
             "augment": cfg.augment,
+            **({} if self.states_from is None else {"states_from": self.states_from}),
         }
 
     def _encode(self, cid: int) -> ClientData:
         cfg, data, split = self.cfg, self.dataset, self.splits[cid]
         batch = cfg.eval_batch_size
         # the frozen image encoder runs once per image; with augmentation, train features are per batch
-        local = self.local_features
-        train_features = None if cfg.augment else encode_subset(self.clip, data.train, split.train, batch, local=local)
-        test_features = encode_subset(self.clip, data.test, split.test, batch, local=local)
+        kind = {"local": self.local_features, "states_from": self.states_from}
+        train_features = None if cfg.augment else encode_subset(self.clip, data.train, split.train, batch, **kind)
+        test_features = encode_subset(self.clip, data.test, split.test, batch, **kind)
         return self._client_data(cid, train_features, test_features)
 
     def _from_cache(self, cid: int, stored: dict[str, torch.Tensor | None]) -> ClientData:
@@ -233,6 +237,7 @@ class World:
             train_features=train_features,
             train_images=images,
             local_features=self.local_features,
+            states_from=self.states_from,
         )
 
     def new_client(self, cid: int) -> Client:
@@ -269,5 +274,12 @@ class World:
     def _eval_set(self, name: str, encoder: PromptEncoder, bundle: DatasetBundle) -> EvalSet:
         rows = np.arange(len(bundle.test))
         with autocast(self.cfg.precision, self.device):
-            feats = encode_subset(self.clip, bundle.test, rows, self.cfg.eval_batch_size, local=self.local_features)
+            feats = encode_subset(
+                self.clip,
+                bundle.test,
+                rows,
+                self.cfg.eval_batch_size,
+                local=self.local_features,
+                states_from=self.states_from,
+            )
         return EvalSet(name, encoder, feats, torch.as_tensor(bundle.test.labels, dtype=torch.long))

@@ -38,6 +38,7 @@ class ClientData:
     train_features: torch.Tensor | None = None  # [n, D]; None when augmentation recomputes them
     train_images: torch.Tensor | None = None  # uint8 [n, 3, H, W]; kept only with augmentation
     local_features: bool = False  # features are the local ones [n, M, D] (FedOTP) rather than pooled [n, D]
+    states_from: int | None = None  # features are a ViT's token states entering this block [n, T, W] (pFedMMA)
 
     @property
     def num_train(self) -> int:
@@ -146,7 +147,7 @@ class Client:
         if self.data.train_features is not None:
             return self.data.train_features[idx]
         images = random_crop_flip(self.data.train_images[idx], self.generator)
-        return encode_images(clip, images, local=self.data.local_features)
+        return encode_images(clip, images, local=self.data.local_features, states_from=self.data.states_from)
 
     def batch_indices(self, settings: TrainSettings) -> Iterator[torch.Tensor]:
         """The local update's batches (train indices), ``settings.epochs`` epochs in the order of this client's own

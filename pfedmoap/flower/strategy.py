@@ -322,7 +322,7 @@ class PFedMoAPStrategy(Strategy):
             driver.upload(pid, None)
             return
         record = content.get(UPLOAD)
-        if not isinstance(record, ArrayRecord) or "prompt" not in record:
+        if not isinstance(record, ArrayRecord) or ("prompt" not in record and self.method.shares_prompt):
             driver.refuse(pid, "no prompt in the reply")
             return
         try:

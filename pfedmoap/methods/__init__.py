@@ -2,7 +2,7 @@
 
 Built in: ``pfedmoap`` (the paper), ``pfedmoap-shared-gate`` (its aggregated-gate ablation), ``promptfl``,
 ``fedprox``, ``fedotp`` (FedOTP), ``fedpgp`` (FedPGP), ``promptfolio`` (PromptFolio), ``fedpha`` (FedPHA),
-``fedtpg`` (FedTPG), ``local`` (CoOp) and ``zeroshot``. A new method is a
+``fedtpg`` (FedTPG), ``pfedmma`` (pFedMMA), ``local`` (CoOp) and ``zeroshot``. A new method is a
 :class:`Method` subclass in its own file, decorated with :func:`register_method` and imported below (or anywhere
 before the run is configured).
 """
@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registers them)
     fedprox,
     fedtpg,
     local,
+    pfedmma,
     pfedmoap,
     promptfl,
     promptfolio,

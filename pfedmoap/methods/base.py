@@ -170,7 +170,10 @@ class Method:
     uploads: ClassVar[bool] = True  # whether clients send anything back (and so whether DP applies)
     uses_gate: ClassVar[bool] = False  # whether clients hold a gate (its d_gate must fit the model)
     dp_refusal: ClassVar[str] = "uploads nothing"  # why DP cannot apply, when it cannot
-    image_features: ClassVar[str] = "pooled"  # what its logits read: "pooled" [n, D] or "local" [n, M, D] features
+    # what its logits read: "pooled" [n, D] or "local" [n, M, D] features, or "states" [n, T, W] (a ViT's token
+    # states entering block states_block(), for a method that runs the upper blocks itself)
+    image_features: ClassVar[str] = "pooled"
+    shares_prompt: ClassVar[bool] = True  # False: its uploads carry no prompt (only extras), and the pool stays empty
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -203,6 +206,11 @@ class Method:
 
             able = ", ".join(name for name, m in methods().items() if m.supports_dp())
             raise ConfigError(f"dp_epsilon is set but method={cfg.method} {cls.dp_refusal} (DP applies to {able})")
+
+    @classmethod
+    def states_block(cls, cfg: Config, clip: Any) -> int:
+        """For ``image_features = "states"``: the image block (0-based) whose entering token states are cached."""
+        raise NotImplementedError(f"method {cls.name} reads {cls.image_features} image features, not states")
 
     # ------------------------------------------------------------------------------------ server side
     def payload(self, server: Server, view: Mapping[int, torch.Tensor], cid: int) -> Payload:

@@ -32,6 +32,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "fedpha": ("fedpha", {}, "FedPHA (global + projected local prompt)"),
     "fedtpg": ("fedtpg", {"n_ctx": 4}, "FedTPG (shared prompt generator, n_ctx 4)"),
     "pfedmoap": ("pfedmoap", {}, "pFedMoAP, lambda = 0.5"),
+    # on the ViT tiny CLIP (pFedMMA adapts ViT blocks): pFedMMA, and the rows it is read against on the same backbone
+    "zeroshot-vit": ("zeroshot", {"model": "pfedmoap-tiny-vit"}, "Zero-shot CLIP (tiny ViT)"),
+    "pfedmma": ("pfedmma", {"model": "pfedmoap-tiny-vit"}, "pFedMMA (tiny ViT, its lr 0.001)"),
+    "pfedmma-lr01": ("pfedmma", {"model": "pfedmoap-tiny-vit", "pfedmma_lr": 0.01}, "pFedMMA (tiny ViT, lr 0.01)"),
+    "pfedmoap-vit": ("pfedmoap", {"model": "pfedmoap-tiny-vit"}, "pFedMoAP, lambda = 0.5 (tiny ViT)"),
 }
 
 
