@@ -113,7 +113,7 @@ def main() -> None:
     for model in args.models.split(","):
         r = bench(model, args)
         print(
-            f"| {r['model']} | {r['blocks']} | {r['cached']:.1f} | {r['whole']:.1f} | {r['cached'] / r['whole']:.2f}x "
+            f"| {r['model']} | {r['blocks']} | {r['cached']:.3g} | {r['whole']:.3g} | {r['cached'] / r['whole']:.2f}x "
             f"| {r['diff']:.1e} |",
             flush=True,
         )
