@@ -30,7 +30,10 @@ SMALL = [
     "--rounds", "2", "--clients", "4", "--experts", "2", "--local-epochs", "1", "--train-per-class", "20",
     "--test-per-class", "5", "--no-progress",
 ]  # fmt: skip
-METHODS = ["pfedmoap", "pfedmoap-shared-gate", "promptfl", "fedprox", "local", "fedotp", "fedpgp", "zeroshot"]
+METHODS = [
+    "pfedmoap", "pfedmoap-shared-gate", "promptfl", "fedprox", "local", "fedotp", "fedpgp", "promptfolio", "fedpha",
+    "fedtpg", "zeroshot",
+]  # fmt: skip
 
 
 def cells(device: str) -> list[tuple[str, list[str]]]:
@@ -48,6 +51,8 @@ def cells(device: str) -> list[tuple[str, list[str]]]:
         ("pfedmoap augment", ["--augment"]),
         ("pfedmoap base2novel", ["--subsample", "base", "--eval-split", "base2novel"]),
         ("fedotp --fused bf16", ["--method", "fedotp", "--fused", "--precision", "bf16"]),
+        ("pfedmma tiny ViT", ["--method", "pfedmma", "--model", "pfedmoap-tiny-vit"]),
+        ("pfedmma tiny ViT bf16", ["--method", "pfedmma", "--model", "pfedmoap-tiny-vit", "--precision", "bf16"]),
     ]
     if device == "cuda":
         out.append(("pfedmoap cuda graphs off", ["--cuda-graphs", "off"]))
