@@ -116,6 +116,22 @@ class EvalState:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's other global tensors it reads
 
 
+def check_named_tensors(
+    extras: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], what: str
+) -> str | None:
+    """Why ``extras`` are not exactly ``reference``'s names with their shapes, finite and floating point (an upload's
+    or a download's extra tensors, e.g. a shared gate's, checked against the run's own), or None. ``what`` names
+    them in the message ("this run's {what}")."""
+    if set(extras) != set(reference):
+        return f"tensors {sorted(extras)} are not this run's {what} {sorted(reference)}"
+    for name, tensor in extras.items():
+        if tuple(tensor.shape) != tuple(reference[name].shape):
+            return f"{name} has shape {tuple(tensor.shape)}, not {tuple(reference[name].shape)}"
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            return f"{name} is not finite floating point"
+    return None
+
+
 class PromptObjective(Objective):
     """CoOp's objective: cross-entropy of gamma * <i_b, t_c(ctx)> over all classes; trains the context only,
     starting from a float32 copy of ``start_prompt`` on the encoder's device, with learning rate ``lr_prompt``."""

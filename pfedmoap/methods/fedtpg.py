@@ -36,7 +36,7 @@ from ..base.tracing import nvtx_range
 from ..config.settings import Setting
 from ..federated.client import Client, Objective, Scorer
 from ..federated.registry import register_method
-from .base import ClientContext, EvalState, GlobalState, Method, Payload, Upload
+from .base import ClientContext, EvalState, GlobalState, Method, Payload, Upload, check_named_tensors
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -150,15 +150,7 @@ class FedTPG(Method):
         return dict(server.extras or self.initial)
 
     def check_extras(self, extras: Mapping[str, torch.Tensor]) -> str | None:
-        reference = self.initial
-        if set(extras) != set(reference):
-            return f"tensors {sorted(extras)} are not this run's prompt generator's {sorted(reference)}"
-        for name, tensor in extras.items():
-            if tuple(tensor.shape) != tuple(reference[name].shape):
-                return f"{name} has shape {tuple(tensor.shape)}, not {tuple(reference[name].shape)}"
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                return f"{name} is not finite floating point"
-        return None
+        return check_named_tensors(extras, self.initial, "prompt generator's")
 
     def aggregate(self, server: Server, uploads: Mapping[int, Upload]) -> None:
         """The unweighted mean of the accepted clients' generators, Q included (FedTPG's server)."""

@@ -49,7 +49,7 @@ from ..config.settings import Setting
 from ..federated.client import Client, Objective, Scorer
 from ..federated.registry import register_method
 from ..model import towers
-from .base import ClientContext, EvalState, GlobalState, Method, Payload, Upload
+from .base import ClientContext, EvalState, GlobalState, Method, Payload, Upload, check_named_tensors
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -293,15 +293,7 @@ class PFedMMA(Method):
         return dict(server.extras or self.initial_shared())
 
     def check_extras(self, extras: Mapping[str, torch.Tensor]) -> str | None:
-        reference = self.initial_shared()
-        if set(extras) != set(reference):
-            return f"tensors {sorted(extras)} are not this run's shared adapters {sorted(reference)}"
-        for name, tensor in extras.items():
-            if tuple(tensor.shape) != tuple(reference[name].shape):
-                return f"{name} has shape {tuple(tensor.shape)}, not {tuple(reference[name].shape)}"
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                return f"{name} is not finite floating point"
-        return None
+        return check_named_tensors(extras, self.initial_shared(), "shared adapters")
 
     def aggregate(self, server: Server, uploads: Mapping[int, Upload]) -> None:
         """FedAvg (weighted by train size) of the shared projections; nothing else is sent."""

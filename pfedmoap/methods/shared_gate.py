@@ -21,7 +21,7 @@ from ..base.errors import ConfigError
 from ..federated.client import Client, Objective
 from ..federated.registry import register_method
 from ..gates import create_gate
-from .base import ClientContext, GlobalState, Payload, Upload
+from .base import ClientContext, GlobalState, Payload, Upload, check_named_tensors
 from .pfedmoap import MixtureObjective, PFedMoAP
 
 if TYPE_CHECKING:
@@ -71,14 +71,7 @@ class PFedMoAPSharedGate(PFedMoAP):
     def check_extras(self, extras: Mapping[str, torch.Tensor]) -> str | None:
         if not extras:
             return None  # a first participation trains no gate and sends none
-        if set(extras) != set(self.initial_gate):
-            return f"gate tensors {sorted(extras)} are not this run's gate's {sorted(self.initial_gate)}"
-        for name, tensor in extras.items():
-            if tuple(tensor.shape) != tuple(self.initial_gate[name].shape):
-                return f"{name} has shape {tuple(tensor.shape)}, not {tuple(self.initial_gate[name].shape)}"
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                return f"{name} is not finite floating point"
-        return None
+        return check_named_tensors(extras, self.initial_gate, "gate's")
 
     def aggregate(self, server: Server, uploads: Mapping[int, Upload]) -> None:
         super().aggregate(server, uploads)
