@@ -156,7 +156,7 @@ def config_depths(cfg: Config) -> tuple[int, int]:
     if not isinstance(layers, int) or vision.get("timm_model_name") or "hf_model_name" in text:
         raise ConfigError(
             f"method=pfedmma puts adapters in the image tower's blocks, which needs a ViT, and model={cfg.model}'s "
-            "is not one (e.g. --model pfedmoap-tiny-vit, or ViT-B-16)"
+            "is not one (e.g. --preset synthetic-vit, --model pfedmoap-tiny-vit, or ViT-B-16)"
         )
     return int(text.get("layers", 12)), layers
 
