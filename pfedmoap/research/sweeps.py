@@ -37,6 +37,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "pfedmma": ("pfedmma", {"model": "pfedmoap-tiny-vit"}, "pFedMMA (tiny ViT, its lr 0.001)"),
     "pfedmma-lr01": ("pfedmma", {"model": "pfedmoap-tiny-vit", "pfedmma_lr": 0.01}, "pFedMMA (tiny ViT, lr 0.01)"),
     "pfedmoap-vit": ("pfedmoap", {"model": "pfedmoap-tiny-vit"}, "pFedMoAP, lambda = 0.5 (tiny ViT)"),
+    "pfedmoap-vit-init": (
+        "pfedmoap",
+        {"model": "pfedmoap-tiny-vit", "ctx_init": "a photo of a", "n_ctx": 4},
+        "pFedMoAP, lambda = 0.5 (tiny ViT, CoOp's init)",
+    ),
 }
 
 
