@@ -29,18 +29,17 @@ DP on uploads covers everything it sends (the global prompt).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..base.tracing import nvtx_range
 from ..config.settings import Setting
-from ..federated.client import Client, Objective, Scorer
+from ..federated.client import Client, Scorer
 from ..federated.registry import register_method
-from .base import ClientContext, EvalState, GlobalState, Payload
-from .global_local import LOCAL, GlobalLocalMethod
+from .base import ClientContext, EvalState
+from .global_local import LOCAL, GlobalLocalMethod, GlobalLocalObjective
 from .transport import STOP_RULES, transport_logits
 
 if TYPE_CHECKING:
@@ -71,31 +70,12 @@ def ot_logits(cfg: Config, gamma: float, local_features: torch.Tensor, text: tor
     return transport_logits(local_features, text, gamma, eps, top, thresh, max_iter, STOP.of(cfg))
 
 
-class TransportObjective(Objective):
+class TransportObjective(GlobalLocalObjective):
     """Cross-entropy of the transport logits; trains the global prompt (``prompt``, uploaded) and the local one."""
-
-    def __init__(
-        self, cfg: Config, encoder: PromptEncoder, start_global: torch.Tensor, start_local: torch.Tensor
-    ) -> None:
-        device = encoder.clip.device
-        self.cfg = cfg
-        self.encoder = encoder
-        self.gamma = encoder.clip.gamma
-        self.prompt = nn.Parameter(start_global.detach().to(device, torch.float32).clone())
-        self.local_prompt = nn.Parameter(start_local.detach().to(device, torch.float32).clone())
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [self.prompt, self.local_prompt], "lr": self.cfg.lr_prompt}]
-
-    def contexts(self) -> torch.Tensor:
-        return torch.stack([self.prompt, self.local_prompt])  # one pass for both
 
     def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         with nvtx_range("step.gate"):
             return F.cross_entropy(ot_logits(self.cfg, self.gamma, features, text), labels)
-
-    def private_state(self) -> dict[str, torch.Tensor]:
-        return {LOCAL: self.local_prompt.detach()}
 
 
 @register_method
@@ -104,15 +84,7 @@ class FedOTP(GlobalLocalMethod):
     help = "FedOTP: FedAvg'd global + private local prompt, scored by unbalanced OT over local image features"
     settings = (EPS, TOP_PERCENT, THRESH, MAX_ITER, STOP)
     image_features = "local"
-
-    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
-        start = self.start_prompt(state, client, payload)
-        local = self.local_prompt(client, start.shape[-1])
-        return TransportObjective(self.cfg, ctx.encoder, start, local)
-
-    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
-        stacked = torch.stack(self.eval_global_local(state, client))
-        return EvalState(("fedotp", state.global_version, *self.local_key(client)), stacked)
+    objective_class = TransportObjective
 
     def scorer(
         self,

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..base.errors import ConfigError
 from ..base.tracing import nvtx_range
@@ -47,7 +46,7 @@ from ..federated.client import Client, Objective, Scorer
 from ..federated.prompt import PromptEncoder
 from ..federated.registry import register_method
 from .base import ClientContext, EvalState, GlobalState, Payload
-from .global_local import LOCAL, GlobalLocalMethod
+from .global_local import GlobalLocalMethod, GlobalLocalObjective
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -110,7 +109,7 @@ def fedpha_loss(
     return ce_local + ce_global + mse + hinge
 
 
-class ProjectionObjective(Objective):
+class ProjectionObjective(GlobalLocalObjective):
     """FedPHA's loss; trains the global prompt (``prompt``, uploaded) and the local one (``local_encoder``'s
     length)."""
 
@@ -122,17 +121,9 @@ class ProjectionObjective(Objective):
         start_global: torch.Tensor,
         start_local: torch.Tensor,
     ) -> None:
-        device = encoder.clip.device
-        self.cfg = cfg
-        self.encoder = encoder
+        super().__init__(cfg, encoder, start_global, start_local)
         self.local_encoder = local_encoder
-        self.gamma = encoder.clip.gamma
         self.rho, self.alpha = RHO.of(cfg), ALPHA.of(cfg)
-        self.prompt = nn.Parameter(start_global.detach().to(device, torch.float32).clone())
-        self.local_prompt = nn.Parameter(start_local.detach().to(device, torch.float32).clone())
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [self.prompt, self.local_prompt], "lr": self.cfg.lr_prompt}]
 
     def projected(self) -> torch.Tensor:
         basis = projection_basis(self.prompt, self.rho)
@@ -157,9 +148,6 @@ class ProjectionObjective(Objective):
     def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         with nvtx_range("step.gate"):
             return fedpha_loss(self.gamma, features, labels, text[0], text[1], text[2], self.alpha)
-
-    def private_state(self) -> dict[str, torch.Tensor]:
-        return {LOCAL: self.local_prompt.detach()}
 
 
 @register_method

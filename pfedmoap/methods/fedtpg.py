@@ -36,6 +36,7 @@ from ..base.tracing import nvtx_range
 from ..config.settings import Setting
 from ..federated.client import Client, Objective, Scorer
 from ..federated.registry import register_method
+from ..gates import mixture_scorer
 from .base import ClientContext, EvalState, GlobalState, Method, Payload, Upload, check_named_tensors
 
 if TYPE_CHECKING:
@@ -188,10 +189,5 @@ class FedTPG(Method):
         module = self.generator(view.extras or self.initial).to(encoder.clip.device)
         with torch.no_grad():
             context = module(view.prompt.to(encoder.clip.device, torch.float32), class_text(encoder))
-        weights = text(view.key, context).t()  # the text source's cache is per class set already
-        gamma = ctx.gamma
-
-        def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return gamma * features @ weights, None
-
-        return score
+        # CLIP's logits with the generated context's text (the text source's cache is per class set already)
+        return mixture_scorer(text(view.key, context), None, None, ctx.gamma, 0.0)

@@ -9,24 +9,54 @@ local prompt. Only the global prompt is sent, so DP on uploads covers everything
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
-from ..federated.client import Client
+from ..federated.client import Client, Objective
 from ..federated.prompt import init_prompt
 from ..federated.seeding import Stream, init_generator
-from .base import GlobalState, Method
+from .base import ClientContext, EvalState, GlobalState, Method, Payload
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..federated.prompt import PromptEncoder
 
 LOCAL = "local_prompt"  # the name of the local prompt in Client.private
 
 
+class GlobalLocalObjective(Objective):
+    """Base of their objectives: trains the global prompt (``prompt``, uploaded) and the local one (kept as
+    :data:`LOCAL`) at ``lr_prompt``, both text features from one pass (``contexts``: global, then local). A subclass
+    says what its loss makes of them (:meth:`loss_from_text`)."""
+
+    def __init__(
+        self, cfg: Config, encoder: PromptEncoder, start_global: torch.Tensor, start_local: torch.Tensor
+    ) -> None:
+        device = encoder.clip.device
+        self.cfg = cfg
+        self.encoder = encoder
+        self.gamma = encoder.clip.gamma
+        self.prompt = nn.Parameter(start_global.detach().to(device, torch.float32).clone())
+        self.local_prompt = nn.Parameter(start_local.detach().to(device, torch.float32).clone())
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.prompt, self.local_prompt], "lr": self.cfg.lr_prompt}]
+
+    def contexts(self) -> torch.Tensor:
+        return torch.stack([self.prompt, self.local_prompt])  # one text pass for both
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        return {LOCAL: self.local_prompt.detach()}
+
+
 class GlobalLocalMethod(Method):
     """Base of the methods with a FedAvg'd global prompt and a private local one (:data:`LOCAL` in
-    ``Client.private``)."""
+    ``Client.private``). By default a client trains ``objective_class`` from the downloaded global prompt and its
+    local prompt, and is evaluated with both stacked [2, n_ctx, W] (the server's current global prompt first)."""
+
+    objective_class: ClassVar[type[GlobalLocalObjective]]
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -59,7 +89,11 @@ class GlobalLocalMethod(Method):
         length = self.local_length(client)
         return ("init",) if length == self.cfg.n_ctx else ("init", length)
 
-    def eval_global_local(self, state: GlobalState, client: Client) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the server's global prompt, ``client``'s local prompt), float32."""
+    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
+        start = self.start_prompt(state, client, payload)
+        return self.objective_class(self.cfg, ctx.encoder, start, self.local_prompt(client, start.shape[-1]))
+
+    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         local = self.local_prompt(client, state.global_prompt.shape[-1])
-        return state.global_prompt.float(), local.float()
+        stacked = torch.stack([state.global_prompt.float(), local.float()])
+        return EvalState((self.name, state.global_version, *self.local_key(client)), stacked)

@@ -24,23 +24,22 @@ images only, as the paper's evaluation intends.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..base.tracing import nvtx_range
 from ..config.settings import Setting
-from ..federated.client import Client, Objective, Scorer
+from ..federated.client import Client, Scorer
 from ..federated.registry import register_method
-from .base import ClientContext, EvalState, GlobalState, Payload
-from .global_local import LOCAL, GlobalLocalMethod
+from ..gates import mixture_scorer
+from .base import ClientContext, EvalState
+from .global_local import GlobalLocalMethod, GlobalLocalObjective
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ..config import Config
     from ..federated.prompt import PromptEncoder
 
 THETA = Setting("promptfolio_theta", 0.4, "weight of the local prompt's text features in the mix", low=0.0, high=1.0)
@@ -52,34 +51,18 @@ def mixed_text(global_text: torch.Tensor, local_text: torch.Tensor, theta: float
     return (1.0 - theta) * global_text + theta * local_text
 
 
-class PortfolioObjective(Objective):
+class PortfolioObjective(GlobalLocalObjective):
     """Cross-entropy of gamma <f, (1 - theta) t_G + theta t_L>; trains the global prompt (``prompt``, uploaded) and
     the local one."""
-
-    def __init__(
-        self, cfg: Config, encoder: PromptEncoder, start_global: torch.Tensor, start_local: torch.Tensor
-    ) -> None:
-        device = encoder.clip.device
-        self.cfg = cfg
-        self.encoder = encoder
-        self.gamma = encoder.clip.gamma
-        self.theta = THETA.of(cfg)
-        self.prompt = nn.Parameter(start_global.detach().to(device, torch.float32).clone())
-        self.local_prompt = nn.Parameter(start_local.detach().to(device, torch.float32).clone())
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [self.prompt, self.local_prompt], "lr": self.cfg.lr_prompt}]
 
     @property
     def graphable(self) -> bool:
         return True  # fixed shapes, no host sync
 
-    def contexts(self) -> torch.Tensor:
-        return torch.stack([self.prompt, self.local_prompt])  # one text pass for both
-
     def loss_from_text(self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         with nvtx_range("step.gate"):
-            return F.cross_entropy(self.gamma * features @ mixed_text(text[0], text[1], self.theta).t(), labels)
+            theta = THETA.of(self.cfg)
+            return F.cross_entropy(self.gamma * features @ mixed_text(text[0], text[1], theta).t(), labels)
 
     def vector_state(self) -> dict[str, torch.Tensor] | None:
         return {}  # the loss reads nothing of the client's but the text: lock-step clients share one call
@@ -89,24 +72,13 @@ class PortfolioObjective(Objective):
     ) -> torch.Tensor:
         return self.loss_from_text(features, labels, text)
 
-    def private_state(self) -> dict[str, torch.Tensor]:
-        return {LOCAL: self.local_prompt.detach()}
-
 
 @register_method
 class PromptFolio(GlobalLocalMethod):
     name = "promptfolio"
     help = "PromptFolio: FedAvg'd global + private local prompt, text features mixed with a fixed weight theta"
     settings = (THETA,)
-
-    def objective(self, ctx: ClientContext, state: GlobalState, client: Client, payload: Payload) -> Objective:
-        start = self.start_prompt(state, client, payload)
-        local = self.local_prompt(client, start.shape[-1])
-        return PortfolioObjective(self.cfg, ctx.encoder, start, local)
-
-    def eval_state(self, state: GlobalState, client: Client) -> EvalState:
-        stacked = torch.stack(self.eval_global_local(state, client))
-        return EvalState(("promptfolio", state.global_version, *self.local_key(client)), stacked)
+    objective_class = PortfolioObjective
 
     def scorer(
         self,
@@ -117,10 +89,4 @@ class PromptFolio(GlobalLocalMethod):
         text: Callable[[tuple, torch.Tensor], torch.Tensor],
     ) -> Scorer:
         both = text(view.key, view.prompt)  # [2, C, D]
-        weights = mixed_text(both[0], both[1], THETA.of(self.cfg)).t()
-        gamma = ctx.gamma
-
-        def score(features: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return gamma * features @ weights, None
-
-        return score
+        return mixture_scorer(mixed_text(both[0], both[1], THETA.of(self.cfg)), None, None, ctx.gamma, 0.0)
