@@ -46,15 +46,12 @@ from .run_config import check_flower_config, config_json
 
 def prompt_width(model_name: str) -> int:
     """Token width W of an open_clip architecture's text tower, from its config (no weights are loaded)."""
-    import open_clip
+    from ..model.model_configs import open_clip_config, text_width
 
-    from ..model.model_configs import register_model_configs
-
-    register_model_configs()
-    model_cfg = open_clip.get_model_config(model_name)
+    model_cfg = open_clip_config(model_name)
     if model_cfg is None:
         raise UserError(f"model={model_name!r} is not an open_clip architecture; see open_clip.list_models()")
-    return int(model_cfg.get("text_cfg", {}).get("width", 512))
+    return text_width(model_cfg)
 
 
 class PFedMoAPStrategy(Strategy):

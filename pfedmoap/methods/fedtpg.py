@@ -37,6 +37,7 @@ from ..config.settings import Setting
 from ..federated.client import Client, Objective, Scorer
 from ..federated.registry import register_method
 from ..gates import mixture_scorer
+from ..model.model_configs import open_clip_config, text_width
 from .base import ClientContext, EvalState, GlobalState, Method, Payload, Upload, check_named_tensors
 
 if TYPE_CHECKING:
@@ -70,15 +71,10 @@ class PromptTranslator(nn.Module):
 def model_dims(cfg: Config) -> tuple[int, int]:
     """(W, D) of ``cfg.model``: its text tower's width and its joint embedding's size, from its open_clip config
     (the server builds the generator without loading the model)."""
-    import open_clip
-
-    from ..model.model_configs import register_model_configs
-
-    register_model_configs()
-    config = open_clip.get_model_config(cfg.model)
+    config = open_clip_config(cfg.model)
     if config is None or "embed_dim" not in config:
         raise ConfigError(f"method=fedtpg needs an open_clip model config for model={cfg.model!r} (its widths)")
-    return int(config.get("text_cfg", {}).get("width", 512)), int(config["embed_dim"])
+    return text_width(config), int(config["embed_dim"])
 
 
 def class_text(encoder: PromptEncoder) -> torch.Tensor:

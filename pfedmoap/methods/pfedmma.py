@@ -49,6 +49,7 @@ from ..config.settings import Setting
 from ..federated.client import Client, Objective, Scorer
 from ..federated.registry import register_method
 from ..model import towers
+from ..model.model_configs import open_clip_config
 from .base import ClientContext, EvalState, GlobalState, Method, Payload, Upload, check_named_tensors
 
 if TYPE_CHECKING:
@@ -145,12 +146,7 @@ def depths(clip: FrozenCLIP) -> tuple[int, int]:
 def config_depths(cfg: Config) -> tuple[int, int]:
     """(text blocks, image blocks) of ``cfg.model`` from its open_clip config (the server builds the shared
     adapters without loading the model); a ConfigError line when its image tower is not a ViT."""
-    import open_clip
-
-    from ..model.model_configs import register_model_configs
-
-    register_model_configs()
-    config = open_clip.get_model_config(cfg.model) or {}
+    config = open_clip_config(cfg.model) or {}
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
     layers = vision.get("layers")
     if not isinstance(layers, int) or vision.get("timm_model_name") or "hf_model_name" in text:

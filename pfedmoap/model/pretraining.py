@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..base.errors import UserError
 from ..base.files import cache_dir, read_bytes, replacing
 from ..data.synthetic import CLASSNAMES, PRETRAIN_STYLES, STYLES, render, templates, to_model_input
-from .model_configs import TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL, register_model_configs
+from .model_configs import TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL, open_clip_config, register_model_configs
 from .text_encoder import TextTower
 
 # Bump when the synthetic world, the model config or the training recipe changes in a way that the config
@@ -159,8 +159,7 @@ def create_tiny_clip(
 ):
     """A ``model`` (default ``pfedmoap-tiny``) open_clip model (random weights unless ``pretrained`` is a weights
     file), with input size ``image_size`` (default: the config's own)."""
-    register_model_configs()
-    native = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+    native = open_clip_config(model)["vision_cfg"]["image_size"]
     kwargs = {} if image_size is None or image_size == native else {"force_image_size": image_size}
     weights = None if pretrained is None else str(pretrained)
     quiet = _NoRandomInitWarning()

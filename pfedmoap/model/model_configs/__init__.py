@@ -24,3 +24,15 @@ def register_model_configs() -> None:
     if all(name in known for name in TINY_MODELS):
         return
     open_clip.add_model_config(CONFIG_DIR)
+
+
+def open_clip_config(name: str) -> dict | None:
+    """An open_clip architecture's config (this folder's included), without loading any weights; None for a name
+    open_clip does not know."""
+    register_model_configs()
+    return open_clip.get_model_config(name)
+
+
+def text_width(config: dict) -> int:
+    """The token width W of a config's text tower (open_clip's CLIPTextCfg default when it names none)."""
+    return int(config.get("text_cfg", {}).get("width", 512))
