@@ -127,7 +127,18 @@ def test_pfedmoap_novel_classes_use_the_experts_contexts_with_the_novel_names(ti
 
 @pytest.mark.parametrize(
     "method",
-    ["zeroshot", "local", "fedprox", "fedotp", "fedpgp", "pfedmoap-shared-gate", "promptfolio", "fedpha", "fedtpg"],
+    [
+        "zeroshot",
+        "local",
+        "fedprox",
+        "fedotp",
+        "fedpgp",
+        "pfedmoap-shared-gate",
+        "promptfolio",
+        "fedpha",
+        "fedtpg",
+        "dpfpl",
+    ],
 )
 def test_every_method_reports_base_novel_and_hm(tiny_clip, small_world, method, tmp_path) -> None:
     from pfedmoap.engine.rundir import RunDir

@@ -62,6 +62,23 @@ def test_state_store_loads_the_newest_state_before_a_message(tmp_path):
     assert NodeStateStore(tmp_path, "cd" * 16, pid=1).load_before((9, 0)).state is None  # another run's folder
 
 
+def test_state_store_keeps_a_rounds_exchanges_and_the_state_before_it(tmp_path):
+    """DP-FPL sends several train messages per round: each exchange's state sorts after the one before and before
+    the round's evaluation; every state of the newest round is kept, and the one the round started from."""
+    store = NodeStateStore(tmp_path, TOKEN, pid=1)
+    tags = [message_tag(1, "train"), message_tag(1, "evaluate"), message_tag(2, "train")]
+    tags += [message_tag(2, "train", e) for e in (1, 2, 3)] + [message_tag(2, "evaluate")]
+    assert tags == sorted(tags) and tags[3] == (2, 0, 1) and message_tag(2, "train", 0) == (2, 0)
+    for i, tag in enumerate(tags):
+        store.save(_state(float(i)), tag)
+    names = {p.name for p in (tmp_path / TOKEN).glob("*.state")}
+    assert names == {f"partition-1.{n}.state" for n in ("1-1", "2-0", "2-0.1", "2-0.2", "2-0.3", "2-1")}
+    assert store.load_before(message_tag(2, "train", 2)).tag == (2, 0, 1)
+    assert _value(store.load_before(message_tag(2, "evaluate")).state) == 5.0  # the last exchange's
+    assert store.load_before(message_tag(2, "train")).tag == (1, 1)  # a resumed server redoing round 2
+    assert store.load_before(message_tag(3, "train")).tag == (2, 1)
+
+
 @pytest.mark.parametrize(
     "damage, said",
     [

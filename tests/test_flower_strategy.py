@@ -156,6 +156,8 @@ def silent(_: Message, reply: Message) -> None:
         {"method": "promptfolio", "frac": 0.5},
         {"method": "fedpha", "fedpha_local_ctx": "4,8", "subsample": "base", "eval_split": "base2novel"},
         {"method": "fedtpg", "n_ctx": 4, "subsample": "base", "eval_split": "base2novel", "frac": 0.5},
+        {"method": "dpfpl", "dpfpl_epsilon": 0.4, "dpfpl_rank": 2, "frac": 0.75, "client_dropout": 0.3},
+        {"method": "dpfpl", "dpfpl_rank": 4, "subsample": "base", "eval_split": "base2novel", "comm_dtype": "bfloat16"},
     ],
     ids=[
         "pfedmoap",
@@ -174,6 +176,8 @@ def silent(_: Message, reply: Message) -> None:
         "promptfolio",
         "fedpha-lengths-base2novel",
         "fedtpg-base2novel",
+        "dpfpl-dp-frac-dropout",
+        "dpfpl-base2novel-bf16",
     ],
 )
 def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
@@ -521,8 +525,10 @@ def test_a_node_builds_only_its_own_partition(tiny_clip, monkeypatch):
         # evaluated with the aggregate: every node, every round
         ({"method": "promptfl"}, [4, 4, 4], [4, 4, 4]),
         ({"method": "fedotp", "frac": 0.5}, [2, 2, 2], [4, 4, 4]),
+        # one exchange per batch: a client's 80 train images (10 classes x 8 shots) are 5 batches of 16
+        ({"method": "dpfpl", "dpfpl_rank": 2, "batch_size": 16, "frac": 0.5}, [10, 10, 10], [4, 4, 4]),
     ],
-    ids=["pfedmoap", "pfedmoap-half", "local", "promptfl", "fedotp-half"],
+    ids=["pfedmoap", "pfedmoap-half", "local", "promptfl", "fedotp-half", "dpfpl-half"],
 )
 def test_evaluations_ride_on_train_replies_where_that_is_exact(overrides, train, evaluate):
     """The messages a round sends: a client whose evaluation does not read the round's aggregate is evaluated by its

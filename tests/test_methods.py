@@ -126,7 +126,7 @@ def test_shared_gate_refuses_dp_and_a_bad_gate_upload(tiny_clip, small_world):
 
 
 @pytest.mark.parametrize("method", ["pfedmoap", "pfedmoap-shared-gate", "promptfl", "fedprox", "fedotp", "fedpgp",
-                                    "local", "zeroshot", "promptfolio", "fedpha", "fedtpg"])  # fmt: skip
+                                    "local", "zeroshot", "promptfolio", "fedpha", "fedtpg", "dpfpl"])  # fmt: skip
 def test_eval_needs_global_agrees_with_the_eval_state_key(tiny_clip, small_world, method):
     """``Method.eval_needs_global`` (what lets a Flower node's evaluation ride on its train reply) says True exactly
     when the client's evaluation key moves with the global version, for trained and never-trained clients alike."""

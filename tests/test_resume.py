@@ -104,8 +104,11 @@ def test_resume_after_a_stopped_run_is_exact(tmp_path):
         {"method": "fedpha", "fedpha_local_ctx": "4,8"},
         {"method": "fedtpg", "n_ctx": 4, "frac": 0.6},
         {"method": "pfedmma", "model": "pfedmoap-tiny-vit", "subsample": "base", "eval_split": "base2novel"},
+        # the momenta (p_L's on each client, p_G's on the server) and the batch cursor; without noise, whose level
+        # depends on the number of rounds (a 1-round run noises more than a 3-round one)
+        {"method": "dpfpl", "dpfpl_rank": 2, "frac": 0.6, "batch_size": 24},
     ],
-    ids=["fedotp", "fedpgp", "base2novel", "promptfolio", "fedpha-lengths", "fedtpg", "pfedmma-base2novel"],
+    ids=["fedotp", "fedpgp", "base2novel", "promptfolio", "fedpha-lengths", "fedtpg", "pfedmma-base2novel", "dpfpl"],
 )
 def test_competitors_and_base2novel_resume_exactly(tmp_path, overrides):
     """Their private state (FedOTP's local prompt, FedPGP's U and V) and the base / novel accuracies travel in

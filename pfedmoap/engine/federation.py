@@ -124,9 +124,23 @@ class Federation:
         """One round: the driver's server side, each sampled client's local update in turn, every client's
         evaluation. Returns the round's record."""
         driver = self.driver
-        sampled = driver.begin(round_index)
+        clients = driver.begin(round_index)
+        for exchange in range(driver.exchanges):  # one, but for a method that synchronises more often (DP-FPL)
+            if exchange:
+                clients = driver.next_exchange()
+            self._exchange(round_index, clients)
+            driver.aggregate()
+        with driver.phase("eval"):
+            accs = self.evaluate()
+        attention = {c.cid: c.attention for c in self.clients if c.attention is not None}
+        split_acc = {c.cid: c.split_acc for c in self.clients if c.split_acc}
+        return driver.finish(accs, attention, split_acc=split_acc)
+
+    def _exchange(self, round_index: int, clients: list[int]) -> None:
+        """One exchange of a round: each client's download, local update and upload, in order (or in lock step)."""
+        driver = self.driver
         if self.parallel_clients == 1:
-            bar = tqdm(sampled, desc=f"round {round_index}", leave=False, disable=not self.cfg.progress)
+            bar = tqdm(clients, desc=f"round {round_index}", leave=False, disable=not self.cfg.progress)
             for cid in ranged(bar, "client_update"):
                 wire = driver.dispatch(cid)
                 if wire is None:  # dropped out after the download
@@ -137,18 +151,12 @@ class Federation:
         else:
             # every download first (the snapshot pool: no client sees another's upload), then the local updates in
             # lock-step groups, then the uploads, each in sampled order
-            wires = {cid: driver.dispatch(cid) for cid in sampled}
+            wires = {cid: driver.dispatch(cid) for cid in clients}
             jobs = [(self.clients[cid], w.map(torch.Tensor.float)) for cid, w in wires.items() if w is not None]
             with nvtx_range("client_update"):
                 uploads = self.runtime.local_updates(jobs, self.server, driver.phases, together=self.parallel_clients)
             for (client, _), upload in zip(jobs, uploads, strict=True):
                 driver.upload(client.cid, upload)
-        driver.aggregate()
-        with driver.phase("eval"):
-            accs = self.evaluate()
-        attention = {c.cid: c.attention for c in self.clients if c.attention is not None}
-        split_acc = {c.cid: c.split_acc for c in self.clients if c.split_acc}
-        return driver.finish(accs, attention, split_acc=split_acc)
 
     @nvtx_range("evaluate")
     @torch.no_grad()

@@ -54,7 +54,10 @@ class _OpenRound:
     bytes_up: dict[int, int] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
-    accepted: dict[int, Upload] = field(default_factory=dict)
+    accepted: dict[int, Upload] = field(default_factory=dict)  # the current exchange's
+    exchange: int = 0  # which of the round's exchanges is open (a method may exchange several times per round)
+    earlier_down: dict[int, int] = field(default_factory=dict)  # bytes of the round's closed exchanges
+    earlier_up: dict[int, int] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -135,15 +138,32 @@ class RoundDriver:
         """Add ``seconds`` measured by the engine (e.g. a Flower phase's wall time) to the open round's phase."""
         self.open_round.phases[name] += seconds
 
+    @property
+    def exchanges(self) -> int:
+        """How many exchanges (download, update, upload, aggregation) each round has (the method's rule)."""
+        return self.method.exchanges_per_round(self.server)
+
+    def next_exchange(self) -> list[int]:
+        """Open the round's next exchange (after :meth:`aggregate` closed the last one): returns the clients still in
+        the round, in sampled order (those that dropped out or failed are not sent anything more)."""
+        rnd = self.open_round
+        rnd.exchange += 1
+        rnd.accepted = {}
+        rnd.earlier_down, rnd.earlier_up = dict(rnd.bytes_down), dict(rnd.bytes_up)
+        return [cid for cid in rnd.sampled if cid not in rnd.dropped and cid not in rnd.failed]
+
     def dispatch(self, cid: int) -> Payload | None:
-        """Client ``cid``'s payload as it goes on the wire (cast to the wire dtype, bytes counted), or None when
-        the client drops out after downloading it (simulated, ``--client-dropout``). Call in sampled order."""
+        """Client ``cid``'s payload as it goes on the wire (cast to the wire dtype, bytes counted, summed over the
+        round's exchanges), or None when the client drops out after downloading it (simulated,
+        ``--client-dropout``, drawn at the round's first exchange). Call in sampled order."""
         rnd = self.open_round
         with self.phase("select"):
             payload = self.method.payload(self.server, rnd.view, cid)
             wire = payload.map(lambda t: comm.to_wire(t, self.cfg.comm_dtype))
         rnd.experts[cid] = list(payload.expert_ids)
-        rnd.bytes_down[cid] = comm.nbytes(wire.tensors().values())
+        rnd.bytes_down[cid] = rnd.earlier_down.get(cid, 0) + comm.nbytes(wire.tensors().values())
+        if rnd.exchange > 0:
+            return wire
         # drawn for every sampled client, whatever the engine, so the stream stays aligned
         if self.cfg.client_dropout > 0 and self.dropout_rng.random() < self.cfg.client_dropout:
             # the client fails after downloading: no training, no upload, its state stays as it was
@@ -157,23 +177,24 @@ class RoundDriver:
         checked (wire dtype, shape, finite values, norm bound, the method's extras) and an accepted prompt goes
         into the pool; a refused one changes nothing and is listed. Returns whether it was accepted."""
         rnd = self.open_round
+        sent = rnd.earlier_up.get(cid, 0)  # in the round's earlier exchanges
         if upload is None:
-            rnd.bytes_up[cid] = 0
+            rnd.bytes_up[cid] = sent
             return False
         tensors = upload.tensors()
-        rnd.bytes_up[cid] = comm.nbytes(tensors.values())
+        rnd.bytes_up[cid] = sent + comm.nbytes(tensors.values())
         self.dp_releases[cid] += 1
         wire = comm.wire_dtype(self.cfg.comm_dtype)
         odd = next((t for t in tensors.values() if t.dtype != wire), None)
         if odd is not None:
-            return self.refuse(cid, f"dtype {odd.dtype} != wire dtype {wire}", rnd.bytes_up[cid])
+            return self.refuse(cid, f"dtype {odd.dtype} != wire dtype {wire}", comm.nbytes(tensors.values()))
         shares_prompt = self.method.shares_prompt
         if (upload.prompt is None) == shares_prompt:
             what = "no prompt in the upload" if shares_prompt else f"a prompt, which {self.cfg.method} never sends"
-            return self.refuse(cid, what, rnd.bytes_up[cid])
+            return self.refuse(cid, what, comm.nbytes(tensors.values()))
         reason = self.method.check_extras(upload.extras)
         if reason is not None:
-            return self.refuse(cid, reason, rnd.bytes_up[cid])
+            return self.refuse(cid, reason, comm.nbytes(tensors.values()))
         extras = upload.map(torch.Tensor.float).extras
         if not shares_prompt:  # extras only (e.g. pFedMMA's shared adapters): checked above, nothing for the pool
             rnd.accepted[cid] = Upload(None, extras)
@@ -184,8 +205,10 @@ class RoundDriver:
         return True
 
     def refuse(self, cid: int, reason: str, nbytes: int = 0) -> bool:
-        """An upload from ``cid`` that cannot be used (unreadable, wrong dtype): listed, nothing changes."""
-        self.open_round.bytes_up[cid] = nbytes
+        """An upload from ``cid`` that cannot be used (unreadable, wrong dtype): listed, nothing changes; its
+        ``nbytes`` are counted (added to the round's earlier exchanges')."""
+        rnd = self.open_round
+        rnd.bytes_up[cid] = rnd.earlier_up.get(cid, 0) + nbytes
         self.server.rejected.append((cid, reason))
         return False
 
@@ -194,14 +217,14 @@ class RoundDriver:
         left the server either (no node holds it), so it counts no bytes down."""
         rnd = self.open_round
         rnd.failed[cid] = reason
-        rnd.bytes_up[cid] = 0
+        rnd.bytes_up[cid] = rnd.earlier_up.get(cid, 0)
         if not delivered:
-            rnd.bytes_down[cid] = 0
+            rnd.bytes_down[cid] = rnd.earlier_down.get(cid, 0)
             if cid in rnd.dropped:
                 rnd.dropped.remove(cid)
 
     def aggregate(self) -> None:
-        """Fold the round's accepted uploads into the server state (the method's rule, FedAvg by default)."""
+        """Fold the exchange's accepted uploads into the server state (the method's rule, FedAvg by default)."""
         with self.phase("aggregate"):
             self.method.aggregate(self.server, self.open_round.accepted)
 

@@ -181,6 +181,7 @@ class Client:
         order of this client's own generator. A fresh optimiser every call: no state leaks between rounds or
         clients."""
         opt = self.optimizer(objective.param_groups(), settings)
+        objective.attach_optimizer(opt)
         objective.begin()
 
         def step(feats: torch.Tensor, labels: torch.Tensor) -> None:
@@ -195,7 +196,8 @@ class Client:
         # with --cuda-graphs each step is captured once per shape and replayed (pfedmoap.federated.graphs); the batch is
         # fetched outside the graph and copied into its inputs
         graphs = step_graphs(settings.cuda_graphs, clip.device, [objective])
-        for idx in self.batch_indices(settings):
+        batches = objective.batches(self, settings)
+        for idx in self.batch_indices(settings) if batches is None else batches:
             with nvtx_range("step"):
                 with nvtx_range("step.features"), settings.autocast(clip.device):
                     feats, labels = self.batch(clip, idx)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -73,6 +73,15 @@ class Objective:
     def private_state(self) -> dict[str, torch.Tensor]:
         """Trained tensors the client keeps besides its prompt and gate (``Client.private``), detached."""
         return {}
+
+    def batches(self, client: Any, settings: Any) -> Iterator[torch.Tensor] | None:
+        """The train indices of this update's batches, or None (the default): ``settings.epochs`` epochs in the
+        client's own order (``Client.batch_indices``). A method that exchanges every batch (DP-FPL) trains one."""
+        return None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called with the update's fresh optimiser before the first step; an objective whose optimiser state lasts
+        longer than one update (DP-FPL's momentum, across its per-batch exchanges) restores it here."""
 
     def begin(self) -> None:
         """Called before the first step (e.g. a gate to train mode)."""

@@ -22,6 +22,7 @@ class Stream(IntEnum):
     DROPOUT = 303  # simulated client failures (--client-dropout)
     LOCAL_PROMPT = 404  # FedOTP's initial local prompt (the same on every client, as P_g^0 is)
     LOW_RANK = 505  # FedPGP's initial low-rank factors (the same on every client)
+    SERVER_NOISE = 606  # noise a method's server adds to an aggregate (DP-FPL), one draw per aggregation
 
 
 def stream(seed: int, which: Stream) -> np.random.Generator:
@@ -38,6 +39,13 @@ def init_generator(seed: int, which: Stream) -> torch.Generator:
     """The torch generator of a method's other common initial tensors (e.g. FedOTP's local prompt), one per
     stream, distinct from P_g^0's."""
     return torch.Generator().manual_seed(seed * 1_000 + int(which))
+
+
+def counter_generator(seed: int, which: Stream, counter: int) -> torch.Generator:
+    """The torch generator of draw number ``counter`` of a stream (e.g. the server's noise at its ``counter``-th
+    aggregation): it depends on nothing but the run seed and the counter, so a resumed run draws the same numbers
+    without saving a generator state."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, int(which), counter]).integers(2**62)))
 
 
 def client_seed(run_seed: int, cid: int) -> int:

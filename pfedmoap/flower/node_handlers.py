@@ -85,7 +85,7 @@ def check_download(node: Node, conf: ConfigRecord, pid: int, wire: Mapping[str, 
     if ids and "expert-prompts" not in wire:
         _refuse(pid, f"expert ids {ids} came without their prompts")
     extras = {name: t for name, t in wire.items() if name not in expected}
-    if (why := node.runtime.method.check_extras(extras)) is not None:
+    if (why := node.runtime.method.check_download_extras(extras)) is not None:
         _refuse(pid, why)
 
 
@@ -106,7 +106,7 @@ class _Session:
         self, kind: str, node_config: Mapping[str, Any], state: RecordDict, conf: ConfigRecord, node: Node, pid: int
     ):
         self.state = state
-        self.tag = message_tag(int(conf.get("round", 0)), kind)
+        self.tag = message_tag(int(conf.get("round", 0)), kind, int(conf.get("exchange", 0)))
         self.store = _store(node_config, conf, pid)
         current = state_tag(state)
         source = "memory" if current is not None else "fresh"
@@ -125,7 +125,8 @@ class _Session:
 
     def save(self) -> None:
         save_client_state(self.client, self.state)
-        self.state[STATE_TAG] = ConfigRecord({"round": self.tag[0], "phase": self.tag[1]})
+        tag = {"round": self.tag[0], "phase": self.tag[1], **({"exchange": self.tag[2]} if len(self.tag) > 2 else {})}
+        self.state[STATE_TAG] = ConfigRecord(tag)
         if self.store is not None:
             self.store.save(self.state, self.tag)
 

@@ -8,9 +8,11 @@ gate, RNG, last experts, evaluation cache, a method's private tensors: the ``pfe
 the server's, made once per run (and kept by a resumed run), so two runs never read each other's states.
 
 Every state is tagged with the message that left it: ``(round, phase)``, the train phase of a round before its
-evaluate phase. A message loads the newest state, in ``context.state`` or on disk, made *before* it: after a
-server resume that redoes a round, the node starts that round from the state the interrupted round started from,
-not from the one it left half-way. The last :data:`KEEP` states are kept.
+evaluate phase; a method that exchanges several times per round (DP-FPL) tags its later train messages
+``(round, phase, exchange)`` (file ``<round>-<phase>.<exchange>.state``). A message loads the newest state, in
+``context.state`` or on disk, made *before* it: after a server resume that redoes a round, the node starts that round
+from the state the interrupted round started from, not from the one it left half-way. Every state of the newest round
+is kept, and older ones up to :data:`KEEP` in all (at least one).
 
 A file holds one JSON header line (format, run token, partition, tag, payload length and checksum) and Flower's
 protobuf encoding of the records; no pickle. A file that is truncated, corrupt or made for another run or
@@ -37,13 +39,16 @@ FORMAT = 1
 KEEP = 3  # states kept per partition: the newest, and enough older ones to redo an interrupted round
 PREFIX = "pfedmoap."  # the context.state records that are the client's state
 
-Tag = tuple[int, int]  # (round, phase)
+Tag = tuple[int, ...]  # (round, phase), or (round, phase, exchange) for a round's later exchanges (DP-FPL)
 PHASES = {"train": 0, "evaluate": 1, "query": -1}
 
 
-def message_tag(round_index: int, message_type: str) -> Tag:
-    """The tag of a message: its round and its phase within the round (train before evaluate)."""
-    return int(round_index), PHASES.get(message_type, -1)
+def message_tag(round_index: int, message_type: str, exchange: int = 0) -> Tag:
+    """The tag of a message: its round and its phase within the round (train before evaluate); a train message of a
+    round's later exchange (a method that synchronises several times per round) also its exchange, so that its
+    tag sorts after the earlier exchanges' and before the round's evaluation."""
+    tag = (int(round_index), PHASES.get(message_type, -1))
+    return (*tag, int(exchange)) if exchange else tag
 
 
 def state_tag(state: RecordDict) -> Tag | None:
@@ -51,7 +56,8 @@ def state_tag(state: RecordDict) -> Tag | None:
     meta = state.get(PREFIX + "tag")
     if meta is None:
         return None
-    return int(meta["round"]), int(meta["phase"])
+    exchange = int(meta["exchange"]) if "exchange" in meta else 0
+    return (int(meta["round"]), int(meta["phase"]), *([exchange] if exchange else []))
 
 
 def client_records(state: RecordDict) -> RecordDict:
@@ -102,13 +108,14 @@ class NodeStateStore:
         self.pid = pid
 
     def _files(self) -> list[tuple[Tag, Path]]:
-        pattern = re.compile(rf"partition-{self.pid}\.(\d+)-(-?\d+)\.state")
+        pattern = re.compile(rf"partition-{self.pid}\.(\d+)-(-?\d+)(?:\.([1-9]\d*))?\.state")
         found = []
         if self.folder.is_dir():
             for path in self.folder.iterdir():
                 m = pattern.fullmatch(path.name)
                 if m:
-                    found.append(((int(m.group(1)), int(m.group(2))), path))
+                    tag = (int(m.group(1)), int(m.group(2)), *([int(m.group(3))] if m.group(3) else []))
+                    found.append((tag, path))
         return sorted(found)
 
     def save(self, state: RecordDict, tag: Tag) -> Path:
@@ -123,10 +130,16 @@ class NodeStateStore:
             "checksum": hashlib.blake2b(payload, digest_size=16).hexdigest(),
         }
         self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / f"partition-{self.pid}.{tag[0]}-{tag[1]}.state"
+        exchange = f".{tag[2]}" if len(tag) > 2 else ""
+        target = self.folder / f"partition-{self.pid}.{tag[0]}-{tag[1]}{exchange}.state"
         with atomic_file(target) as f:
             f.write(json.dumps(header).encode() + b"\n" + payload)
-        for _, old in self._files()[:-KEEP]:
+        # every state of the newest round (its exchanges) and the newest older ones, KEEP in all, at least one older:
+        # a resumed server redoes the round from the state before its first message
+        files = self._files()
+        newest = [p for t, p in files if t[0] == files[-1][0][0]]
+        older = [p for t, p in files if t[0] < files[-1][0][0]]
+        for old in older[: -max(1, KEEP - len(newest))]:
             old.unlink(missing_ok=True)
         return target
 

@@ -101,6 +101,7 @@ class PFedMoAPStrategy(Strategy):
         self.node_info: dict[int, dict[str, Any]] = {}  # partition id -> what its node said in the handshake
         self._sent: dict[int, int] = {}  # this round's train messages: node id -> partition id, in sampled order
         self._mark = 0.0  # when the round's current phase began waiting on the nodes
+        self._grid: Grid | None = None  # the round's grid, for a method's further exchanges within the round
         self._asked: set[int] = set()  # node ids that were sent a handshake
         self._replied: set[int] = set()  # partitions whose node has replied to a train or evaluate message
         # evaluations that need no evaluate message (Method.eval_needs_global is False for the client's state):
@@ -243,9 +244,16 @@ class PFedMoAPStrategy(Strategy):
         # rounds are counted here, so that repeated ``start`` calls keep numbering (zero-shot: one round 0)
         index = len(driver.rounds) + 1 if self.method.trains else 0
         sampled = driver.begin(index)
-        self._sent, self._rode = {}, {}
+        self._grid, self._rode = grid, {}
+        return self._train_messages(index, sampled)
+
+    def _train_messages(self, index: int, pids: list[int]) -> list[Message]:
+        """The open exchange's train messages, one per node of ``pids`` that holds its partition and did not drop
+        out (the driver's payloads, in order); remembered in ``_sent``."""
+        driver = self.driver
+        self._sent = {}
         messages = []
-        for pid in sampled:
+        for pid in pids:
             wire = driver.dispatch(pid)
             node = self.node_of.get(pid)
             if node is None:
@@ -271,6 +279,7 @@ class PFedMoAPStrategy(Strategy):
                 "global-version": self.server.global_version,
                 "config-json": self.config_json,
                 "run-token": self.run_token,
+                "exchange": self.driver.open_round.exchange,
             }
         )
         return RecordDict({PAYLOAD: arrays, CONFIG: config})
@@ -278,8 +287,25 @@ class PFedMoAPStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Hand each node's reply to the driver (upload, unreadable upload or failure), then aggregate. Returns P_g
+        """Hand each node's reply to the driver (upload, unreadable upload or failure), then aggregate; a method that
+        exchanges several times per round (DP-FPL) has its further exchanges sent and aggregated here. Returns P_g
         and counts."""
+        driver = self.driver
+        self._take_replies(replies)
+        driver.aggregate()
+        for _ in range(1, driver.exchanges):
+            messages = self._train_messages(driver.open_round.index, driver.next_exchange())
+            assert self._grid is not None  # set by configure_train
+            self._take_replies(self._grid.send_and_receive(messages, timeout=self.round_timeout))
+            driver.aggregate()
+        rnd = driver.open_round
+        metrics = MetricRecord(
+            {"uploads": len(rnd.accepted), "failed": len(rnd.failed), "rejected": len(self.server.rejected)}
+        )
+        return ArrayRecord({"global-prompt": encode_tensor(self.server.global_prompt)}), metrics
+
+    def _take_replies(self, replies: Iterable[Message]) -> None:
+        """The open exchange's replies to the driver, in sampled order: upload, unreadable upload or failure."""
         driver = self.driver
         driver.add_phase("train", time.perf_counter() - self._mark)
         by_node: dict[int, Message] = {}
@@ -293,12 +319,6 @@ class PFedMoAPStrategy(Strategy):
                 driver.fail(pid, f"node error: {_error_reason(reply.error.reason)}")
             else:
                 self._receive(pid, reply)
-        driver.aggregate()
-        rnd = driver.open_round
-        metrics = MetricRecord(
-            {"uploads": len(rnd.accepted), "failed": len(rnd.failed), "rejected": len(self.server.rejected)}
-        )
-        return ArrayRecord({"global-prompt": encode_tensor(self.server.global_prompt)}), metrics
 
     def _receive(self, pid: int, reply: Message) -> None:
         """A train reply's upload, decoded for the driver; what cannot be decoded is refused, never executed."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..federated.registry import method_class, register_method
 from . import (  # noqa: F401  (registers them)
+    dpfpl,
     fedotp,
     fedpgp,
     fedpha,

@@ -229,6 +229,12 @@ class Method:
         raise NotImplementedError(f"method {cls.name} reads {cls.image_features} image features, not states")
 
     # ------------------------------------------------------------------------------------ server side
+    def exchanges_per_round(self, server: Server) -> int:
+        """How many times a round's clients download, update, upload and are aggregated before the round is
+        evaluated (default 1; DP-FPL synchronises its global prompt after every batch). Every exchange after the
+        first goes to the round's clients that are still in it (not dropped out, not failed)."""
+        return 1
+
     def payload(self, server: Server, view: Mapping[int, torch.Tensor], cid: int) -> Payload:
         """What client ``cid`` downloads this round; ``view`` is the pool it may take experts from."""
         return Payload(global_prompt=server.global_prompt)
@@ -236,6 +242,11 @@ class Method:
     def check_extras(self, extras: Mapping[str, torch.Tensor]) -> str | None:
         """Why an upload's extra tensors are unacceptable, or None (the prompt is checked by the server)."""
         return f"unexpected tensors {', '.join(sorted(extras))}" if extras else None
+
+    def check_download_extras(self, extras: Mapping[str, torch.Tensor]) -> str | None:
+        """Why a payload's extra tensors are not what this method's server sends, or None (a Flower node checks its
+        downloads with it). Default: the same rule as for uploads (a method whose extras go both ways)."""
+        return self.check_extras(extras)
 
     def aggregate(self, server: Server, uploads: Mapping[int, Upload]) -> None:
         """Fold the round's accepted uploads into the server state: FedAvg of the prompts into P_g."""
