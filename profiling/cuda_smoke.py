@@ -32,7 +32,7 @@ SMALL = [
 ]  # fmt: skip
 METHODS = [
     "pfedmoap", "pfedmoap-shared-gate", "promptfl", "fedprox", "local", "fedotp", "fedpgp", "promptfolio", "fedpha",
-    "fedtpg", "zeroshot",
+    "fedtpg", "dpfpl", "zeroshot",
 ]  # fmt: skip
 
 
@@ -51,6 +51,7 @@ def cells(device: str) -> list[tuple[str, list[str]]]:
         ("pfedmoap augment", ["--augment"]),
         ("pfedmoap base2novel", ["--subsample", "base", "--eval-split", "base2novel"]),
         ("fedotp --fused bf16", ["--method", "fedotp", "--fused", "--precision", "bf16"]),
+        ("dpfpl private bf16", ["--method", "dpfpl", "--dpfpl-epsilon", "0.4", "--precision", "bf16"]),
         ("pfedmma tiny ViT", ["--method", "pfedmma", "--model", "pfedmoap-tiny-vit"]),
         ("pfedmma tiny ViT bf16", ["--method", "pfedmma", "--model", "pfedmoap-tiny-vit", "--precision", "bf16"]),
     ]

@@ -66,6 +66,7 @@ CONFIGS: dict[str, list[str]] = {
     "fedpha": "--method fedpha --rounds 2 --fedpha-local-ctx 8,16 --fedpha-rho 0.8".split(),
     "fedtpg": "--method fedtpg --rounds 2 --n-ctx 4 --fedtpg-heads 4".split(),
     "pfedmma": "--method pfedmma --model pfedmoap-tiny-vit --rounds 2 --pfedmma-lr 0.01".split(),
+    "dpfpl": "--method dpfpl --rounds 2 --dpfpl-rank 4 --dpfpl-epsilon 0.4 --frac 0.5".split(),
 }
 
 # fields that measure time, not results

@@ -3,9 +3,10 @@
 Each (preset, method, seed) run gets its own run directory; a run whose ``summary.json`` exists is skipped, so an
 interrupted sweep resumes where it stopped. ``python -m pfedmoap.experiments`` is the command over this module
 (and over :mod:`pfedmoap.research.ablations` for ``--suite``). "pfedmoap-lambda0" is pFedMoAP with lambda = 0 (the
-paper's ablation row); "fedotp", "fedpgp", "promptfolio", "fedpha" and "fedtpg" (with its paper's n_ctx of 4) are the
-competitors. A base-to-novel preset (``*-b2n``) also gets a
-Local / Base / Novel / HM table, beside the averages pFedMMA reports for the methods it compares.
+paper's ablation row); "fedotp", "fedpgp", "promptfolio", "fedpha", "fedtpg" (with its paper's n_ctx of 4) and
+"dpfpl" (without noise; "dpfpl-eps04" at its paper's largest epsilon) are the competitors. A base-to-novel preset
+(``*-b2n``) also gets a Local / Base / Novel / HM table, beside the averages pFedMMA reports for the methods it
+compares.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "promptfolio": ("promptfolio", {}, "PromptFolio (global + local text features, mixed)"),
     "fedpha": ("fedpha", {}, "FedPHA (global + projected local prompt)"),
     "fedtpg": ("fedtpg", {"n_ctx": 4}, "FedTPG (shared prompt generator, n_ctx 4)"),
+    "dpfpl": ("dpfpl", {}, "DP-FPL, no noise (global + low-rank local prompt, per-batch sync)"),
+    "dpfpl-eps04": ("dpfpl", {"dpfpl_epsilon": 0.4}, "DP-FPL, epsilon 0.4"),
     "pfedmoap": ("pfedmoap", {}, "pFedMoAP, lambda = 0.5"),
     # on the ViT tiny CLIP (pFedMMA adapts ViT blocks): pFedMMA, and the rows it is read against on the same backbone
     "zeroshot-vit": ("zeroshot", {"model": "pfedmoap-tiny-vit"}, "Zero-shot CLIP (tiny ViT)"),
