@@ -8,7 +8,9 @@ One round (SPEC §2), as :class:`RoundDriver` runs it:
 3. An engine delivers the payloads and brings back what each client sends: :meth:`~RoundDriver.upload` (checks,
    bytes, the pool), :meth:`~RoundDriver.refuse` (an upload that cannot be read) or :meth:`~RoundDriver.fail`
    (no reply, a node error).
-4. :meth:`~RoundDriver.aggregate`: the method folds the accepted uploads into P_g (and its own extras).
+4. :meth:`~RoundDriver.aggregate`: the method folds the accepted uploads into P_g (and its own extras). A method
+   that synchronises more than once per round (``Method.exchanges_per_round``; DP-FPL after every batch) has its
+   engine call :meth:`~RoundDriver.next_exchange` and repeat 2-4 for the clients still in the round.
 5. An engine evaluates every client; :meth:`~RoundDriver.finish` makes the :class:`RoundRecord`.
 
 The records it makes are in :mod:`pfedmoap.engine.records`. The in-process engine
