@@ -185,10 +185,10 @@ class BuildExt(BuildExtension):
 
 
 def extension():
-    sources = ["csrc/bindings.cpp", "csrc/assemble.cpp", "csrc/knn.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/assemble.cpp", "csrc/knn.cpp", "csrc/host_kernels.cpp"]
     cuda_sources = ["csrc/cuda/assemble.cu", "csrc/cuda/knn.cu"]
     # every csrc file is a dependency, so that an sdist made by a CPU-only build still carries the CUDA sources
-    depends = ["csrc/pfedmoap.h", *cuda_sources]
+    depends = ["csrc/pfedmoap.h", "csrc/kernel_logic.h", *cuda_sources]
     cxx = ["-O3", "-g0"]  # no debug info: a 14 MB library becomes a few MB
     link: list[str] = []
     if sys.platform.startswith("linux"):

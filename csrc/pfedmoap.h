@@ -37,8 +37,22 @@ at::Tensor knn(const at::Tensor& pool, const at::Tensor& present, const at::Tens
 // Squared L2 norm of each row of a 2-D float32 or float64 tensor, accumulated in float64 -> [rows] float64.
 at::Tensor row_sq_norms(const at::Tensor& rows);
 
+// Threads per block of every CUDA kernel (the host drivers of their logic take it as the block shape).
+constexpr int kKernelThreads = 256;
+
 // Longest running list the CUDA top-k kernel keeps; longer ones use at::topk.
 constexpr int64_t kKnnKernelMaxTake = 64;
+
+// ---------------------------------------------------------------- the CUDA kernels' logic, run on the host
+// Each runs one CUDA kernel's launch (grid x block threads, the device's grid-stride loops and warp shuffles) on CPU
+// tensors with the per-thread functions of kernel_logic.h that the kernel itself calls (host_kernels.cpp; for tests).
+at::Tensor assemble_prompts_host(const at::Tensor& prefix, const at::Tensor& suffix, const at::Tensor& ctx,
+                                 int64_t grid, int64_t block, int64_t unit_bytes);
+at::Tensor assemble_prompts_backward_host(const at::Tensor& grad_out, int64_t experts, int64_t classes,
+                                          int64_t prefix_len, int64_t n_ctx, int64_t grid, int64_t block);
+at::Tensor row_sq_norms_host(const at::Tensor& rows, int64_t grid, int64_t block);
+void knn_merge_block_host(const at::Tensor& keys, int64_t col0, at::Tensor& best_d, at::Tensor& best_i, int64_t take,
+                          int64_t block);
 
 #ifdef PFEDMOAP_WITH_CUDA
 at::Tensor assemble_prompts_cuda(const at::Tensor& prefix, const at::Tensor& suffix, const at::Tensor& ctx);

@@ -15,6 +15,10 @@ upcast to fp32 and every sum accumulates in fp32 (``input_precision="ieee"``: no
 bf16 inputs only lose precision where they are stored. The interpreter (TRITON_INTERPRET=1) runs the same
 kernels on CPU tensors for the tests.
 
+Every kernel also takes a leading axis of clients (the grid's third axis, ``tl.program_id(2)``): client m's
+tensors follow client m - 1's in each buffer, all of one shape, so clients trained in lock step are scored and
+differentiated in one launch each; a single client is the case M = 1.
+
 Projections (four d x d GEMMs) are left to cuBLAS; :mod:`pfedmoap.ops.triton_gate` wraps everything in one
 ``torch.autograd.Function``.
 """
@@ -61,16 +65,16 @@ def _load_stats(lse_ptr, mix_ptr, g_ptr, rows, c, B, C, H_PAD: tl.constexpr):
 
 @triton.jit
 def gate_score_fwd_kernel(
-    q_ptr,  # [B, D] scaled queries (W_Q q + b_Q) * scaling
-    u_ptr,  # [B, D] W_O^T q
-    k_ptr,  # [E, C, D] keys
-    v_ptr,  # [E, C, D] values
-    qb_ptr,  # [B] <q, b_O>
-    local_ptr,  # [B, C] local logits (read only if HAS_LOCAL)
-    out_ptr,  # [B, C] fp32 final logits
-    lse_ptr,  # [B, C, H_PAD] fp32 log-sum-exp of the scores per head (saved for backward)
-    mix_ptr,  # [B, C, H_PAD] fp32 per-head softmax-weighted <u, V> (saved for backward)
-    w_ptr,  # [B, C, E] fp32 head-averaged attention (written only if NEED_WEIGHTS)
+    q_ptr,  # [M, B, D] scaled queries (W_Q q + b_Q) * scaling
+    u_ptr,  # [M, B, D] W_O^T q
+    k_ptr,  # [M, E, C, D] keys
+    v_ptr,  # [M, E, C, D] values
+    qb_ptr,  # [M, B] <q, b_O>
+    local_ptr,  # [M, B, C] local logits (read only if HAS_LOCAL)
+    out_ptr,  # [M, B, C] fp32 final logits
+    lse_ptr,  # [M, B, C, H_PAD] fp32 log-sum-exp of the scores per head (saved for backward)
+    mix_ptr,  # [M, B, C, H_PAD] fp32 per-head softmax-weighted <u, V> (saved for backward)
+    w_ptr,  # [M, B, C, E] fp32 head-averaged attention (written only if NEED_WEIGHTS)
     B,
     C,
     E,
@@ -87,6 +91,17 @@ def gate_score_fwd_kernel(
 ):
     pid_b = tl.program_id(0)
     c = tl.program_id(1)
+    m = tl.program_id(2).to(tl.int64)  # the client: every buffer holds M clients' tensors, one after another
+    q_ptr += m * B * D
+    u_ptr += m * B * D
+    k_ptr += m * E * C * D
+    v_ptr += m * E * C * D
+    qb_ptr += m * B
+    local_ptr += m * B * C
+    out_ptr += m * B * C
+    lse_ptr += m * B * C * H_PAD
+    mix_ptr += m * B * C * H_PAD
+    w_ptr += m * B * C * E
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, D_PAD)
     heads = tl.arange(0, H_PAD)
@@ -151,9 +166,9 @@ def gate_score_bwd_query_kernel(
     v_ptr,
     lse_ptr,
     mix_ptr,
-    g_ptr,  # [B, C] fp32 gradient of the mixed term (gamma * dlogits)
-    dq_ptr,  # [G, B, D] fp32 partial dQ per class group
-    du_ptr,  # [G, B, D] fp32 partial dU per class group
+    g_ptr,  # [M, B, C] fp32 gradient of the mixed term (gamma * dlogits)
+    dq_ptr,  # [M, G, B, D] fp32 partial dQ per class group
+    du_ptr,  # [M, G, B, D] fp32 partial dU per class group
     B,
     C,
     E,
@@ -164,9 +179,19 @@ def gate_score_bwd_query_kernel(
     D_PAD: tl.constexpr,
     H_PAD: tl.constexpr,
 ):
-    """dQ and dU: one program per (block of rows, group of classes); groups are summed on the host."""
+    """dQ and dU: one program per (block of rows, group of classes, client); groups are summed on the host."""
     pid_b = tl.program_id(0)
     group = tl.program_id(1)
+    m = tl.program_id(2).to(tl.int64)
+    q_ptr += m * B * D
+    u_ptr += m * B * D
+    k_ptr += m * E * C * D
+    v_ptr += m * E * C * D
+    lse_ptr += m * B * C * H_PAD
+    mix_ptr += m * B * C * H_PAD
+    g_ptr += m * B * C
+    dq_ptr += m * tl.num_programs(1) * B * D
+    du_ptr += m * tl.num_programs(1) * B * D
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, D_PAD)
     tile = (rows[:, None] < B) & (cols[None, :] < D)
@@ -202,8 +227,8 @@ def gate_score_bwd_expert_kernel(
     lse_ptr,
     mix_ptr,
     g_ptr,
-    dk_ptr,  # [E, C, D] fp32
-    dv_ptr,  # [E, C, D] fp32
+    dk_ptr,  # [M, E, C, D] fp32
+    dv_ptr,  # [M, E, C, D] fp32
     B,
     C,
     E,
@@ -213,9 +238,19 @@ def gate_score_bwd_expert_kernel(
     D_PAD: tl.constexpr,
     H_PAD: tl.constexpr,
 ):
-    """dK[e, c] and dV[e, c]: one program per (class, expert), looping over the batch (no atomics)."""
+    """dK[e, c] and dV[e, c]: one program per (class, expert, client), looping over the batch (no atomics)."""
     c = tl.program_id(0)
     e = tl.program_id(1)
+    m = tl.program_id(2).to(tl.int64)
+    q_ptr += m * B * D
+    u_ptr += m * B * D
+    k_ptr += m * E * C * D
+    v_ptr += m * E * C * D
+    lse_ptr += m * B * C * H_PAD
+    mix_ptr += m * B * C * H_PAD
+    g_ptr += m * B * C
+    dk_ptr += m * E * C * D
+    dv_ptr += m * E * C * D
     cols = tl.arange(0, D_PAD)
     member = _head_matrix(D, HEAD_DIM, D_PAD, H_PAD)
     member_t = tl.trans(member)

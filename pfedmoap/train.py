@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (setting, owners) in registry.settings().items():
         parser.add_argument(setting.flag, dest=name, type=setting.cli_type(), help=setting.cli_help(", ".join(owners)))
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, help="use the fused op backends")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the step's text-encoder pass (once per shape; eager with one warning if it fails)",
+    )
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + flip")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
     parser.add_argument(

@@ -102,9 +102,16 @@ tail -n 1 "$OUT/smoke.log" | tee -a "$OUT/summary.txt"
 step paper-run 200 "$PY" profiling/paper_run.py --size "$SIZE" --device "$DEVICE" --json "$OUT/paper-run.json" \
     --markdown "$OUT/paper-run.md"
 
-# the op equivalence tests (fused vs reference) and an end-to-end --fused run (CI runs them on CPU already)
+# per training step at the same shape, path by path (sequential, lock step, + --fused: the client-axis kernels,
+# + bf16, + CUDA graphs, + --compile): dispatched ops, GPU kernels, wall time
+step step-profile 150 "$PY" profiling/step_profile.py --size "$SIZE" --device "$DEVICE" \
+    --json "$OUT/step-profile.json" --markdown "$OUT/step-profile.md"
+
+# the op equivalence tests (fused vs reference, the client axis, the fused lock step) and an end-to-end --fused run
+# (CI runs them on CPU already)
 [ "$DRY" = 0 ] && step test-ops 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_gate.py tests/test_extension.py \
-    tests/test_fused_run.py tests/test_graphs.py tests/test_precision.py --junitxml="$OUT/test-ops.xml"
+    tests/test_fused_run.py tests/test_graphs.py tests/test_precision.py tests/test_parallel.py tests/test_compile.py \
+    --junitxml="$OUT/test-ops.xml"
 [ "$DRY" = 0 ] && tail -n 3 "$OUT/test-ops.log" | tee -a "$OUT/summary.txt"
 
 # benchmarks: the ops first (cheap), then client-parallel training and the client round at paper shapes
@@ -112,9 +119,9 @@ BENCH_SIZE=$SIZE
 [ "$DRY" = 1 ] && BENCH_SIZE=smoke
 step bench-ops 60 "$PY" -m profiling.bench gate knn bytes --size "$BENCH_SIZE" --device "$DEVICE" \
     --json "$OUT/bench-ops.json" --markdown "$OUT/bench-ops.md"
-step bench-round 90 "$PY" -m profiling.bench parallel round --size "$BENCH_SIZE" --device "$DEVICE" \
+step bench-round 90 "$PY" -m profiling.bench parallel round --fused --size "$BENCH_SIZE" --device "$DEVICE" \
     --no-accuracy-round --json "$OUT/bench-round.json" --markdown "$OUT/bench-round.md"
-cat "$OUT"/paper-run.md "$OUT"/smoke/smoke.md "$OUT"/bench-*.md 2>/dev/null
+cat "$OUT"/paper-run.md "$OUT"/step-profile.md "$OUT"/smoke/smoke.md "$OUT"/bench-*.md 2>/dev/null
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
 exit $FAILED

@@ -4,6 +4,7 @@ compare their ``metrics.jsonl`` round by round.
     python profiling/parity.py run --checkout /path/to/old-clone --out /tmp/parity/old
     python profiling/parity.py run --checkout . --out /tmp/parity/new
     python profiling/parity.py compare /tmp/parity/old /tmp/parity/new
+    python profiling/parity.py run --checkout . --out /tmp/parity/seq --extra="--parallel-clients 1"
 
 ``run`` calls ``python -m pfedmoap.train`` exactly as a user would, from the checkout's root (so that checkout's
 ``pfedmoap`` is the one imported), one run directory per config. ``compare`` checks every per-round field except
@@ -86,7 +87,7 @@ def _for_checkout(flags: list[str], known: str) -> list[str]:
     return kept
 
 
-def run(checkout: Path, out: Path, only: list[str] | None) -> int:
+def run(checkout: Path, out: Path, only: list[str] | None, extra: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     helped = subprocess.run(
@@ -101,6 +102,7 @@ def run(checkout: Path, out: Path, only: list[str] | None) -> int:
         if (target / "summary.json").exists():
             print(f"{name:20s} done before, kept")
             continue
+        flags = [*flags, *(extra or [])]
         cmd = [sys.executable, "-m", "pfedmoap.train", *_for_checkout(flags, known), "--out", str(target)]
         cmd.append("--no-progress")
         t0 = time.perf_counter()
@@ -177,12 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--checkout", type=Path, default=Path("."), help="repository root to run from")
     p_run.add_argument("--out", type=Path, required=True, help="folder for one run directory per config")
     p_run.add_argument("--only", help="comma-separated config names")
+    p_run.add_argument(
+        "--extra", help="flags added to every config, e.g. '--parallel-clients 1' (both sides in one order)"
+    )
     p_cmp = sub.add_parser("compare", help="compare two folders written by run")
     p_cmp.add_argument("old", type=Path)
     p_cmp.add_argument("new", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "run":
-        return run(args.checkout.resolve(), args.out.resolve(), args.only.split(",") if args.only else None)
+        only = args.only.split(",") if args.only else None
+        return run(args.checkout.resolve(), args.out.resolve(), only, args.extra.split() if args.extra else None)
     return compare(args.old, args.new)
 
 

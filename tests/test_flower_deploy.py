@@ -46,7 +46,7 @@ def test_a_loopback_deployment_equals_the_in_process_run(tmp_path):
     local = tmp_path / "local"
     subprocess.run(
         [sys.executable, "-m", "pfedmoap.train", "--clients", "2", "--experts", "1", "--rounds", "2",
-         "--threads", "1", "--out", str(local)],
+         "--threads", "1", "--parallel-clients", "1", "--out", str(local)],
         cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     deployed, in_process = _records(out / "run" / "metrics.jsonl"), _records(local / "metrics.jsonl")
@@ -62,7 +62,20 @@ def test_a_killed_flower_simulation_resumes_to_the_uninterrupted_numbers(tmp_pat
     import signal
     import time
 
-    args = ["--clients", "4", "--experts", "2", "--rounds", "6", "--threads", "1", "--no-progress"]
+    # --parallel-clients 1: the in-process run in the order Flower's nodes train (one client each), bit for bit
+    args = [
+        "--clients",
+        "4",
+        "--experts",
+        "2",
+        "--rounds",
+        "6",
+        "--threads",
+        "1",
+        "--parallel-clients",
+        "1",
+        "--no-progress",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run([sys.executable, "-m", "pfedmoap.train", *args, "--out", str(ref)], cwd=ROOT, env=env, check=True,

@@ -236,7 +236,19 @@ def test_a_deployment_whose_server_died_resumes_with_resume_true(loopback, tmp_p
     from pfedmoap.flower.local_link import stop_tree
 
     run, ref = tmp_path / "run", tmp_path / "ref"
-    args = ["--clients", "2", "--experts", "1", "--rounds", "5", "--threads", "1", "--no-progress"]
+    args = [
+        "--clients",
+        "2",
+        "--experts",
+        "1",
+        "--rounds",
+        "5",
+        "--threads",
+        "1",
+        "--parallel-clients",
+        "1",
+        "--no-progress",
+    ]
     subprocess.run([sys.executable, "-m", "pfedmoap.train", *args, "--out", str(ref)], cwd=ROOT, env=loopback.env,
                    check=True, capture_output=True, timeout=600)  # fmt: skip
     database = tmp_path / "superlink.db"

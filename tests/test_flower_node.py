@@ -243,7 +243,7 @@ def test_node_workers_answer_as_the_clientapp_does(tmp_path):
             log = (tmp_path / "worker" / f"node-{pid}" / "worker.log").read_text()
             assert log.count("listening on") == 1  # one worker per node, kept for every message
             # the handshake, then one train message per round (the evaluation rides on its reply)
-            assert log.count("answered a") == 1 + 2
+            assert log.count("answered a") == 1 + 2, log
     finally:
         for pid in range(2):
             socket_path(tmp_path / "worker" / f"node-{pid}").unlink(missing_ok=True)

@@ -37,6 +37,7 @@ SETTINGS = {
     "lr_prompt": 0.5,
     "lr_gate": 0.1,
     "threads": 1,
+    "parallel_clients": 1,  # the in-process runs in the order a Flower node trains (one client each): bit-equal
 }
 
 

@@ -262,3 +262,101 @@ def test_factored_torch_backend_matches_reference(shape):
     for i, (g, g_r) in enumerate(zip(grads, grads_r, strict=True)):
         if i != 5:  # b_K: zero in exact arithmetic
             assert rel(g, g_r) < 1e-10, i
+
+
+# ---------------------------------------------------------------------------------------------- the client axis
+# (M, B, C, E, d, H): one client; several with one row block each; ragged rows and heads below 16; many class
+# groups in the query backward (C > 64); the widest gate (expert gradients from the torch twin)
+CLIENT_SHAPES = [
+    (1, 3, 5, 4, 32, 8),
+    (3, 17, 3, 2, 32, 16),
+    (4, 5, 2, 3, 48, 3),
+    (2, 2, 70, 2, 16, 2),
+    (2, 3, 2, 3, 1024, 8),
+]
+
+
+def client_inputs(clients, batch, classes, experts, dim, dtype, device, seed):
+    """M clients' own tensors stacked on a leading axis (each client its own draw)."""
+    per = [make_inputs(batch, classes, experts, dim, dtype, "cpu", seed + m) for m in range(clients)]
+
+    def stack(ts):
+        return torch.stack([t.detach() for t in ts]).to(device).requires_grad_()
+
+    query = stack([p[0] for p in per])
+    feats = stack([p[1] for p in per])
+    weights = [stack([p[2][i] for p in per]) for i in range(8)]
+    local = stack([p[3] for p in per])
+    return query, feats, weights, local
+
+
+def client_axis_against_each_client(impl, inputs, heads, tol_out, tol_grad, double=False):
+    """``impl`` over the client axis against the reference run on each client alone: logits, attention and the
+    gradient of every input, client by client (an upstream gradient that differs per element)."""
+    query, feats, weights, local = inputs
+    flat = [query, feats, *weights, local]
+    kwargs = dict(gamma=3.0, heads=heads, scaling=0.7, need_weights=True, lam=0.5)
+    out, attn = impl(query, feats, *weights, local=local, **kwargs)
+    upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    grads = torch.autograd.grad(out, flat, upstream)
+    for m in range(query.shape[0]):
+        mine = [t.detach()[m].clone().requires_grad_() for t in flat]
+        out_r, attn_r = reference.gate_score(mine[0], mine[1], *mine[2:10], local=mine[10], **kwargs)
+        grads_r = torch.autograd.grad(out_r, mine, upstream[m])
+        assert rel(out[m], out_r) <= tol_out and rel(attn[m], attn_r) <= tol_out, m
+        for i, (g, g_r) in enumerate(zip(grads, grads_r, strict=True)):
+            if i == 5:  # b_K: zero in exact arithmetic
+                assert g[m].float().norm() <= 1e-3 * grads_r[4].float().norm() + 1e-12
+                continue
+            assert g.shape[1:] == g_r.shape and rel(g[m], g_r) <= tol_grad, (m, i)
+
+
+@needs_runner
+@pytest.mark.parametrize("shape", CLIENT_SHAPES, ids=lambda s: "M{}-B{}-C{}-E{}-d{}-H{}".format(*s))
+def test_client_axis_kernels_equal_each_client_alone(shape):
+    """The kernels' client axis (one launch for every client, forward and backward) against the reference on each
+    client's own tensors, fresh random inputs per client."""
+    clients, batch, classes, experts, dim, heads = shape
+    inputs = client_inputs(clients, batch, classes, experts, dim, torch.float32, DEVICE, seed=sum(shape))
+    client_axis_against_each_client(triton_gate.gate_score_clients, inputs, heads, FP32_TOL["out"], FP32_TOL["grad"])
+
+
+@needs_runner
+def test_client_axis_under_autocast_gives_fp32_logits_and_master_grads():
+    kind = "cuda" if HAS_CUDA else "cpu"
+    query, feats, weights, local = client_inputs(2, 4, 3, 2, 32, torch.float32, DEVICE, seed=11)
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        out, _ = triton_gate.gate_score_clients(query, feats, *weights, gamma=3.0, heads=4, scaling=0.7, local=local)
+    assert out.dtype == torch.float32 and out.shape == (2, 4, 3)
+    out.sum().backward()
+    assert weights[0].grad.dtype == torch.float32 and query.grad.shape == query.shape
+    ref, _ = reference.gate_score_clients(
+        query.detach(), feats.detach(), *(w.detach() for w in weights), gamma=3.0, heads=4, scaling=0.7,
+        local=local.detach(),
+    )  # fmt: skip
+    assert rel(out.detach(), ref) < 2e-2  # bf16 inputs
+
+
+@pytest.mark.parametrize("shape", CLIENT_SHAPES[:4], ids=lambda s: "M{}-B{}-C{}-E{}-d{}-H{}".format(*s))
+def test_factored_client_axis_equals_each_client_alone(shape):
+    """The CPU backend's client axis (batched torch ops) against the reference per client, float64."""
+    from pfedmoap.ops import factored
+
+    clients, batch, classes, experts, dim, heads = shape
+    inputs = client_inputs(clients, batch, classes, experts, dim, torch.float64, "cpu", seed=sum(shape))
+    client_axis_against_each_client(factored.gate_score_clients, inputs, heads, 1e-12, 1e-10)
+
+
+def test_reference_client_axis_is_each_client_alone():
+    inputs = client_inputs(3, 4, 3, 2, 16, torch.float64, "cpu", seed=5)
+    client_axis_against_each_client(reference.gate_score_clients, inputs, 4, 0.0, 0.0)
+
+
+def test_the_op_table_takes_the_client_axis_from_the_gate_scores_backend():
+    from pfedmoap.ops import factored
+
+    modules = {"reference": reference, "triton": triton_gate, "factored": factored}
+    for backend in ops.available_backends()["gate_score"]:
+        table = ops.select_ops(pins={"gate_score": backend})
+        assert table.gate_score_clients is modules[backend].gate_score_clients, backend
+    assert ops.REFERENCE.gate_score_clients is reference.gate_score_clients

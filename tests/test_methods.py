@@ -33,7 +33,8 @@ def test_fedprox_proximal_term_changes_the_update(tiny_clip, small_world):
 
 
 def test_promptfl_clients_are_evaluated_with_the_global_prompt(tiny_clip, small_world, monkeypatch):
-    fed = build(tiny_clip, small_world, method="promptfl", rounds=2)
+    # one client after another: each evaluation encodes its own prompt (lock step stacks them all in one pass)
+    fed = build(tiny_clip, small_world, method="promptfl", rounds=2, parallel_clients=1)
     rec = fed.run_round(1)
     encoded = []
     encode = fed.encoder.encode

@@ -3,6 +3,8 @@ and private tensors, the server's pool and global prompt, and the accuracies, ro
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -137,6 +139,36 @@ def test_bad_parallel_settings_are_one_line():
 
     with pytest.raises(ConfigError, match="parallel_clients=4 applies to the in-process engine"):
         check_flower_config(make_config("synthetic", parallel_clients=4))
+
+
+@pytest.mark.parametrize("backend", ["triton", "factored"])
+def test_fused_lock_step_scores_every_client_in_one_launch(backend, monkeypatch):
+    """Issue 28, item 1: with ``--fused`` the lock step no longer falls back to one client at a time. Every
+    client's gate is scored in one client-axis call per step (the Triton kernels in the interpreter without a GPU,
+    or the factored CPU backend), and the run equals the sequential ``--fused`` run within the lock step's
+    tolerance."""
+    import os
+
+    from pfedmoap import ops
+
+    if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    clients_per_call: list[int] = []
+    pinned = ops.select_ops(pins={"gate_score": backend})
+
+    def counted(query, *args, **kwargs):
+        clients_per_call.append(query.shape[0])
+        return pinned.gate_score_clients(query, *args, **kwargs)
+
+    table = dataclasses.replace(pinned, gate_score_clients=counted)
+    monkeypatch.setattr("pfedmoap.engine.federation.select_ops", lambda fused: table)
+    # 1 shot x 10 classes, one local epoch: one step per client and round (the interpreter is slow)
+    cfg = small_config(method="pfedmoap", clients=4, experts=2, rounds=2, shots=1, fused=True)
+    seq, par, groups = _run_both(cfg, rounds=2)
+    assert groups == [4, 4] and seq.backends["gate_score"] == par.backends["gate_score"] == backend
+    # round 2 trains the gates: its one lock step scored all 4 clients in one client-axis call (the sequential run
+    # and the evaluations score one client at a time, through gate_score)
+    assert clients_per_call == [4]
 
 
 def test_cpu_default_is_sequential():

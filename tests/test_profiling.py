@@ -124,7 +124,7 @@ def test_env_var_switches_ranges_on():
 
 def test_federation_emits_every_phase_nested(tiny_clip, small_world):
     rec = Recorder()
-    cfg = small_config(clients=4, experts=2, rounds=2)
+    cfg = small_config(clients=4, experts=2, rounds=2, parallel_clients=1)  # the sequential loop's ranges
     fed = Federation(cfg, clip=tiny_clip, dataset=small_world, log=lambda m: None)
     with profiling.enabled([rec]):
         fed.run()
@@ -160,7 +160,7 @@ def test_ranges_do_not_change_results(tiny_clip, small_world):
 def test_torch_profiler_summary_on_cpu(tiny_clip, small_world, tmp_path):
     import io
 
-    cfg = small_config(clients=3, experts=1, rounds=1)
+    cfg = small_config(clients=3, experts=1, rounds=1, parallel_clients=1)  # a client_update range per client
     fed = Federation(cfg, clip=tiny_clip, dataset=small_world, log=lambda m: None)
     out = io.StringIO()
     trace = tmp_path / "trace.json"

@@ -1,5 +1,6 @@
 // CUDA kernels of the batched expert prompt assembly: one launch of vectorised copies forward, and one launch
 // that sums the context-position gradients over classes (in fp32, or fp64 for double) backward.
+#include "../kernel_logic.h"
 #include "../pfedmoap.h"
 
 #include <ATen/Dispatch.h>
@@ -15,7 +16,7 @@ namespace pfedmoap {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kKernelThreads;
 
 int64_t grid_for(int64_t work) {
   // enough blocks to fill the device a few times over; grid-stride loops take the rest
@@ -23,28 +24,15 @@ int64_t grid_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, sms * 32));
 }
 
-// V is the copy unit (16, 8, 4, 2 or 1 bytes); every token row holds `units` of them.
+// V is the copy unit (16, 8, 4, 2 or 1 bytes); every token row holds `units` of them. The per-element logic is
+// logic::assemble_forward_element (kernel_logic.h), which the host test drives over the same grid and block.
 template <typename V>
 __global__ void assemble_forward_kernel(const V* __restrict__ prefix, const V* __restrict__ suffix,
                                         const V* __restrict__ ctx, V* __restrict__ out, int64_t classes, int64_t pre,
                                         int64_t n_ctx, int64_t seq, int64_t units, int64_t total) {
-  const int64_t length = pre + n_ctx + seq;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t unit = idx % units;
-    const int64_t token = idx / units;
-    const int64_t pos = token % length;
-    const int64_t r = token / length;
-    const int64_t c = r % classes, e = r / classes;
-    const V* src;
-    if (pos < pre) {
-      src = prefix + (c * pre + pos) * units;
-    } else if (pos < pre + n_ctx) {
-      src = ctx + (e * n_ctx + pos - pre) * units;
-    } else {
-      src = suffix + (c * seq + pos - pre - n_ctx) * units;
-    }
-    out[idx] = src[unit];
+  const logic::GridStride loop = logic::grid_stride(blockIdx.x, blockDim.x, threadIdx.x, gridDim.x);
+  for (int64_t idx = loop.first; idx < total; idx += loop.stride) {
+    logic::assemble_forward_element<V>(prefix, suffix, ctx, out, classes, pre, n_ctx, seq, units, idx);
   }
 }
 
@@ -68,14 +56,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void assemble_backward_kernel(const scalar_t* __restrict__ grad, scalar_t* __restrict__ grad_ctx,
                                          int64_t classes, int64_t seq_stride, int64_t offset, int64_t span,
                                          int64_t total) {
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = idx / span, j = idx % span;
-    // neighbouring threads read neighbouring values of one class's context: coalesced
-    const scalar_t* src = grad + e * classes * seq_stride + offset + j;
-    acc_t acc = 0;
-    for (int64_t c = 0; c < classes; ++c) acc += static_cast<acc_t>(src[c * seq_stride]);
-    grad_ctx[idx] = static_cast<scalar_t>(acc);
+  const logic::GridStride loop = logic::grid_stride(blockIdx.x, blockDim.x, threadIdx.x, gridDim.x);
+  for (int64_t idx = loop.first; idx < total; idx += loop.stride) {
+    logic::assemble_backward_element<scalar_t, acc_t>(grad, grad_ctx, classes, seq_stride, offset, span, idx);
   }
 }
 

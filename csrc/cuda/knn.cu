@@ -1,6 +1,7 @@
 // CUDA parts of the KNN: float64 row norms, and the top-k kernel that merges one block of keys (the lower or upper
 // bounds of knn.cpp's filter) into the running list of every query (the blocked loop, the GEMM, the bounds and the
 // exact re-rank are in knn.cpp).
+#include "../kernel_logic.h"
 #include "../pfedmoap.h"
 
 #include <ATen/Dispatch.h>
@@ -16,29 +17,21 @@ namespace pfedmoap {
 
 namespace {
 
-constexpr int kThreads = 256;  // >= kKnnKernelMaxTake: each thread reloads at most one previous best entry
-constexpr int64_t kNoId = std::numeric_limits<int64_t>::max();
+constexpr int kThreads = kKernelThreads;  // >= kKnnKernelMaxTake: each thread reloads at most one previous best entry
+constexpr int64_t kNoId = logic::kNoId;
 static_assert(kThreads >= kKnnKernelMaxTake, "one previous best entry per thread");
 
+// One warp per row: each lane's partial sum (logic::row_sq_norm_lane), then a shuffle-down tree, in float64
+// (knn.cpp's bound allows any summation order).
 template <typename in_t>
 __global__ void row_sq_norms_kernel(const in_t* __restrict__ rows, double* __restrict__ out, int64_t n, int64_t p) {
-  // one warp per row, accumulated in float64 (knn.cpp's bound allows any summation order)
   const int lane = threadIdx.x % 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
-  for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; r < n; r += warps) {
-    double sum = 0;
-    for (int64_t j = lane; j < p; j += 32) {
-      const double v = static_cast<double>(rows[r * p + j]);
-      sum += v * v;
-    }
+  const logic::GridStride loop = logic::grid_stride(blockIdx.x, blockDim.x, threadIdx.x, gridDim.x);
+  for (int64_t r = loop.first / 32; r < n; r += loop.stride / 32) {
+    double sum = logic::row_sq_norm_lane(rows, r, p, lane);
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
     if (lane == 0) out[r] = sum;
   }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ bool before(acc_t d1, int64_t i1, acc_t d2, int64_t i2) {
-  return d1 < d2 || (d1 == d2 && i1 < i2);  // ties to the lower id
 }
 
 template <typename acc_t>
@@ -46,17 +39,13 @@ __device__ __forceinline__ void argmin_warp(acc_t& d, int64_t& id) {
   for (int offset = 16; offset > 0; offset /= 2) {
     const acc_t od = __shfl_down_sync(0xffffffffu, d, offset);
     const int64_t oi = static_cast<int64_t>(__shfl_down_sync(0xffffffffu, static_cast<long long>(id), offset));
-    if (before(od, oi, d, id)) {
-      d = od;
-      id = oi;
-    }
+    logic::argmin_step(d, id, od, oi);
   }
 }
 
 // One block per query. Each thread keeps a sorted list of its best `take` entries among the block's columns it
-// strides over (plus at most one entry of the previous list); then `take` rounds of a block-wide argmin over the
-// list heads write the merged list back in order. Keys that are not below +inf (invalid rows, NaN) are skipped.
-// MAXT bounds `take` at compile time (local arrays).
+// strides over (plus at most one entry of the previous list: logic::knn_collect); then `take` rounds of a block-wide
+// argmin over the list heads write the merged list back in order. MAXT bounds `take` at compile time (local arrays).
 template <typename acc_t, int MAXT>
 __global__ void __launch_bounds__(kThreads) knn_merge_kernel(const acc_t* __restrict__ keys, int64_t col0,
                                                              int64_t cols, acc_t* __restrict__ best_d,
@@ -67,37 +56,17 @@ __global__ void __launch_bounds__(kThreads) knn_merge_kernel(const acc_t* __rest
   acc_t* row_d = best_d + q * take;
   int64_t* row_i = best_i + q * take;
 
-  acc_t list_d[MAXT];
-  int64_t list_i[MAXT];
-  int count = 0;
-  auto insert = [&](acc_t d, int64_t id) {
-    int pos = count < take ? count : take - 1;
-    while (pos > 0 && before(d, id, list_d[pos - 1], list_i[pos - 1])) {
-      list_d[pos] = list_d[pos - 1];
-      list_i[pos] = list_i[pos - 1];
-      --pos;
-    }
-    list_d[pos] = d;
-    list_i[pos] = id;
-    if (count < take) ++count;
-  };
-
-  if (tid < take && row_i[tid] != kNoId) insert(row_d[tid], row_i[tid]);
-  const acc_t* key = keys + q * cols;
-  for (int64_t j = tid; j < cols; j += blockDim.x) {
-    const acc_t d = key[j];
-    if (!(d < inf)) continue;
-    const int64_t id = col0 + j;
-    if (count < take || before(d, id, list_d[take - 1], list_i[take - 1])) insert(d, id);
-  }
+  logic::TopList<acc_t, MAXT> list;
+  logic::knn_collect<acc_t, MAXT>(keys + q * cols, col0, cols, row_d, row_i, take, tid, blockDim.x, list);
 
   __shared__ acc_t warp_d[kThreads / 32];
   __shared__ int64_t warp_i[kThreads / 32];
   __shared__ int64_t winner;
   int head = 0;
   for (int r = 0; r < take; ++r) {
-    acc_t d = head < count ? list_d[head] : inf;
-    int64_t id = head < count ? list_i[head] : kNoId;
+    acc_t d;
+    int64_t id;
+    list.head(head, d, id);
     argmin_warp(d, id);
     if (lane == 0) {
       warp_d[warp] = d;
@@ -116,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) knn_merge_kernel(const acc_t* __rest
       }
     }
     __syncthreads();
-    if (head < count && list_i[head] == winner) ++head;  // ids are unique: exactly one thread advances
+    if (head < list.count && list.id[head] == winner) ++head;  // ids are unique: exactly one thread advances
   }
 }
 

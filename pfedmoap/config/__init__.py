@@ -126,6 +126,10 @@ class Config:
     precision: str = "fp32"
     # CUDA graphs of the fixed-shape training step (pfedmoap.federated.graphs): auto = on CUDA, on (CUDA only), off
     cuda_graphs: str = "auto"
+    # torch.compile the training step's text-encoder pass (pfedmoap.model.compiled); off by default: on the CPU a
+    # step ran 1.04-1.25x faster after a 47-67 s compile per shape, so the default run took 3.6x longer end to end
+    # (profiling/RESULTS.md); no GPU has measured it yet
+    compile: bool = False
     comm_dtype: str = "float32"  # dtype of prompts on the wire
     eval_batch_size: int = 512
     progress: bool = True

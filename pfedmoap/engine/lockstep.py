@@ -111,7 +111,9 @@ def _losses(
     """Each objective's loss on its batch. Objectives of one class whose tensors have the same shapes (the usual
     case: every client of a round at the same step) are computed in one ``torch.func.vmap`` call over their
     stacked states (:meth:`~pfedmoap.federated.objective.Objective.vector_state`), the others one by one. Stacking
-    keeps each client's tensors in the graph, so each gets its own gradient."""
+    keeps each client's tensors in the graph, so each gets its own gradient. An objective that computes the stacked
+    losses itself (:meth:`~pfedmoap.federated.objective.Objective.stacked_loss`: the fused gate's client axis) does,
+    instead of vmap."""
     out: list[torch.Tensor | None] = [None] * len(objectives)
     groups: dict[tuple, list[int]] = {}
     states = [o.vector_state() for o in objectives]
@@ -132,7 +134,9 @@ def _losses(
         features = torch.stack([batches[i][0] for i in members])
         labels = torch.stack([batches[i][1] for i in members])
         text = torch.stack([texts[i] for i in members])
-        losses = torch.func.vmap(template.vector_loss)(stacked, features, labels, text)
+        losses = template.stacked_loss(stacked, features, labels, text)  # batched ops (a fused gate's client axis)
+        if losses is None:
+            losses = torch.func.vmap(template.vector_loss)(stacked, features, labels, text)
         for j, i in enumerate(members):
             out[i] = losses[j]
     return out  # type: ignore[return-value]

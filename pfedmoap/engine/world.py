@@ -28,6 +28,7 @@ from ..federated.graphs import resolve_cuda_graphs
 from ..federated.prompt import PromptEncoder, initial_prompt, phrase_embedding
 from ..federated.seeding import Stream, client_seed, stream
 from ..model.clip import FrozenCLIP, load_clip, resolve_device
+from ..model.compiled import CompiledPass
 from ..model.features import encode_subset
 from ..model.precision import autocast, check_precision
 from ..ops import REFERENCE, OpTable
@@ -135,6 +136,8 @@ class World:
         self.encoder = PromptEncoder(
             self.clip, self.dataset.classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=ops.assemble_prompts
         )
+        if cfg.compile and self.encoder.mode == "shared-prefix":  # the training step's pass (pfedmoap.model.compiled)
+            self.encoder.shared_prefix_pass = CompiledPass(self.encoder.shared_prefix_pass, self.log)
         phrase = phrase_embedding(self.clip, cfg.ctx_init) if cfg.ctx_init is not None else None
         self.init_prompt = initial_prompt(cfg, self.clip.width, phrase)  # P_g^0: the common start of every prompt
         self._data: dict[int, ClientData] = {}

@@ -59,6 +59,15 @@ class Objective:
         and nothing else that differs between clients: it runs once, vectorised, for a whole group."""
         raise NotImplementedError
 
+    def stacked_loss(
+        self, states: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The losses [M] of M clients of this objective's kind from their stacked :meth:`vector_state` tensors and
+        batches ([M, ...] each), computed by batched ops directly rather than by ``torch.func.vmap`` of
+        :meth:`vector_loss`; None (the default): vmap it is. An objective whose loss runs an op that has no vmap
+        rule but a client axis (the fused gate kernels) answers here."""
+        return None
+
     @property
     def graphable(self) -> bool:
         """Whether a step on this objective can be captured in a CUDA graph: no host synchronisation, no

@@ -113,6 +113,9 @@ class PromptEncoder:
         self.tokens = tokens
         self._zero_shot: torch.Tensor | None = None
         self._layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # shared-prefix layout per expert count
+        # the shared-prefix pass this encoder runs (TextTower.encode_shared_prefix's signature); a run with --compile
+        # puts a compiled one here (pfedmoap.model.compiled), without touching the CLIP other runs may share
+        self.shared_prefix_pass = tower.encode_shared_prefix
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +146,7 @@ class PromptEncoder:
                 self._layouts[experts] = self.clip.text.shared_prefix_layout(
                     self.eot, experts, shared.shape[1], suffix.shape[2]
                 )
-            feats = self.clip.text.encode_shared_prefix(shared, suffix, self.eot, self._layouts[experts]).float()
+            feats = self.shared_prefix_pass(shared, suffix, self.eot, self._layouts[experts]).float()
         else:
             seqs = self.assemble(stack)
             feats = self.clip.text.encode_embeddings(seqs, self.eot.repeat(experts)).float()

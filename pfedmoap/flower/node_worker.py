@@ -236,9 +236,12 @@ def _answer(conn: socket.socket, answer: Any, log: logging.Logger) -> None:
         log.exception("the %s message failed", head.get("type"))
         _send(conn, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
         return
-    with contextlib.suppress(ConnectionError):
-        _send(conn, json.dumps({"ok": True}).encode(), encode_records(reply), encode_records(state))
+    # logged before the reply leaves: whoever reads the log after receiving the reply finds this line in it
     log.info("answered a %s message in %.2f s", head["type"], time.perf_counter() - start)
+    try:
+        _send(conn, json.dumps({"ok": True}).encode(), encode_records(reply), encode_records(state))
+    except ConnectionError as exc:
+        log.warning("the reply to that %s message was lost (%s)", head["type"], exc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,6 +130,35 @@ class AttentionGate(Gate):
             lam=lam,
         )
 
+    def forward_clients(
+        self,
+        params: dict[str, torch.Tensor],
+        image: torch.Tensor,
+        experts: torch.Tensor,
+        *,
+        gamma: float,
+        local_logits: torch.Tensor | None = None,
+        lam: float = 0.0,
+    ) -> torch.Tensor:
+        """:meth:`forward`'s logits for M clients at once: each client's own gate parameters stacked in ``params``
+        (this module's parameter names, each [M, ...]), image [M, B, D], experts [M, E, C, D], local_logits
+        [M, B, C] -> logits [M, B, C], through the run's ``gate_score_clients`` (one launch for all M with the
+        fused kernels). This module supplies the shapes and settings only; its own parameters are not read."""
+        query = reduce_features(image, self.dim, self.reduction)
+        keys = reduce_features(experts, self.dim, self.reduction)
+        names = [f"{lin}.{kind}" for lin in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")]
+        logits, _ = self.ops.gate_score_clients(
+            query,
+            keys,
+            *(params[n] for n in names),
+            gamma=gamma,
+            heads=self.heads,
+            scaling=self.scaling,
+            local=local_logits,
+            lam=lam,
+        )
+        return logits
+
     def mix(
         self, query: torch.Tensor, experts: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -51,10 +51,16 @@ class MixtureObjective(PromptObjective):
     def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return pfedmoap_logits(features, text, self.expert_text, self.gate, self.gamma, self.lam)[0]
 
+    def _fused_gate(self) -> bool:
+        """Whether the gate scores through a fused backend that has a client axis (no vmap rule)."""
+        ops = getattr(self.gate, "ops", None)
+        fused = ops is not None and ops.backends.get("gate_score", "reference") != "reference"
+        return fused and hasattr(self.gate, "forward_clients")
+
     def vector_state(self) -> dict[str, torch.Tensor] | None:
         ops = getattr(self.gate, "ops", None)
-        if ops is not None and ops.backends.get("gate_score", "reference") != "reference":
-            return None  # the fused kernels' autograd functions have no vmap rule: one by one
+        if ops is not None and ops.backends.get("gate_score", "reference") != "reference" and not self._fused_gate():
+            return None  # a fused gate without a client axis (no vmap rule either): one by one
         state = {f"gate.{name}": p for name, p in self.gate.named_parameters()}
         state.update({f"gate_buffer.{name}": b for name, b in self.gate.named_buffers()})
         return {**state, "expert_text": self.expert_text}
@@ -70,6 +76,24 @@ class MixtureObjective(PromptObjective):
         kwargs = {"gamma": self.gamma, "local_logits": local_logits, "lam": self.lam}
         logits, _ = torch.func.functional_call(self.gate, gate_state, (features, experts), kwargs)
         return F.cross_entropy(logits, labels)
+
+    def stacked_loss(
+        self, states: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor | None:
+        """With a fused gate: every client's logits in one ``gate_score_clients`` call (one kernel launch forward,
+        one backward), then each client's mean cross-entropy. With the reference gate: None (vmap)."""
+        if not self._fused_gate():
+            return None
+        local_text = text[:, 0]  # [M, C, D]
+        experts = torch.cat([local_text[:, None], states["expert_text"].to(local_text.dtype)], dim=1)
+        local_logits = self.gamma * features @ local_text.transpose(1, 2)
+        params = {k.split(".", 1)[1]: v for k, v in states.items() if k.startswith("gate.")}
+        logits = self.gate.forward_clients(
+            params, features, experts, gamma=self.gamma, local_logits=local_logits, lam=self.lam
+        )
+        clients, batch, classes = logits.shape
+        flat = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), reduction="none")
+        return flat.view(clients, batch).mean(1)
 
     def begin(self) -> None:
         self.gate.train()

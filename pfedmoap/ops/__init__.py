@@ -73,12 +73,15 @@ class AssemblePromptsFn(Protocol):
 
 @dataclass(frozen=True)
 class OpTable:
-    """The op implementations one run uses, and the backend name behind each."""
+    """The op implementations one run uses, and the backend name behind each. ``gate_score_clients`` is
+    ``gate_score`` over a leading axis of clients (every tensor [M, ...]; lock-step clients in one launch), always
+    from the same backend as ``gate_score``."""
 
     gate_score: GateScoreFn
     knn: KnnFn
     assemble_prompts: AssemblePromptsFn
     backends: Mapping[str, str] = field(default_factory=lambda: dict.fromkeys(OPS, "reference"))
+    gate_score_clients: GateScoreFn = reference.gate_score_clients
 
     def describe(self) -> str:
         """One log line: which backend runs each op."""
@@ -94,6 +97,7 @@ _FUSED_MODULES = {
     "factored": "pfedmoap.ops.factored",
 }
 _IMPLS: dict[str, dict[str, object]] = {"reference": {name: getattr(reference, name) for name in OPS}}
+_CLIENT_AXIS: dict[str, object] = {"reference": reference.gate_score_clients}  # gate_score_clients per backend
 _UNAVAILABLE: dict[str, str] = {}
 _MODULES: dict[str, ModuleType] = {}  # the fused backends that imported, by name
 _LOADED = False
@@ -116,6 +120,8 @@ def _load_fused() -> None:
             _UNAVAILABLE[name] = module.unavailable_reason()
             continue
         _IMPLS[name] = {op: getattr(module, op) for op in OPS if hasattr(module, op)}
+        if hasattr(module, "gate_score_clients"):
+            _CLIENT_AXIS[name] = module.gate_score_clients
 
 
 def available_backends() -> dict[str, list[str]]:
@@ -155,7 +161,8 @@ def select_ops(fused: bool = False, pins: Mapping[str, str] | None = None) -> Op
             raise ValueError(f"backend={backend!r} cannot run {op} here: {reason}")
         chosen[op] = backend
     impls = {op: _IMPLS[backend][op] for op, backend in chosen.items()}
-    return OpTable(**impls, backends=chosen)  # type: ignore[arg-type]
+    clients = _CLIENT_AXIS[chosen["gate_score"]]
+    return OpTable(**impls, backends=chosen, gate_score_clients=clients)  # type: ignore[arg-type]
 
 
 __all__ = [

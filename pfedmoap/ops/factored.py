@@ -52,3 +52,40 @@ def gate_score(
     if local is not None:
         logits = logits + lam * local
     return logits, (attn.mean(dim=2) if need_weights else None)
+
+
+def gate_score_clients(
+    query: torch.Tensor,
+    experts: torch.Tensor,
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    wk: torch.Tensor,
+    bk: torch.Tensor,
+    wv: torch.Tensor,
+    bv: torch.Tensor,
+    wo: torch.Tensor,
+    bo: torch.Tensor,
+    *,
+    gamma: float,
+    heads: int,
+    scaling: float,
+    need_weights: bool = False,
+    local: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gate_score` over a leading axis of M clients (the arguments of
+    :func:`pfedmoap.ops.reference.gate_score_clients`), every client in the same batched ops."""
+    clients, batch, dim = query.shape
+    n_exp, n_cls = experts.shape[1:3]
+    head_dim = dim // heads
+    q = ((torch.baddbmm(bq[:, None], query, wq.transpose(1, 2))) * scaling).view(clients, batch, heads, head_dim)
+    u = torch.bmm(query, wo).view(clients, batch, heads, head_dim)
+    flat = experts.reshape(clients, n_exp * n_cls, dim)
+    k = torch.baddbmm(bk[:, None], flat, wk.transpose(1, 2)).view(clients, n_exp, n_cls, heads, head_dim)
+    v = torch.baddbmm(bv[:, None], flat, wv.transpose(1, 2)).view(clients, n_exp, n_cls, heads, head_dim)
+    attn = torch.einsum("mbhx,mechx->mbche", q, k).softmax(dim=-1)  # [M, B, C, H, E]
+    values = torch.einsum("mbhx,mechx->mbche", u, v)
+    logits = gamma * ((attn * values).sum(dim=(3, 4)) + torch.bmm(query, bo[:, :, None]))
+    if local is not None:
+        logits = logits + lam * local
+    return logits, (attn.mean(dim=3) if need_weights else None)

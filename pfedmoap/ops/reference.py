@@ -73,6 +73,47 @@ def gate_score(
     return logits, attn
 
 
+def gate_score_clients(
+    query: torch.Tensor,
+    experts: torch.Tensor,
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    wk: torch.Tensor,
+    bk: torch.Tensor,
+    wv: torch.Tensor,
+    bv: torch.Tensor,
+    wo: torch.Tensor,
+    bo: torch.Tensor,
+    *,
+    gamma: float,
+    heads: int,
+    scaling: float,
+    need_weights: bool = False,
+    local: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gate_score` for M clients, one after another: every tensor has a leading client axis (query [M, B, d],
+    experts [M, E, C, d], W [M, d, d], b [M, d], local [M, B, C]); returns logits [M, B, C] and attention
+    [M, B, C, E] or None. The twin of the fused backends' one-launch ``gate_score_clients``."""
+    weights = (wq, bq, wk, bk, wv, bv, wo, bo)
+    outs = [
+        gate_score(
+            query[m],
+            experts[m],
+            *(w[m] for w in weights),
+            gamma=gamma,
+            heads=heads,
+            scaling=scaling,
+            need_weights=need_weights,
+            local=None if local is None else local[m],
+            lam=lam,
+        )  # fmt: skip
+        for m in range(query.shape[0])
+    ]
+    logits = torch.stack([o[0] for o in outs])
+    return logits, (torch.stack([o[1] for o in outs]) if need_weights else None)
+
+
 def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     """Token embeddings of every (expert, class) prompt, expert-major.
 

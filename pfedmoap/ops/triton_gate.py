@@ -96,27 +96,30 @@ def _launch_config(batch: int, dim: int, heads: int) -> tuple[int, int, int, int
 
 
 class _GateScore(torch.autograd.Function):
+    """The op over a leading axis of M clients: query [M, B, d], experts [M, E, C, d], each gate weight [M, ...],
+    local [M, B, C] or None; one launch of each kernel for all M (a single client is M = 1)."""
+
     @staticmethod
     def forward(
         ctx, query, experts, wq, bq, wk, bk, wv, bv, wo, bo, local, heads, scaling, gamma, lam, need_weights, out_dtype
     ):
         kernels = _load_kernels()
-        batch, dim = query.shape
-        n_exp, n_cls, _ = experts.shape
-        flat = experts.reshape(n_exp * n_cls, dim)
-        q = (torch.nn.functional.linear(query, wq, bq) * scaling).contiguous()
-        u = (query @ wo).contiguous()  # u_b = W_O^T q_b
-        k = torch.nn.functional.linear(flat, wk, bk).contiguous()
-        v = torch.nn.functional.linear(flat, wv, bv).contiguous()
-        qb = (query.float() @ bo.float()).contiguous()
+        clients, batch, dim = query.shape
+        n_exp, n_cls = experts.shape[1:3]
+        flat = experts.reshape(clients, n_exp * n_cls, dim)
+        q = (torch.baddbmm(bq[:, None], query, wq.transpose(1, 2)) * scaling).contiguous()
+        u = torch.bmm(query, wo).contiguous()  # u_b = W_O^T q_b
+        k = torch.baddbmm(bk[:, None], flat, wk.transpose(1, 2)).contiguous()
+        v = torch.baddbmm(bv[:, None], flat, wv.transpose(1, 2)).contiguous()
+        qb = torch.bmm(query.float(), bo.float()[:, :, None])[..., 0].contiguous()
         block_b, d_pad, h_pad, num_warps = _launch_config(batch, dim, heads)
         dev = query.device
-        out = torch.empty(batch, n_cls, device=dev, dtype=torch.float32)
-        lse = torch.empty(batch, n_cls, h_pad, device=dev, dtype=torch.float32)
-        mix = torch.empty(batch, n_cls, h_pad, device=dev, dtype=torch.float32)
-        weights = torch.empty(batch, n_cls, n_exp, device=dev, dtype=torch.float32) if need_weights else out
+        out = torch.empty(clients, batch, n_cls, device=dev, dtype=torch.float32)
+        lse = torch.empty(clients, batch, n_cls, h_pad, device=dev, dtype=torch.float32)
+        mix = torch.empty(clients, batch, n_cls, h_pad, device=dev, dtype=torch.float32)
+        weights = torch.empty(clients, batch, n_cls, n_exp, device=dev, dtype=torch.float32) if need_weights else out
         has_local = local is not None
-        grid = (triton_cdiv(batch, block_b), n_cls)
+        grid = (triton_cdiv(batch, block_b), n_cls, clients)
         kernels.gate_score_fwd_kernel[grid](
             q, u, k, v, qb, local.contiguous() if has_local else out, out, lse, mix, weights,
             batch, n_cls, n_exp, dim, heads, dim // heads, float(gamma), float(lam),
@@ -124,7 +127,7 @@ class _GateScore(torch.autograd.Function):
             num_warps=num_warps,
         )  # fmt: skip
         ctx.save_for_backward(query, flat, wq, wk, wv, wo, bo, q, u, k, v, lse, mix)
-        ctx.shape = (batch, n_exp, n_cls, dim, heads)
+        ctx.shape = (clients, batch, n_exp, n_cls, dim, heads)
         ctx.consts = (float(scaling), float(gamma), float(lam), block_b, d_pad, h_pad, num_warps, has_local)
         ctx.dtypes = (query.dtype, experts.dtype, wq.dtype, None if local is None else local.dtype)
         out_dtype = query.dtype if out_dtype is None else out_dtype
@@ -137,7 +140,7 @@ class _GateScore(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_weights):
         kernels = _load_kernels()
         query, flat, wq, wk, wv, wo, bo, q, u, k, v, lse, mix = ctx.saved_tensors
-        batch, n_exp, n_cls, dim, heads = ctx.shape
+        clients, batch, n_exp, n_cls, dim, heads = ctx.shape
         scaling, gamma, lam, block_b, d_pad, h_pad, num_warps, has_local = ctx.consts
         q_dtype, x_dtype, w_dtype, local_dtype = ctx.dtypes
         g = grad_out.float().contiguous()
@@ -146,39 +149,39 @@ class _GateScore(torch.autograd.Function):
 
         per_group = triton_cdiv(n_cls, min(n_cls, 64))
         groups = triton_cdiv(n_cls, per_group)
-        dq = torch.empty(groups, batch, dim, device=dev, dtype=torch.float32)
-        du = torch.empty(groups, batch, dim, device=dev, dtype=torch.float32)
-        kernels.gate_score_bwd_query_kernel[(triton_cdiv(batch, block_b), groups)](
+        dq = torch.empty(clients, groups, batch, dim, device=dev, dtype=torch.float32)
+        du = torch.empty(clients, groups, batch, dim, device=dev, dtype=torch.float32)
+        kernels.gate_score_bwd_query_kernel[(triton_cdiv(batch, block_b), groups, clients)](
             q, u, k, v, lse, mix, g_mix, dq, du, batch, n_cls, n_exp, dim, dim // heads, per_group,
             BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, num_warps=num_warps,
         )  # fmt: skip
         if d_pad > EXPERT_KERNEL_MAX_D_PAD:
             dk, dv = expert_grads_torch(q, u, k, v, lse, mix, g_mix, n_exp, n_cls, heads)
         else:
-            dk = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
-            dv = torch.empty(n_exp * n_cls, dim, device=dev, dtype=torch.float32)
-            kernels.gate_score_bwd_expert_kernel[(n_cls, n_exp)](
+            dk = torch.empty(clients, n_exp * n_cls, dim, device=dev, dtype=torch.float32)
+            dv = torch.empty(clients, n_exp * n_cls, dim, device=dev, dtype=torch.float32)
+            kernels.gate_score_bwd_expert_kernel[(n_cls, n_exp, clients)](
                 q, u, k, v, lse, mix, g_mix, dk, dv, batch, n_cls, n_exp, dim, dim // heads,
                 BLOCK_B=block_b, D_PAD=d_pad, H_PAD=h_pad, num_warps=num_warps,
             )  # fmt: skip
-        dq = dq.sum(0) * scaling  # the kernels saw the scaled queries
-        du = du.sum(0)
+        dq = dq.sum(1) * scaling  # the kernels saw the scaled queries
+        du = du.sum(1)
 
         x32, q32 = flat.float(), query.float()
-        row_sums = g.sum(1)  # d logit / d <q, b_O> summed over classes, per image
-        d_query = dq @ wq.float() + du @ wo.float().t() + gamma * row_sums[:, None] * bo.float()[None, :]
-        d_experts = (dk @ wk.float() + dv @ wv.float()).view(n_exp, n_cls, dim)
+        row_sums = g.sum(2)  # d logit / d <q, b_O> summed over classes, per image [M, B]
+        d_query = dq @ wq.float() + du @ wo.float().transpose(1, 2) + gamma * row_sums[..., None] * bo.float()[:, None]
+        d_experts = (dk @ wk.float() + dv @ wv.float()).view(clients, n_exp, n_cls, dim)
         grads = (
             d_query.to(q_dtype),
             d_experts.to(x_dtype),
-            (dq.t() @ q32).to(w_dtype),  # W_Q
-            dq.sum(0).to(w_dtype),
-            (dk.t() @ x32).to(w_dtype),  # W_K
-            dk.sum(0).to(w_dtype),
-            (dv.t() @ x32).to(w_dtype),  # W_V
-            dv.sum(0).to(w_dtype),
-            (q32.t() @ du).to(w_dtype),  # W_O (u = q W_O)
-            (gamma * row_sums @ q32).to(w_dtype),  # b_O
+            (dq.transpose(1, 2) @ q32).to(w_dtype),  # W_Q
+            dq.sum(1).to(w_dtype),
+            (dk.transpose(1, 2) @ x32).to(w_dtype),  # W_K
+            dk.sum(1).to(w_dtype),
+            (dv.transpose(1, 2) @ x32).to(w_dtype),  # W_V
+            dv.sum(1).to(w_dtype),
+            (q32.transpose(1, 2) @ du).to(w_dtype),  # W_O (u = q W_O)
+            (gamma * (row_sums[:, None] @ q32)[:, 0]).to(w_dtype),  # b_O
             (lam * g).to(local_dtype) if has_local else None,
         )
         return (*grads, None, None, None, None, None, None)
@@ -202,19 +205,19 @@ def expert_grads_torch(
     n_cls: int,
     heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dK and dV [E * C, d] (fp32) from the forward's saved statistics, in torch: the twin of
-    ``gate_score_bwd_expert_kernel`` (same inputs, same outputs)."""
-    batch, dim = q.shape
+    """dK and dV [M, E * C, d] (fp32) from the forward's saved statistics (q, u [M, B, d], k, v [M, E * C, d],
+    lse, mix [M, B, C, H_PAD], g_mix [M, B, C]), in torch: the twin of ``gate_score_bwd_expert_kernel``."""
+    clients, batch, dim = q.shape
     hd = dim // heads
-    qh, uh = q.float().view(batch, heads, hd), u.float().view(batch, heads, hd)
-    kh, vh = k.float().view(n_exp, n_cls, heads, hd), v.float().view(n_exp, n_cls, heads, hd)
-    score = torch.einsum("bhd,echd->bche", qh, kh)
-    value = torch.einsum("bhd,echd->bche", uh, vh)
-    attn = torch.exp(score - lse[:, :, :heads, None])
-    d_value = g_mix[:, :, None, None] * attn
-    d_score = d_value * (value - mix[:, :, :heads, None])
-    dk = torch.einsum("bche,bhd->echd", d_score, qh).reshape(n_exp * n_cls, dim)
-    dv = torch.einsum("bche,bhd->echd", d_value, uh).reshape(n_exp * n_cls, dim)
+    qh, uh = q.float().view(clients, batch, heads, hd), u.float().view(clients, batch, heads, hd)
+    kh, vh = k.float().view(clients, n_exp, n_cls, heads, hd), v.float().view(clients, n_exp, n_cls, heads, hd)
+    score = torch.einsum("mbhd,mechd->mbche", qh, kh)
+    value = torch.einsum("mbhd,mechd->mbche", uh, vh)
+    attn = torch.exp(score - lse[..., :heads, None])
+    d_value = g_mix[..., None, None] * attn
+    d_score = d_value * (value - mix[..., :heads, None])
+    dk = torch.einsum("mbche,mbhd->mechd", d_score, qh).reshape(clients, n_exp * n_cls, dim)
+    dv = torch.einsum("mbche,mbhd->mechd", d_value, uh).reshape(clients, n_exp * n_cls, dim)
     return dk.contiguous(), dv.contiguous()
 
 
@@ -249,6 +252,42 @@ def gate_score(
     weights = (wq, bq, wk, bk, wv, bv, wo, bo)
     if not _runs_here(query):
         return reference.gate_score(
+            query, experts, *weights, gamma=gamma, heads=heads, scaling=scaling, need_weights=need_weights,
+            local=local, lam=lam,
+        )  # fmt: skip
+    logits, attn = gate_score_clients(
+        query[None], experts[None], *(w[None] for w in weights), gamma=gamma, heads=heads, scaling=scaling,
+        need_weights=need_weights, local=None if local is None else local[None], lam=lam,
+    )  # fmt: skip
+    return logits[0], None if attn is None else attn[0]
+
+
+def gate_score_clients(
+    query: torch.Tensor,
+    experts: torch.Tensor,
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    wk: torch.Tensor,
+    bk: torch.Tensor,
+    wv: torch.Tensor,
+    bv: torch.Tensor,
+    wo: torch.Tensor,
+    bo: torch.Tensor,
+    *,
+    gamma: float,
+    heads: int,
+    scaling: float,
+    need_weights: bool = False,
+    local: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gate_score` for M clients at once, each its own query, experts and gate weights (a leading axis M on
+    every tensor: query [M, B, d], experts [M, E, C, d], W [M, d, d], b [M, d], local [M, B, C]): logits [M, B, C]
+    and attention [M, B, C, E] or None, client m's equal to ``gate_score`` on its own tensors. One launch of each
+    kernel scores, and one of each differentiates, every client (the lock step's path)."""
+    weights = (wq, bq, wk, bk, wv, bv, wo, bo)
+    if not _runs_here(query):
+        return reference.gate_score_clients(
             query, experts, *weights, gamma=gamma, heads=heads, scaling=scaling, need_weights=need_weights,
             local=local, lam=lam,
         )  # fmt: skip

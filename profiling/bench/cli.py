@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--models", "--model", type=_csv, help="open_clip architectures (random weights)")
     p.add_argument("--classes", type=_csv_ints, help="class counts C for round / text-encoder")
-    p.add_argument("--repeats", type=int, help="interleaved repeats per variant (median taken)")
+    p.add_argument("--repeats", type=int, help="interleaved repeats per variant (median taken; parallel: 0 = ops only)")
     p.add_argument("--no-accuracy-round", action="store_true", help="skip the end-to-end rounds of ours")
     p.add_argument("--gate-grid", help="B list;C list;E list, e.g. '16,256;10,1000;2,10,40'")
     p.add_argument("--knn-pools", type=_csv_ints, help="pool sizes, e.g. 100,1000,10000")
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eff-classes", type=_csv_ints, help="class counts for the efficiency section")
     p.add_argument("--modes", type=_csv, help="text-encoder modes (full,truncated,shared-prefix)")
     p.add_argument("--full-max-classes", type=int, default=102, help="text-encoder: skip 77 tokens above this C")
+    p.add_argument("--fused", action="store_true", help="parallel: also sequential and lock step with --fused's gate")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (for nsys)")
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--markdown", help="write the markdown tables here")
@@ -73,7 +74,7 @@ def resolve_sizes(args: argparse.Namespace) -> Sizes:
         s.models = args.models
     if args.classes:
         s.classes = s.text_classes = args.classes
-    if args.repeats:
+    if args.repeats is not None:  # 0: the parallel section counts dispatched ops without timing
         s.repeats = s.gate_repeats = s.knn_repeats = args.repeats
     if args.no_accuracy_round:
         s.accuracy_round = False

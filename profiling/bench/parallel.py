@@ -1,4 +1,6 @@
-"""Section ``parallel``: one round's local training of 10 clients one after another vs in lock step."""
+"""Section ``parallel``: one round's local training of 10 clients one after another vs in lock step; with
+``--fused`` also both with the fused gate (``--fused``'s backend: Triton on CUDA, the factored algebra on a CPU),
+whose lock step scores every client in one client-axis call."""
 
 from __future__ import annotations
 
@@ -35,11 +37,11 @@ class OpCounter(TorchDispatchMode):
 def bench_parallel(sizes: Sizes, args: argparse.Namespace, clip: FrozenCLIP) -> list[dict]:
     rows = []
     for n_cls in sizes.classes:
-        rows.extend(_parallel_one(sizes, clip, n_cls))
+        rows.extend(_parallel_one(sizes, clip, n_cls, fused=getattr(args, "fused", False)))
     return rows
 
 
-def _parallel_one(sizes: Sizes, clip: FrozenCLIP, n_cls: int) -> list[dict]:
+def _parallel_one(sizes: Sizes, clip: FrozenCLIP, n_cls: int, fused: bool = False) -> list[dict]:
     """One round's local training of ``sizes.clients`` clients, each with its own prompt, gate, SGD and batch
     order, K experts each: sequential (``Client.train`` per client) vs lock step (``train_together``)."""
     device, m, k = clip.device, sizes.clients, sizes.experts
@@ -61,9 +63,11 @@ def _parallel_one(sizes: Sizes, clip: FrozenCLIP, n_cls: int) -> list[dict]:
         )
     with torch.no_grad():  # each client's K experts (the K others after it), encoded once per round
         expert_text = [encoder.encode(pool[[(i + 1 + j) % m for j in range(k)]]) for i in range(m)]
-    table = bench_ops(False)
+    tables = {"": bench_ops(False)}
+    if fused:
+        tables[" --fused"] = bench_ops(True)
 
-    def setup() -> tuple[list[Client], list[MixtureObjective]]:
+    def setup(table) -> tuple[list[Client], list[MixtureObjective]]:
         clients, objectives = [], []
         for i in range(m):
             client = Client(i, data[i], seed=500 + i)
@@ -81,21 +85,25 @@ def _parallel_one(sizes: Sizes, clip: FrozenCLIP, n_cls: int) -> list[dict]:
     def together(clients: list[Client], objectives: list[MixtureObjective]) -> None:
         train_together(clients, objectives, settings, clip)
 
-    counts, prompts = {}, {}
-    for name, fn in (("sequential", sequential), ("lock step", together)):
-        clients, objectives = setup()
-        counter = OpCounter()  # the training only: the clients' and gates' set-up is the same either way
-        with counter:
-            fn(clients, objectives)
-        counts[name] = counter.count
-        prompts[name] = torch.stack([o.prompt.detach().cpu() for o in objectives])
-    diff = float((prompts["sequential"] - prompts["lock step"]).abs().max())
-    stats = measure(
-        {"sequential": lambda: sequential(*setup()), "lock step": lambda: together(*setup())}, sizes.repeats, device
-    )
+    counts, prompts, runs = {}, {}, {}
+    for suffix, table in tables.items():
+        for name, fn in (("sequential", sequential), ("lock step", together)):
+            variant = name + suffix
+            clients, objectives = setup(table)
+            counter = OpCounter()  # the training only: the clients' and gates' set-up is the same either way
+            with counter:
+                fn(clients, objectives)
+            counts[variant] = counter.count
+            prompts[variant] = torch.stack([o.prompt.detach().cpu() for o in objectives])
+            runs[variant] = lambda fn=fn, table=table: fn(*setup(table))
+    if sizes.repeats > 0:
+        stats = measure(runs, sizes.repeats, device)
+    else:  # --repeats 0: the dispatched ops only (they are the same on every machine)
+        stats = {v: {"seconds": float("nan")} for v in runs}
     steps = settings.epochs * math.ceil(n_train / sizes.batch)
     rows = []
-    for name in ("sequential", "lock step"):
+    for variant in runs:
+        base = "sequential" + (" --fused" if variant.endswith(" --fused") else "")
         rows.append(
             {
                 "model": clip.model_name,
@@ -104,17 +112,21 @@ def _parallel_one(sizes: Sizes, clip: FrozenCLIP, n_cls: int) -> list[dict]:
                 "experts": k,
                 "epochs": settings.epochs,
                 "steps_per_client": steps,
-                "variant": name,
-                "ops": counts[name],
-                "ops_ratio": counts["sequential"] / counts[name],
-                "seconds": stats[name]["seconds"],
-                "speedup": stats["sequential"]["seconds"] / stats[name]["seconds"],
-                "prompt_max_abs_diff": diff,
+                "variant": variant,
+                "gate_backend": tables[variant.removeprefix("sequential").removeprefix("lock step")].backends[
+                    "gate_score"
+                ],
+                "ops": counts[variant],
+                "ops_ratio": counts["sequential"] / counts[variant],
+                "seconds": stats[variant]["seconds"],
+                "speedup": stats["sequential"]["seconds"] / stats[variant]["seconds"],
+                # against the sequential run of the same backend (lock step reorders float sums only)
+                "prompt_max_abs_diff": float((prompts[base] - prompts[variant]).abs().max()),
             }
         )
     print(
-        f"parallel {clip.model_name} C={n_cls}: ops {counts['sequential']:,} -> {counts['lock step']:,}, "
-        f"{stats['sequential']['seconds']:.2f} s -> {stats['lock step']['seconds']:.2f} s",
+        f"parallel {clip.model_name} C={n_cls}: ops "
+        + ", ".join(f"{v} {counts[v]:,} ({stats[v]['seconds']:.2f} s)" for v in runs),
         file=sys.stderr,
         flush=True,
     )
