@@ -171,9 +171,12 @@ def test_fused_lock_step_scores_every_client_in_one_launch(backend, monkeypatch)
     assert clients_per_call == [4]
 
 
-def test_cpu_default_is_sequential():
+def test_lock_step_is_the_default_on_every_device_and_sequential_one_flag_away():
     fed = Federation(small_config(clients=2, experts=1, rounds=1), log=lambda _: None)
-    assert fed.device.type != "cpu" or fed.parallel_clients == 1
+    assert fed.parallel_clients == 0  # all of a round's sampled clients, CPU included
+    assert Federation(small_config(clients=2, experts=1, parallel_clients=1), log=lambda _: None).parallel_clients == 1
+    live = Federation(small_config(clients=2, experts=1, pool_view="live", lam=0.0), log=lambda _: None)
+    assert live.parallel_clients == 1  # the live pool: each client sees the uploads before it
 
 
 @pytest.mark.slow

@@ -33,11 +33,12 @@ if TYPE_CHECKING:
 
 
 def default_parallel_clients(device: torch.device) -> int:
-    """How many sampled clients train together when ``--parallel-clients`` is not given (0: all of a round's): all
-    on CUDA (a step is bound by kernel launches there), one on CPU (the sequential order reproduces the published
-    CPU numbers bit for bit; lock step was faster on CPU too in python -m profiling.bench parallel, but changes the
-    float rounding of some runs)."""
-    return 0 if device.type == "cuda" else 1
+    """How many sampled clients train together when ``--parallel-clients`` is not given: all of a round's (0), on
+    every device. On CUDA a step is bound by kernel launches; on the CPU lock step measured 1.4-2.5x faster at C = 10
+    (profiling/RESULTS.md) and the README's published numbers were re-measured with it. ``--parallel-clients 1``
+    trains one client after another (the sequential order, whose float rounding the numbers before this default
+    had)."""
+    return 0
 
 
 def train_together(
