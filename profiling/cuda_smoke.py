@@ -56,6 +56,8 @@ def cells(device: str) -> list[tuple[str, list[str]]]:
         ("pfedmma tiny ViT bf16", ["--method", "pfedmma", "--model", "pfedmoap-tiny-vit", "--precision", "bf16"]),
     ]
     if device == "cuda":
+        out.append(("pfedmoap --compile", ["--compile"]))  # a cold compile takes tens of seconds: not in CI's dry run
+        out.append(("pfedmoap --fused --compile bf16", ["--fused", "--compile", "--precision", "bf16"]))
         out.append(("pfedmoap cuda graphs off", ["--cuda-graphs", "off"]))
         out.append(("pfedmoap cuda graphs on sequential", ["--cuda-graphs", "on", "--parallel-clients", "1"]))
     return out

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=_csv_ints, help="class counts C for round / text-encoder")
     p.add_argument("--repeats", type=int, help="interleaved repeats per variant (median taken; parallel: 0 = ops only)")
     p.add_argument("--no-accuracy-round", action="store_true", help="skip the end-to-end rounds of ours")
+    p.add_argument("--shots", type=int, help="training shots per class (fewer: fewer steps per client)")
     p.add_argument("--gate-grid", help="B list;C list;E list, e.g. '16,256;10,1000;2,10,40'")
     p.add_argument("--knn-pools", type=_csv_ints, help="pool sizes, e.g. 100,1000,10000")
     p.add_argument("--knn-frac", type=float, help="queries per round as a fraction of the pool (default 0.1)")
@@ -76,6 +77,8 @@ def resolve_sizes(args: argparse.Namespace) -> Sizes:
         s.classes = s.text_classes = args.classes
     if args.repeats is not None:  # 0: the parallel section counts dispatched ops without timing
         s.repeats = s.gate_repeats = s.knn_repeats = args.repeats
+    if args.shots:
+        s.shots = args.shots
     if args.no_accuracy_round:
         s.accuracy_round = False
     if args.gate_grid:

@@ -86,7 +86,7 @@ def targets(results: dict[str, list[dict]], device: torch.device) -> list[dict]:
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and x != x):  # not measured (e.g. parallel --repeats 0: ops only)
         return "n/a"
     if isinstance(x, float):
         return format(x, spec)
@@ -236,7 +236,7 @@ def markdown(results: dict[str, list[dict]], target_rows: list[dict]) -> str:
             variant = r["variant"] + (f" ({r['gate_backend']})" if r["variant"].endswith("--fused") else "")
             lines.append(
                 f"| {r['model']} | {r['classes']} | {r['steps_per_client']} | {variant} | {r['ops']:,} | "
-                f"{r['ops_ratio']:.1f}x | {r['seconds']:.2f} | {r['speedup']:.2f}x | {vs_ref} | "
+                f"{r['ops_ratio']:.1f}x | {_fmt(r['seconds'], '.2f')} | {_fmt(r['speedup'], '.2f')}x | {vs_ref} | "
                 f"{r['prompt_max_abs_diff']:.1e} |"
             )
         parts.append("\n".join(lines))
