@@ -73,7 +73,7 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--expert-selection", "expert_selection", str, "SELECTIONS (how experts are chosen)"),
     ("--gate-sharing", "gate_sharing", str, " | ".join(GATE_SHARINGS) + " (private = paper; aggregated = FedAvg'd)"),
     ("--pool-view", "pool_view", str, " | ".join(POOL_VIEWS) + " (snapshot = paper)"),
-    ("--parallel-clients", "parallel_clients", int, "sampled clients trained in lock step (default: all; 1: one by one)"),
+    ("--parallel-clients", "parallel_clients", int, "clients trained in lock step (default: all; 1: one by one)"),
     ("--lr-prompt", "lr_prompt", float, "prompt learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "SGD weight decay"),
