@@ -198,3 +198,13 @@ def test_bad_settings_are_one_line() -> None:
         make_config("synthetic", method="dpfpl", dp_epsilon=1.0, pretrained="none")
     with pytest.raises(ConfigError, match="dpfpl_epsilon"):
         make_config("synthetic", method="dpfpl", dpfpl_epsilon=-1.0, pretrained="none")
+
+
+def test_a_round_under_bf16_autocast(tiny_clip, small_world):
+    """--precision bf16: the context's gradient comes back in bfloat16; p_L keeps float32 (the smoke matrix's cell)."""
+    import math
+
+    fed = build(tiny_clip, small_world, precision="bf16", dpfpl_epsilon=0.4, rounds=1)
+    record = fed.run_round(1)
+    assert all(math.isfinite(a) for a in record.client_acc)
+    assert all(c.private[LOCAL].dtype == torch.float32 for c in fed.clients if LOCAL in c.private)

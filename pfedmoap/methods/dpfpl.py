@@ -120,11 +120,13 @@ class _LowRankContext(torch.autograd.Function):
     def forward(ctx, local, u, v, residual, noise_u, noise_v, clip):  # type: ignore[override]
         ctx.save_for_backward(u, v, noise_u, noise_v)
         ctx.clip = clip
-        return u @ v + residual
+        with torch.autocast(local.device.type, enabled=False):  # p_L's value in its own dtype (under --precision bf16)
+            return u @ v + residual
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, v, noise_u, noise_v = ctx.saved_tensors
+        grad = grad.to(u.dtype)  # the context's gradient may come back in the autocast dtype
         g_u, g_v = grad @ v.t(), u.t() @ grad
         if ctx.clip is not None:
             g_u = clip_norm(g_u, ctx.clip) + noise_u
