@@ -184,19 +184,20 @@ class RoundDriver:
             rnd.bytes_up[cid] = sent
             return False
         tensors = upload.tensors()
-        rnd.bytes_up[cid] = sent + comm.nbytes(tensors.values())
+        nbytes = comm.nbytes(tensors.values())
+        rnd.bytes_up[cid] = sent + nbytes
         self.dp_releases[cid] += 1
         wire = comm.wire_dtype(self.cfg.comm_dtype)
         odd = next((t for t in tensors.values() if t.dtype != wire), None)
         if odd is not None:
-            return self.refuse(cid, f"dtype {odd.dtype} != wire dtype {wire}", comm.nbytes(tensors.values()))
+            return self.refuse(cid, f"dtype {odd.dtype} != wire dtype {wire}", nbytes)
         shares_prompt = self.method.shares_prompt
         if (upload.prompt is None) == shares_prompt:
             what = "no prompt in the upload" if shares_prompt else f"a prompt, which {self.cfg.method} never sends"
-            return self.refuse(cid, what, comm.nbytes(tensors.values()))
+            return self.refuse(cid, what, nbytes)
         reason = self.method.check_extras(upload.extras)
         if reason is not None:
-            return self.refuse(cid, reason, comm.nbytes(tensors.values()))
+            return self.refuse(cid, reason, nbytes)
         extras = upload.map(torch.Tensor.float).extras
         if not shares_prompt:  # extras only (e.g. pFedMMA's shared adapters): checked above, nothing for the pool
             rnd.accepted[cid] = Upload(None, extras)

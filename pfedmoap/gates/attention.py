@@ -47,6 +47,9 @@ def _check_scale(value: object) -> None:
         raise ConfigError(f"attn_scale={value!r}: use a positive number or 'sqrt'")
 
 
+# the gate's parameters in the argument order of the gate_score ops: (W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O)
+WEIGHT_NAMES = tuple(f"{lin}.{w}" for lin in ("q_proj", "k_proj", "v_proj", "out_proj") for w in ("weight", "bias"))
+
 HEADS = Setting("heads", 8, "gate attention heads", kind=int, low=1)
 ATTN_SCALE: Setting[float | str] = Setting(
     "attn_scale", 10.0, "score scaling: a number (reference: 10) or sqrt", parse=_parse_scale, check=_check_scale
@@ -146,11 +149,10 @@ class AttentionGate(Gate):
         fused kernels). This module supplies the shapes and settings only; its own parameters are not read."""
         query = reduce_features(image, self.dim, self.reduction)
         keys = reduce_features(experts, self.dim, self.reduction)
-        names = [f"{lin}.{kind}" for lin in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")]
         logits, _ = self.ops.gate_score_clients(
             query,
             keys,
-            *(params[n] for n in names),
+            *(params[n] for n in WEIGHT_NAMES),
             gamma=gamma,
             heads=self.heads,
             scaling=self.scaling,
@@ -170,6 +172,7 @@ class AttentionGate(Gate):
 
     def weights(self) -> tuple[torch.Tensor, ...]:
         """(W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O): the argument order of the ``gate_score`` ops."""
+        # read through the modules' attributes, which torch.func.functional_call swaps (the lock step's vmap)
         return tuple(
             t for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj) for t in (lin.weight, lin.bias)
         )
