@@ -151,6 +151,16 @@ def _ptxas_path(capability: int) -> str:
     return nv.get_ptxas().path
 
 
+def _triton_ptxas_flags() -> list[str]:
+    """The register-allocation flag the installed Triton passes to ptxas: 3.8 adds ``--regAllocOptLevel=2`` (a
+    ptxas 13 workaround), 3.6 does not. The flag changes the allocation, so the report must match the version."""
+    import inspect
+
+    from triton.backends.nvidia import compiler as nv
+
+    return ["--regAllocOptLevel=2"] if "regAllocOptLevel=2" in inspect.getsource(nv.CUDABackend.make_cubin) else []
+
+
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -161,7 +171,7 @@ def _ptxas_report(ptx: str, arch: str, capability: int) -> tuple[int, int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [_ptxas_path(capability), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src]
+        cmd = [_ptxas_path(capability), "-lineinfo", "-v", *_triton_ptxas_flags(), f"--gpu-name={arch}", src]
         cmd += ["-o", os.path.join(tmp, "k.o")]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     log = done.stdout + done.stderr
