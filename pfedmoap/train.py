@@ -62,6 +62,13 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--dirichlet-alpha", "dirichlet_alpha", float, "Dirichlet concentration for label-shift splits"),
     ("--min-client-size", "min_client_size", int, "minimum train images per client (Dirichlet splits)"),
     ("--domains", "domains", lambda s: [d for d in s.split(",") if d], "comma-separated dataset domains"),
+    (
+        "--eval-targets",
+        "eval_targets",
+        lambda s: [d for d in s.split(",") if d],
+        "cross-dataset / cross-domain targets: comma-separated DATASET or DATASET:DOMAIN+DOMAIN",
+    ),
+    ("--held-out-domain", "held_out_domain", str, "leave-one-domain-out: the domain no client trains on"),
     ("--train-per-class", "train_per_class", int, "synthetic world: train images per class and domain"),
     ("--test-per-class", "test_per_class", int, "synthetic world: test images per class and domain"),
     ("--data-seed", "data_seed", int, "seed of the generated data"),
@@ -78,7 +85,12 @@ _OVERRIDES: list[tuple[str, str, Any, str]] = [
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "SGD weight decay"),
     ("--subsample", "subsample", str, " | ".join(SUBSAMPLES) + " (classes clients see; base = first half)"),
-    ("--eval-split", "eval_split", str, " | ".join(EVAL_SPLITS) + " (base2novel: also base and novel accuracy)"),
+    (
+        "--eval-split",
+        "eval_split",
+        str,
+        " | ".join(EVAL_SPLITS) + " (what is scored besides each client's own test split: docs/protocols/)",
+    ),
     ("--client-dropout", "client_dropout", float, "probability a sampled client fails mid-round, in [0, 1)"),
     ("--max-prompt-norm", "max_prompt_norm", float, "refuse uploaded prompts with a larger L2 norm"),
     ("--dp-epsilon", "dp_epsilon", float, "differential privacy on uploads: target epsilon per client (off if unset)"),
@@ -246,6 +258,10 @@ def _finish(job: Callable[[], History], trace: str | None = None) -> int:
         b2n = ""
         if "final_hm" in s:  # --eval-split base2novel
             b2n = f"  base {s['final_base_acc']:.2f}%  novel {s['final_novel_acc']:.2f}%  hm {s['final_hm']:.2f}%"
+        elif "final_targets_mean_acc" in s:  # the target protocols: the clients' and the global model's mean
+            b2n = f"  targets {s['final_targets_mean_acc']:.2f}%"
+            if "final_global_targets_mean_acc" in s:
+                b2n += f" (global {s['final_global_targets_mean_acc']:.2f}%)"
         print(
             f"done: final {s['final_mean_acc']:.2f}%  best {s['best_mean_acc']:.2f}% (round {s['best_round']})  "
             f"last-5 mean {s['last5_mean_acc']:.2f}%{b2n}  -> {history.run_dir}"

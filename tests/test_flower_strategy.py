@@ -158,6 +158,16 @@ def silent(_: Message, reply: Message) -> None:
         {"method": "fedtpg", "n_ctx": 4, "subsample": "base", "eval_split": "base2novel", "frac": 0.5},
         {"method": "dpfpl", "dpfpl_epsilon": 0.4, "dpfpl_rank": 2, "frac": 0.75, "client_dropout": 0.3},
         {"method": "dpfpl", "dpfpl_rank": 4, "subsample": "base", "eval_split": "base2novel", "comm_dtype": "bfloat16"},
+        {"eval_split": "cross-dataset", "frac": 0.5},
+        {"method": "fedotp", "eval_split": "cross-domain", "eval_targets": ["synthetic:noisy"], "frac": 0.5},
+        {
+            "method": "promptfl",
+            "eval_split": "leave-one-domain-out",
+            "domains": ["faded", "noisy"],
+            "held_out_domain": "noisy",
+            "partition": "domain-shots",
+            "shots": 4,
+        },
     ],
     ids=[
         "pfedmoap",
@@ -178,6 +188,9 @@ def silent(_: Message, reply: Message) -> None:
         "fedtpg-base2novel",
         "dpfpl-dp-frac-dropout",
         "dpfpl-base2novel-bf16",
+        "cross-dataset-frac",
+        "fedotp-cross-domain",
+        "promptfl-leave-one-domain-out",
     ],
 )
 def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
@@ -187,7 +200,8 @@ def test_same_numbers_as_in_process(tiny_clip, small_world, overrides):
     cfg = cfg_for(**overrides)
     flower = run_flower(cfg, FakeGrid(cfg.clients, node_seed=3))
     # in-process in the order a Flower node trains (one client each); lock step agrees to float rounding only
-    local = Federation(cfg.replace(parallel_clients=1), clip=tiny_clip, dataset=small_world, log=lambda m: None).run()
+    world = None if "domains" in overrides else small_world  # the run's own domains: built from its config
+    local = Federation(cfg.replace(parallel_clients=1), clip=tiny_clip, dataset=world, log=lambda m: None).run()
     assert len(flower.rounds) == len(local.rounds)
     for f, r in zip(flower.rounds, local.rounds, strict=True):
         for key in (

@@ -24,14 +24,19 @@ from typing import Any
 from ..base.errors import ConfigError
 from ..base.files import read_json
 
-PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "iid")
+PARTITIONS = ("pathological", "dirichlet", "domain-dirichlet", "domain-shots", "iid")
 GATE_SHARINGS = ("private", "aggregated")
 POOL_VIEWS = ("snapshot", "live")
 TEXT_ENCODERS = ("full", "truncated", "shared-prefix")
 COMM_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SUBSAMPLES = ("all", "base", "new")  # CoOp's subsample_classes: every class, the base half, the novel half
-EVAL_SPLITS = ("local", "base2novel")
+# what is scored besides each client's own test split (docs/protocols/): nothing; base and novel classes; other
+# datasets' test sets (their own class names); the same classes in other domains; a domain held out of training
+EVAL_SPLITS = ("local", "base2novel", "cross-dataset", "cross-domain", "leave-one-domain-out")
+TARGET_SPLITS = ("cross-dataset", "cross-domain")  # the protocols that score --eval-targets
+# the protocols that also score the federation's global model on their shared sets (Method.global_scorer)
+GLOBAL_SCORED_SPLITS = (*TARGET_SPLITS, "leave-one-domain-out")
 PRECISIONS = ("fp32", "bf16")  # pfedmoap.model.precision
 CUDA_GRAPHS = ("auto", "on", "off")  # pfedmoap.federated.graphs
 MAX_SEED = 2**32 - 1  # numpy and torch generators both take it; per-client seeds derive from it without overflow
@@ -70,6 +75,11 @@ class Config:
     # "local": each client on its own test split; "base2novel": also every client on all base classes' test
     # images (base label space) and all novel classes' (novel label space); needs subsample="base"
     eval_split: str = "local"
+    # cross-dataset / cross-domain: the target test sets, each "DATASET" or "DATASET:DOMAIN+DOMAIN" (None: the
+    # protocol's default for the dataset, pfedmoap.data.protocols.default_targets)
+    eval_targets: list[str] | None = None
+    # leave-one-domain-out: the domain of `domains` that no client trains on; every client is scored on all its images
+    held_out_domain: str | None = None
 
     # --- federation
     frac: float = 1.0
@@ -206,6 +216,33 @@ class Config:
                 f"eval_split=base2novel needs subsample=base (got {self.subsample}): the novel classes must stay "
                 "unseen in training"
             )
+        if self.eval_split in TARGET_SPLITS:
+            if self.eval_targets is not None and (
+                not isinstance(self.eval_targets, list)
+                or not self.eval_targets
+                or not all(isinstance(t, str) and t.strip() for t in self.eval_targets)
+            ):
+                raise ConfigError(
+                    f"eval_targets={self.eval_targets!r} must be a non-empty list of DATASET or DATASET:DOMAIN+DOMAIN"
+                )
+        elif self.eval_targets is not None:
+            raise ConfigError(
+                f"eval_targets is for eval_split={' or '.join(TARGET_SPLITS)} (got eval_split={self.eval_split})"
+            )
+        if self.eval_split == "leave-one-domain-out":
+            if not isinstance(self.held_out_domain, str) or not self.held_out_domain:
+                raise ConfigError("eval_split=leave-one-domain-out needs held_out_domain (one of the run's domains)")
+            if self.subsample != "all":
+                raise ConfigError(
+                    f"eval_split=leave-one-domain-out trains on every class (got subsample={self.subsample})"
+                )
+        elif self.held_out_domain is not None:
+            raise ConfigError(
+                f"held_out_domain={self.held_out_domain!r} is for eval_split=leave-one-domain-out "
+                f"(got eval_split={self.eval_split})"
+            )
+        if self.eval_split in TARGET_SPLITS and self.subsample != "all":
+            raise ConfigError(f"eval_split={self.eval_split} trains on every class (got subsample={self.subsample})")
         _at_least("clients", self.clients, 1, MAX_CLIENTS)
         _at_least("rounds", self.rounds, 1)
         _at_least("local_epochs", self.local_epochs, 1)

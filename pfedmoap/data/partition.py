@@ -1,4 +1,5 @@
-"""Client partitions of a labelled dataset (SPEC §3): pathological, Dirichlet, Dirichlet within domains, IID.
+"""Client partitions of a labelled dataset (SPEC §3): pathological, Dirichlet, Dirichlet within domains, few shots
+within domains, IID.
 
 Every partitioner returns one :class:`ClientSplit` per client: index arrays into the dataset's train and
 test sets. All randomness comes from the numpy Generator passed in.
@@ -127,6 +128,52 @@ def domain_dirichlet(
         inner = dirichlet(train_labels[tr_idx], test_labels[te_idx], per_domain, alpha, rng, min_size)
         for s in inner:
             splits.append(ClientSplit(tr_idx[s.train], te_idx[s.test], domain=int(d)))
+    return splits
+
+
+def domain_shots(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    train_domains: np.ndarray,
+    test_domains: np.ndarray,
+    num_clients: int,
+    shots: int,
+    rng: np.random.Generator,
+) -> list[ClientSplit]:
+    """Feature shift, few-shot: clients are spread evenly over the domains (clients // domains each, in domain order)
+    and each draws its own ``shots`` train images of every class from its domain (0: all of them, split evenly).
+
+    Clients of one domain take disjoint draws while the class has images enough (consecutive blocks of one
+    permutation), then overlap as little as possible (the permutation wraps); PMFLT re-seeds its sampler for every
+    client, so there clients of one domain train on the same images. A domain's test images are shared out evenly
+    among its clients."""
+    domains = np.unique(train_domains)
+    if num_clients % len(domains):
+        raise ConfigError(
+            f"clients={num_clients} must be a multiple of the {len(domains)} training domains for a domain-shots split"
+        )
+    per_domain = num_clients // len(domains)
+    splits: list[ClientSplit] = []
+    for d in domains:
+        tr_idx = np.flatnonzero(train_domains == d)
+        te_idx = np.flatnonzero(test_domains == d)
+        if len(te_idx) < per_domain:
+            raise ConfigError(f"domain {int(d)} has {len(te_idx)} test images for {per_domain} clients")
+        train: list[list[np.ndarray]] = [[] for _ in range(per_domain)]
+        for c in np.unique(train_labels[tr_idx]):
+            rows = tr_idx[train_labels[tr_idx] == c][rng.permutation(int((train_labels[tr_idx] == c).sum()))]
+            if shots == 0:
+                for j, part in enumerate(np.array_split(rows, per_domain)):
+                    train[j].append(part)
+                continue
+            for j in range(per_domain):
+                take = np.arange(j * shots, (j + 1) * shots) % len(rows)
+                train[j].append(np.unique(rows[take]))
+        tests = np.array_split(te_idx[rng.permutation(len(te_idx))], per_domain)
+        for j in range(per_domain):
+            splits.append(
+                ClientSplit(np.sort(np.concatenate(train[j])).astype(np.int64), np.sort(tests[j]), domain=int(d))
+            )
     return splits
 
 

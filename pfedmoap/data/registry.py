@@ -36,10 +36,17 @@ class DatasetBundle:
     train: LabeledImages
     test: LabeledImages
     domain_names: list[str] = field(default_factory=list)
+    # the id that rows of each of ``domain_names`` carry (None: its position; the synthetic world: its style index)
+    domain_ids: list[int] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def domain_id(self, name: str) -> int:
+        """The id in ``train.domains`` / ``test.domains`` of the domain called ``name`` (one of ``domain_names``)."""
+        i = self.domain_names.index(name)
+        return i if self.domain_ids is None else self.domain_ids[i]
 
 
 @dataclass

@@ -71,4 +71,5 @@ def subsample_classes(bundle: DatasetBundle, which: str) -> DatasetBundle:
         train=_keep(bundle.train, classes),
         test=_keep(bundle.test, classes),
         domain_names=list(bundle.domain_names),
+        domain_ids=None if bundle.domain_ids is None else list(bundle.domain_ids),
     )

@@ -8,7 +8,7 @@ engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,18 @@ if TYPE_CHECKING:
 
 DP_FIELDS = ("dp_noise_multiplier", "dp_epsilon_spent", "dp_max_uploads")
 SPLITS = ("base", "novel")  # the shared evaluation sets of --eval-split base2novel
+GLOBAL = "global@"  # a column of the federation's global model on a shared set (the target protocols)
+
+
+def is_base2novel(names: Collection[str]) -> bool:
+    """Whether the shared evaluation sets are base-to-novel's (summarised by a harmonic mean) rather than targets
+    (summarised by their mean)."""
+    return set(names) == set(SPLITS)
+
+
+def split_order(name: str) -> tuple[int, int, str]:
+    """Columns in a fixed order on every engine: base, novel; then targets by name; then the global model's."""
+    return (SPLITS.index(name) if name in SPLITS else len(SPLITS), int(name.startswith(GLOBAL)), name)
 
 
 def harmonic_mean(values: list[float]) -> float:
@@ -65,13 +77,22 @@ class RoundRecord:
 
     @property
     def split_acc(self) -> dict[str, float]:
-        """Mean over clients of each shared set's accuracy, and ``hm``: the harmonic mean of the mean local, base
-        and novel accuracies (the 3-way HM that pFedMMA's tables fit; PMFLT's code averages a per-client HM of
-        base and novel only). Empty without base2novel."""
+        """Mean over clients of each shared set's accuracy, and the protocol's summary. Base-to-novel: ``hm``, the
+        harmonic mean of the mean local, base and novel accuracies (the 3-way HM that pFedMMA's tables fit; PMFLT's
+        code averages a per-client HM of base and novel only). Target protocols: ``mean``, the mean over the targets
+        of the clients' mean accuracy, and ``global_mean``, the global model's mean over the targets (when scored).
+        Empty under ``--eval-split local``."""
         if not self.client_split_acc:
             return {}
         means = {name: mean_std(accs)[0] for name, accs in self.client_split_acc.items()}
-        return {**means, "hm": harmonic_mean([self.mean_acc, *means.values()])}
+        if is_base2novel(means):
+            return {**means, "hm": harmonic_mean([self.mean_acc, *means.values()])}
+        targets = [v for k, v in means.items() if not k.startswith(GLOBAL)]
+        globals_ = [v for k, v in means.items() if k.startswith(GLOBAL)]
+        out = {**means, "mean": mean_std(targets)[0]}
+        if globals_:
+            out["global_mean"] = mean_std(globals_)[0]
+        return out
 
     @property
     def client_hm(self) -> list[float]:
@@ -137,12 +158,17 @@ class RoundRecord:
         if not self.client_split_acc:
             return {}
         means = self.split_acc
-        out: dict[str, Any] = {"local_acc": self.mean_acc}
+        out: dict[str, Any] = {"local_acc": self.mean_acc, "eval_sets": list(self.client_split_acc)}
         for name, accs in self.client_split_acc.items():
             out[f"{name}_acc"] = means[name]
             out[f"client_{name}_acc"] = list(accs)
-        out["hm"] = means["hm"]
-        out["client_hm"] = self.client_hm
+        if "hm" in means:
+            out["hm"] = means["hm"]
+            out["client_hm"] = self.client_hm
+        else:
+            out["targets_mean_acc"] = means["mean"]
+            if "global_mean" in means:
+                out["global_targets_mean_acc"] = means["global_mean"]
         return out
 
     @classmethod
@@ -172,7 +198,11 @@ class RoundRecord:
             failed=reasons(data.get("failed", [])),
             eval_failed=reasons(data.get("eval_failed", [])),
             **{k: data[k] for k in DP_FIELDS if k in data},
-            client_split_acc={n: list(data[f"client_{n}_acc"]) for n in SPLITS if f"client_{n}_acc" in data},
+            client_split_acc={
+                n: list(data[f"client_{n}_acc"])
+                for n in data.get("eval_sets", SPLITS)  # records written before the target protocols: base, novel
+                if f"client_{n}_acc" in data
+            },
         )
 
     def line(self, total: int) -> str:
@@ -183,7 +213,8 @@ class RoundRecord:
         if self.client_split_acc:
             means = self.split_acc
             splits = "".join(f"  {n} {means[n]:5.2f}" for n in self.client_split_acc)
-            extra = f"{splits}  hm {means['hm']:5.2f}{extra}"
+            summary = "".join(f"  {k} {means[k]:5.2f}" for k in ("hm", "mean", "global_mean") if k in means)
+            extra = f"{splits}{summary}{extra}"
         return (
             f"round {self.round:>3}/{total}  acc {self.mean_acc:6.2f} ± {self.std_acc:5.2f}  "
             f"down {comm.format_bytes(self.bytes_down)}  up {comm.format_bytes(self.bytes_up)}  "
@@ -225,18 +256,27 @@ def summarize(rounds: list[RoundRecord]) -> dict[str, Any]:
 
 
 def _split_summary(rounds: list[RoundRecord]) -> dict[str, Any]:
-    """Base-to-novel columns of the summary: the final round's local / base / novel / HM and the best HM."""
+    """The shared sets' columns of the summary: the final round's local accuracy and each set's; base-to-novel's
+    final and best HM; the target protocols' final and best mean over the targets (and the global model's final
+    mean). The final round is the headline (FedTPG and PMFLT test the last model); the best is FLiP's choice."""
     last = rounds[-1]
     if not last.client_split_acc:
         return {}
-    hms = [r.split_acc.get("hm", float("nan")) for r in rounds]
-    best = max(range(len(hms)), key=lambda i: (-math.inf if math.isnan(hms[i]) else hms[i], -i))
-    return {
-        "final_local_acc": last.mean_acc,
-        **{f"final_{k}_acc" if k != "hm" else "final_hm": v for k, v in last.split_acc.items()},
-        "best_hm": hms[best],
-        "best_hm_round": rounds[best].round,
-    }
+    key = "hm" if "hm" in last.split_acc else "mean"
+    values = [r.split_acc.get(key, float("nan")) for r in rounds]
+    best = max(range(len(values)), key=lambda i: (-math.inf if math.isnan(values[i]) else values[i], -i))
+    out: dict[str, Any] = {"final_local_acc": last.mean_acc}
+    for k, v in last.split_acc.items():
+        out[
+            {"hm": "final_hm", "mean": "final_targets_mean_acc", "global_mean": "final_global_targets_mean_acc"}.get(
+                k, f"final_{k}_acc"
+            )
+        ] = v
+    if key == "hm":
+        out.update(best_hm=values[best], best_hm_round=rounds[best].round)
+    else:
+        out.update(best_targets_mean_acc=values[best], best_targets_mean_round=rounds[best].round)
+    return out
 
 
 @dataclass
@@ -260,10 +300,6 @@ class History:
     def server(self) -> Any:
         """The run's :class:`~pfedmoap.federated.server.Server` (pool, global prompt)."""
         return self.driver.server
-
-
-def _split_order(name: str) -> int:
-    return SPLITS.index(name) if name in SPLITS else len(SPLITS)
 
 
 def seed_stats(values: list[float]) -> tuple[float, float]:

@@ -37,7 +37,7 @@ from ..federated.seeding import Stream, stream
 from ..federated.server import Server
 from ..methods import Method, Payload, Upload
 from ..ops import KnnFn
-from .records import RoundRecord, _split_order, mean_std, summarize
+from .records import RoundRecord, mean_std, split_order, summarize
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -242,7 +242,7 @@ class RoundDriver:
         ``split_acc``: each client's accuracy on the shared evaluation sets (base2novel), by set name."""
         rnd = self.open_round
         split_acc = split_acc or {}
-        names = sorted({n for accs in split_acc.values() for n in accs}, key=_split_order)
+        names = sorted({n for accs in split_acc.values() for n in accs}, key=split_order)
         nan = float("nan")
         columns = {n: [float(split_acc.get(c, {}).get(n, nan)) for c in range(len(client_acc))] for n in names}
         mean, std = mean_std(client_acc)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..base.tracing import timed
+from ..config import GLOBAL_SCORED_SPLITS
 from ..federated import wire as comm
 from ..federated.client import Client, Objective, TrainSettings, accuracy
 from ..federated.privacy import run_noise_multiplier
@@ -46,6 +47,15 @@ class ClientRuntime:
         # what the methods see of this run (not the runtime itself)
         self.context = ClientContext(self.encoder, self.clip.gamma, self.device, self.make_gate)
         self.dp_noise_multiplier = run_noise_multiplier(cfg)
+        # the target protocols also score the federation's global model (Method.global_scorer) on every shared set,
+        # once per global state: (its version, its prompt) and the accuracies by column name ("global@<set>")
+        self.scores_global = cfg.eval_split in GLOBAL_SCORED_SPLITS
+        self._global: tuple[int, torch.Tensor, dict[str, float]] | None = None
+
+    def eval_needs_global(self, client: Client) -> bool:
+        """:meth:`Method.eval_needs_global`, and always under a protocol that scores the global model: then every
+        evaluation reports the round's global accuracies (the same on every client)."""
+        return self.scores_global or self.method.eval_needs_global(client)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The run's ``--precision`` autocast on its device, for forward passes (nothing at fp32)."""
@@ -122,9 +132,42 @@ class ClientRuntime:
         shared_text = {} if shared_text is None else shared_text
         view = self.method.eval_state(state, client)
         if client.eval_key == view.key and client.accuracy is not None:
-            return client.accuracy
+            acc = client.accuracy
+        else:
+            with self.autocast():
+                acc = self._evaluate(client, view, shared_text)
+        if self.scores_global:  # a kept evaluation still reports this round's global model
+            client.split_acc = {**client.split_acc, **self.global_accuracies(state, shared_text)}
+        return acc
+
+    def global_accuracies(self, state: GlobalState, shared_text: dict[tuple, torch.Tensor]) -> dict[str, float]:
+        """The global model's accuracy on each shared evaluation set, by column name ``global@<set>`` (computed once
+        per global state; {} for a method without one, :meth:`Method.global_scorer`)."""
+        prompt = state.global_prompt.detach().float().cpu()
+        kept = self._global
+        if kept is not None and kept[0] == state.global_version and torch.equal(kept[1], prompt):
+            return kept[2]
+        out: dict[str, float] = {}
         with self.autocast():
-            return self._evaluate(client, view, shared_text)
+            for es in self.world.eval_sets():
+                text = self._global_text(es.encoder, es.name, shared_text)
+                scorer = self.method.global_scorer(self.context, state, text)
+                if scorer is None:
+                    break
+                out[f"global@{es.name}"] = accuracy(scorer, es.features, es.labels, self.cfg.eval_batch_size)[0]
+        self._global = (state.global_version, prompt, out)
+        return out
+
+    def _global_text(
+        self, encoder: PromptEncoder, space: str, shared_text: dict[tuple, torch.Tensor]
+    ) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
+        def text(key: tuple, prompts: torch.Tensor) -> torch.Tensor:
+            full = (space, *key)
+            if full not in shared_text:
+                shared_text[full] = encoder.encode(prompts.to(self.device))
+            return shared_text[full]
+
+        return text
 
     def _evaluate(self, client: Client, view: EvalState, shared_text: dict[tuple, torch.Tensor]) -> float:
         method, batch = self.method, self.cfg.eval_batch_size

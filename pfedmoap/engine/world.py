@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..base.errors import ConfigError
-from ..data import DatasetBundle, DatasetOptions, create_dataset, partition
+from ..config import TARGET_SPLITS
+from ..data import DatasetBundle, DatasetOptions, LabeledImages, create_dataset, partition, protocols
 from ..data.subsample import subsample_classes
 from ..federated import plan
 from ..federated.client import Client, ClientData
@@ -61,6 +62,10 @@ def split_clients(cfg: Config, bundle: DatasetBundle) -> list[partition.ClientSp
             rng,
             cfg.min_client_size,
         )
+    if cfg.partition == "domain-shots":
+        if bundle.train.domains is None:
+            raise ConfigError(f"partition=domain-shots needs a dataset with domains; {bundle.name} has none")
+        return partition.domain_shots(tr, te, bundle.train.domains, bundle.test.domains, cfg.clients, cfg.shots, rng)
     return partition.iid(tr, te, cfg.clients, rng)
 
 
@@ -114,7 +119,26 @@ class World:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.device = run_device(cfg)
         # the data first: a missing dataset should fail before a model is loaded or pretrained
-        full = dataset or load_dataset(cfg)
+        full = self._loaded = dataset or load_dataset(cfg)
+        if len(full.train) == 0:
+            raise ConfigError(
+                f"dataset={cfg.dataset} has no train split (an evaluation-only set); use it as a target: "
+                "--eval-split cross-domain --eval-targets " + cfg.dataset
+            )
+        # --eval-split leave-one-domain-out: the clients are drawn from the other domains; the held-out one's images
+        # are what every client is scored on (pfedmoap.data.protocols)
+        self.held_out = None
+        if cfg.eval_split == "leave-one-domain-out":
+            if cfg.partition not in ("domain-shots", "domain-dirichlet"):
+                raise ConfigError(
+                    f"eval_split=leave-one-domain-out spreads clients over the training domains: use partition="
+                    f"domain-shots or domain-dirichlet (got {cfg.partition})"
+                )
+            full, self.held_out = protocols.hold_out_domain(full, str(cfg.held_out_domain))
+        # the target protocols' test sets are read now too: a missing or misnamed one fails before any work
+        self._targets = (
+            [(t, self._load_target(t)) for t in self.targets()] if cfg.eval_split in TARGET_SPLITS else []
+        )
         self.full_dataset = full
         # --subsample: the label space clients see (CoOp's base-to-novel protocol trains on the base half)
         self.dataset = subsample_classes(full, cfg.subsample)
@@ -201,6 +225,7 @@ class World:
             "test_per_class": cfg.test_per_class,
             "data_seed": cfg.data_seed,
             "subsample": cfg.subsample,
+            **({} if self.held_out is None else {"held_out_domain": cfg.held_out_domain}),
             "images": [len(self.dataset.train), len(self.dataset.test)],
             "image_size": self.clip.image_size,
             "precision": cfg.precision,
@@ -260,13 +285,51 @@ class World:
         """The shared evaluation sets of ``cfg.eval_split`` (none for "local"), encoded once on first use."""
         if self._eval_sets is None:
             self._eval_sets = []
-            if self.cfg.eval_split == "base2novel":
+            split = self.cfg.eval_split
+            if split == "base2novel":
                 novel = subsample_classes(self.full_dataset, "new")
                 self._eval_sets = [
-                    self._eval_set("base", self.encoder, self.dataset),
-                    self._eval_set("novel", self._encoder_for(novel.classnames), novel),
+                    self._eval_set("base", self.encoder, self.dataset.test),
+                    self._eval_set("novel", self._encoder_for(novel.classnames), novel.test),
                 ]
+            elif split == "leave-one-domain-out":
+                assert self.held_out is not None
+                self._eval_sets = [self._eval_set(str(self.cfg.held_out_domain), self.encoder, self.held_out)]
+            elif split in TARGET_SPLITS:
+                self._eval_sets = [self._target_set(t, bundle) for t, bundle in self._targets]
         return self._eval_sets
+
+    def targets(self) -> list[protocols.Target]:
+        """The target test sets of ``--eval-split cross-dataset / cross-domain`` (the protocol's default for the
+        dataset unless ``--eval-targets`` names them)."""
+        cfg = self.cfg
+        specs = cfg.eval_targets or protocols.default_targets(
+            cfg.eval_split, cfg.dataset, cfg.domains, self._loaded.domain_names
+        )
+        targets = [protocols.parse_target(spec) for spec in specs]
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"eval_targets={names} names a target twice")
+        return targets
+
+    def _load_target(self, target: protocols.Target) -> DatasetBundle:
+        cfg = self.cfg
+        options = DatasetOptions(
+            root=cfg.data_root,
+            domains=target.domains,
+            train_per_class=1,  # only the target's test split is read
+            test_per_class=cfg.test_per_class,
+            seed=cfg.data_seed,
+        )
+        bundle = create_dataset(target.dataset, options)
+        if len(bundle.test) == 0:
+            raise ConfigError(f"eval target {target.name!r} has no test images")
+        return bundle
+
+    def _target_set(self, target: protocols.Target, bundle: DatasetBundle) -> EvalSet:
+        # the same class names in the same order: the run's own label space, and its text features are shared
+        same = bundle.classnames == self.dataset.classnames
+        return self._eval_set(target.name, self.encoder if same else self._encoder_for(bundle.classnames), bundle.test)
 
     def _encoder_for(self, classnames: list[str]) -> PromptEncoder:
         cfg = self.cfg
@@ -274,15 +337,15 @@ class World:
             self.clip, classnames, cfg.n_ctx, mode=cfg.text_encoder, assemble=self.encoder.assemble_prompts
         )
 
-    def _eval_set(self, name: str, encoder: PromptEncoder, bundle: DatasetBundle) -> EvalSet:
-        rows = np.arange(len(bundle.test))
+    def _eval_set(self, name: str, encoder: PromptEncoder, images: LabeledImages) -> EvalSet:
+        rows = np.arange(len(images))
         with autocast(self.cfg.precision, self.device):
             feats = encode_subset(
                 self.clip,
-                bundle.test,
+                images,
                 rows,
                 self.cfg.eval_batch_size,
                 local=self.local_features,
                 states_from=self.states_from,
             )
-        return EvalSet(name, encoder, feats, torch.as_tensor(bundle.test.labels, dtype=torch.long))
+        return EvalSet(name, encoder, feats, torch.as_tensor(images.labels, dtype=torch.long))

@@ -13,6 +13,7 @@ PAYLOAD = "payload"  # ArrayRecord: global-prompt, expert-prompts (train); globa
 CONFIG = "config"  # ConfigRecord: round, partition-id, expert-ids, wire-dtype, config-json, ...
 UPLOAD = "upload"  # ArrayRecord: prompt (train reply)
 METRICS = "metrics"  # MetricRecord (every reply)
+EVAL_SET_METRIC = "eval-set:"  # a metric's name prefix: a client's accuracy on a shared evaluation set (--eval-split)
 NOTES = "notes"  # ConfigRecord (train and evaluate replies): where the node's client state came from, problems
 
 # records inside a node's context.state: they never leave the node

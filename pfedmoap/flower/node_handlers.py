@@ -31,7 +31,18 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from ..federated.client import Client
 from ..federated.wire import wire_dtype
 from ..methods import Payload
-from .messages import CONFIG, METRICS, NOTES, PAYLOAD, STATE_RUN, STATE_TAG, UPLOAD, decode_tensors, encode_tensor
+from .messages import (
+    CONFIG,
+    EVAL_SET_METRIC,
+    METRICS,
+    NOTES,
+    PAYLOAD,
+    STATE_RUN,
+    STATE_TAG,
+    UPLOAD,
+    decode_tensors,
+    encode_tensor,
+)
 from .node import Node, node_for, partition_id, save_client_state
 from .node_state import NodeStateStore, message_tag, replace_client_records, state_tag
 
@@ -161,7 +172,7 @@ def answer_train(content: RecordDict, node_config: Mapping[str, Any], state: Rec
     view = node.view(conf, payload.global_prompt)
     upload = node.runtime.local_update(client, payload, view)
     metrics = MetricRecord({"partition-id": pid, "num-examples": client.data.num_train})
-    if not node.runtime.method.eval_needs_global(client):
+    if not node.runtime.eval_needs_global(client):
         # its evaluation does not wait for the aggregate: evaluate now, and the accuracy rides on this reply (the
         # same state, so the same numbers as an evaluate message after the aggregation would give)
         metrics.update(_evaluation(client, node.runtime.evaluate_client(client, view), needs_global=False))
@@ -195,7 +206,7 @@ def answer_evaluate(content: RecordDict, node_config: Mapping[str, Any], state: 
     global_prompt = prompt.float()
     acc = node.runtime.evaluate_client(client, node.view(conf, global_prompt, sent))
     session.save()
-    needs_global = node.runtime.method.eval_needs_global(client)
+    needs_global = node.runtime.eval_needs_global(client)
     metrics = MetricRecord(
         {"partition-id": pid, "num-examples": client.data.num_test, **_evaluation(client, acc, needs_global)}
     )
@@ -209,8 +220,8 @@ def _evaluation(client: Client, acc: float, needs_global: bool) -> dict[str, Any
     out: dict[str, Any] = {"accuracy": float(acc)}
     if client.attention is not None:
         out["attention"] = [float(w) for w in client.attention]
-    for name, value in client.split_acc.items():  # --eval-split base2novel: the shared base and novel sets
-        out[f"{name}-accuracy"] = float(value)
+    for name, value in client.split_acc.items():  # the shared evaluation sets of --eval-split (by set name)
+        out[f"{EVAL_SET_METRIC}{name}"] = float(value)
     out["eval-needs-global"] = int(needs_global)  # a MetricRecord holds numbers
     return out
 

@@ -32,7 +32,7 @@ from .._version import __version__
 from ..base.errors import UserError
 from ..config import Config
 from ..engine.recorder import RunRecorder
-from ..engine.records import SPLITS, History, RoundRecord
+from ..engine.records import History, RoundRecord
 from ..engine.rounds import RoundDriver
 from ..engine.rundir import RunDir
 from ..federated.plan import plugins, resolve_config
@@ -40,7 +40,7 @@ from ..federated.prompt import initial_prompt
 from ..federated.server import Server
 from ..methods import Payload, Upload
 from ..ops import select_ops
-from .messages import CONFIG, METRICS, NOTES, PAYLOAD, UPLOAD, decode_tensors, encode_tensor
+from .messages import CONFIG, EVAL_SET_METRIC, METRICS, NOTES, PAYLOAD, UPLOAD, decode_tensors, encode_tensor
 from .run_config import check_flower_config, config_json
 
 
@@ -516,7 +516,8 @@ class Evaluation:
     @classmethod
     def from_metrics(cls, metrics: MetricRecord) -> Evaluation:
         attention = [float(w) for w in metrics["attention"]] if "attention" in metrics else None
-        split = {n: float(metrics[f"{n}-accuracy"]) for n in SPLITS if f"{n}-accuracy" in metrics}
+        n = len(EVAL_SET_METRIC)
+        split = {k[n:]: float(v) for k, v in metrics.items() if k.startswith(EVAL_SET_METRIC)}
         # a node that does not say (an older pfedmoap) is asked again every round
         return cls(float(metrics["accuracy"]), attention, split, bool(metrics.get("eval-needs-global", 1)))
 

@@ -282,6 +282,17 @@ class Method:
         True (tests/test_methods.py checks every registered method). Default: True (evaluated with P_g)."""
         return True
 
+    def global_scorer(
+        self, ctx: ClientContext, state: GlobalState, text: Callable[[tuple, torch.Tensor], torch.Tensor]
+    ) -> Scorer | None:
+        """The federation's global model as a classifier over ``text``'s classes, scored besides every client under
+        the target protocols (``--eval-split cross-dataset / cross-domain / leave-one-domain-out``: what FedTPG and
+        PMFLT report). Default: P_g as a plain prompt (CoOp's logits) for a method that trains and shares a prompt
+        over pooled image features; None (not scored) otherwise."""
+        if not (self.trains and self.uploads and self.shares_prompt) or self.image_features != "pooled":
+            return None
+        return mixture_scorer(text(("global", state.global_version), state.global_prompt), None, None, ctx.gamma, 0.0)
+
     def scorer(
         self,
         ctx: ClientContext,

@@ -45,7 +45,7 @@ forward, so their own SGD updates in the code are overwritten; here they are nev
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -54,9 +54,10 @@ import torch.nn.functional as F
 from ..base.errors import ConfigError
 from ..base.tracing import nvtx_range
 from ..config.settings import Setting
-from ..federated.client import Client, Objective
+from ..federated.client import Client, Objective, Scorer
 from ..federated.registry import register_method
 from ..federated.seeding import Stream, counter_generator
+from ..gates import mixture_scorer
 from .base import ClientContext, EvalState, GlobalState, Payload, Upload
 from .global_local import GlobalLocalMethod, GlobalLocalObjective
 
@@ -282,6 +283,12 @@ class DPFPL(GlobalLocalMethod):
 
     def upload(self, client: Client, objective: Objective) -> Upload | None:
         return Upload(None, {GRAD: cast(DPFPLObjective, objective).global_gradient()})
+
+    def global_scorer(
+        self, ctx: ClientContext, state: GlobalState, text: Callable[[tuple, torch.Tensor], torch.Tensor]
+    ) -> Scorer | None:
+        """The server's p_G as a plain prompt (it shares gradients, not prompts, but p_G is its global model)."""
+        return mixture_scorer(text(("global", state.global_version), state.global_prompt), None, None, ctx.gamma, 0.0)
 
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         local = self.local_prompt(client, state.global_prompt.shape[-1])

@@ -174,6 +174,12 @@ class FedTPG(Method):
     def eval_state(self, state: GlobalState, client: Client) -> EvalState:
         return EvalState(("fedtpg", state.global_version), state.global_prompt, extras=dict(state.extras))
 
+    def global_scorer(
+        self, ctx: ClientContext, state: GlobalState, text: Callable[[tuple, torch.Tensor], torch.Tensor]
+    ) -> Scorer | None:
+        """None: every client is evaluated with the global generator already (its P_g alone is no classifier)."""
+        return None
+
     def scorer(
         self,
         ctx: ClientContext,
