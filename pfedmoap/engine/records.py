@@ -265,7 +265,7 @@ def _split_summary(rounds: list[RoundRecord]) -> dict[str, Any]:
     key = "hm" if "hm" in last.split_acc else "mean"
     values = [r.split_acc.get(key, float("nan")) for r in rounds]
     best = max(range(len(values)), key=lambda i: (-math.inf if math.isnan(values[i]) else values[i], -i))
-    out: dict[str, Any] = {"final_local_acc": last.mean_acc}
+    out: dict[str, Any] = {"final_local_acc": last.mean_acc, "eval_sets": list(last.client_split_acc)}
     for k, v in last.split_acc.items():
         out[
             {"hm": "final_hm", "mean": "final_targets_mean_acc", "global_mean": "final_global_targets_mean_acc"}.get(

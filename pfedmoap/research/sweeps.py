@@ -108,6 +108,47 @@ def base2novel_table(results: dict[str, Any], preset: str) -> str | None:
     return "\n".join(lines)
 
 
+def targets_table(results: dict[str, Any], preset: str) -> str | None:
+    """A target protocol's table (cross-dataset, cross-domain, leave-one-domain-out) for one preset: each method's
+    own-split accuracy, its clients' mean accuracy on each target, their mean, and the global model's mean (final
+    round; mean ± std over seeds), and the best round's target mean (FLiP's choice) for comparison."""
+    rows = results.get(preset, {})
+    if not rows or not all("targets" in r for r in rows.values()):
+        return None
+    first = next(iter(rows.values()))["targets"]
+    names = [n for n in first if n not in TARGET_SUMMARY]
+    columns = [("local", "Own split"), *((n, n) for n in names), *TARGET_SUMMARY.items()]
+    lines = ["| Method | " + " | ".join(title for _, title in columns) + " |", "|---|" + "---|" * len(columns)]
+    for r in rows.values():
+        cells = []
+        for key, _ in columns:
+            stat = r["targets"].get(key)
+            cells.append("-" if stat is None else f"{stat[0]:.2f} ± {stat[1]:.2f}")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# a target table's summary columns: summary.json's key (less "final_" / "_acc") -> the column's title
+TARGET_SUMMARY = {
+    "targets_mean": "Targets, mean",
+    "global_targets_mean": "Global model, targets mean",
+    "best_targets_mean": "Targets mean, best round",
+}
+
+
+def _target_values(summary: dict[str, Any]) -> dict[str, float]:
+    """The target columns of one run's summary.json (empty when its protocol has no targets)."""
+    if "final_targets_mean_acc" not in summary:
+        return {}
+    out = {"local": summary["final_local_acc"]}
+    out.update({n: summary[f"final_{n}_acc"] for n in summary["eval_sets"] if not n.startswith("global@")})
+    out["targets_mean"] = summary["final_targets_mean_acc"]
+    if "final_global_targets_mean_acc" in summary:
+        out["global_targets_mean"] = summary["final_global_targets_mean_acc"]
+    out["best_targets_mean"] = summary["best_targets_mean_acc"]
+    return out
+
+
 def paper_table(results: dict[str, Any]) -> str | None:
     """Ours (final round, mean ± std) next to the paper's number, for presets of the paper's datasets."""
     from ..config import load_preset
@@ -149,6 +190,7 @@ def run_sweep(
             method, extra, label = VARIANTS[name]
             finals, bests, last5s = [], [], []
             b2n: dict[str, list[float]] = {key: [] for key, _ in B2N_COLUMNS}
+            targets: dict[str, list[float]] = {}
             for seed in seeds:
                 run_dir = out / preset / name / f"seed{seed}"
                 summary_file = run_dir / "summary.json"
@@ -167,6 +209,8 @@ def run_sweep(
                     field = "final_hm" if key == "hm" else f"final_{key}_acc"
                     if field in summary:
                         b2n[key].append(summary[field])
+                for key, value in _target_values(summary).items():
+                    targets.setdefault(key, []).append(value)
             results[preset][name] = {
                 "label": label,
                 "seeds": seeds,
@@ -177,6 +221,8 @@ def run_sweep(
             }
             if all(len(v) == len(seeds) for v in b2n.values()):
                 results[preset][name]["b2n"] = {k: seed_stats(v) for k, v in b2n.items()}
+            if targets and all(len(v) == len(seeds) for v in targets.values()):
+                results[preset][name]["targets"] = {k: seed_stats(v) for k, v in targets.items()}
     return results
 
 
