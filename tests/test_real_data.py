@@ -9,6 +9,7 @@ import torch
 from conftest import small_config
 
 from pfedmoap.base.errors import ConfigError
+from pfedmoap.config import load_preset
 from pfedmoap.data import DatasetOptions, create_dataset
 from pfedmoap.data.real import DEBIAN_FASHION_MNIST
 from pfedmoap.engine.federation import Federation
@@ -82,12 +83,17 @@ def test_missing_dataset_is_one_line(tmp_path, name):
         "dtd",
         "domainnet",
         "office-caltech10",
+        "imagenet-cross-dataset",
+        "imagenet-cross-domain",
+        "pacs-leave-one-domain-out",
+        "office-home-leave-one-domain-out",
     ],
 )
 def test_paper_preset_without_data_fails_in_one_line_before_loading_a_model(tmp_path, capsys, preset):
     assert main(["--preset", preset, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"dataset={preset}: not found" in err[0]
+    dataset = load_preset(preset)["dataset"]
+    assert len(err) == 1 and f"dataset={dataset}: not found" in err[0]
     assert not (tmp_path / "run").exists()
 
 

@@ -1,4 +1,6 @@
-"""Real image datasets, read from disk with torchvision (no downloads at run time).
+"""Real image datasets, read from disk with torchvision (no downloads at run time): CIFAR and Fashion-MNIST here;
+CoOp's datasets in ``coop.py`` and ``imagenet.py``, the domain datasets in ``domains.py``, their layouts in
+``layouts.py`` and the lazy :class:`ImageFiles` in ``images.py`` (the names below are kept importable from here).
 
 Every loader expects the dataset already on disk under ``--data-root``. When it is missing, the user gets
 one line saying what is missing, where to get it, and the layout expected.
@@ -12,14 +14,10 @@ import numpy as np
 import torch
 
 from ..base.errors import ConfigError
-from ..base.files import first_line
+from .coop import COOP_DATASETS  # noqa: F401  (older imports name these here)
+from .domains import DOMAIN_DATASETS, TEST_FRACTION  # noqa: F401
+from .images import COOP_IMAGE_SIZE, ImageFiles, data_root  # noqa: F401
 from .registry import DatasetBundle, DatasetOptions, LabeledImages, register_dataset
-
-
-def _root(opts: DatasetOptions, name: str, layout: str) -> Path:
-    if not opts.root:
-        raise ConfigError(f"dataset={name} needs --data-root DIR holding {layout}")
-    return Path(opts.root).expanduser()
 
 
 def _cifar(opts: DatasetOptions, name: str) -> DatasetBundle:
@@ -33,8 +31,7 @@ def _cifar(opts: DatasetOptions, name: str) -> DatasetBundle:
             "cifar-100-python",
         )
     )
-    layout = f"{folder}/ (the python version of {name.upper()})"
-    root = _root(opts, name, layout)
+    root = data_root(opts, name)
     try:
         train = cls(str(root), train=True, download=False)
         test = cls(str(root), train=False, download=False)
@@ -128,157 +125,3 @@ def fashion_mnist(opts: DatasetOptions) -> DatasetBundle:
 
     names = [c.replace("/", " or ") for c in datasets.FashionMNIST.classes]  # "T-shirt/top" reads oddly
     return DatasetBundle(name="fashion-mnist", classnames=names, train=split(train), test=split(test))
-
-
-# ------------------------------------------------------------------------- CoOp-layout datasets (split_zhou)
-# folder under --data-root, image folder inside it, CoOp's split file, number of classes, where to get it
-COOP_DATASETS: dict[str, tuple[str, str, str, int]] = {
-    "flowers102": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102),
-    "oxfordpets": ("oxford_pets", "images", "split_zhou_OxfordPets.json", 37),
-    "food101": ("food-101", "images", "split_zhou_Food101.json", 101),
-    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100),
-    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json", 47),
-}
-COOP_IMAGE_SIZE = 224  # images are decoded to this square size (resize shorter side, centre crop) once read
-
-
-class ImageFiles:
-    """Images read lazily from disk: ``files[i]`` is a uint8 tensor [3, S, S] (RGB, resized, centre-cropped)."""
-
-    def __init__(self, paths: list[Path], size: int = COOP_IMAGE_SIZE):
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as TF
-
-        try:
-            with Image.open(self.paths[i]) as img:
-                t = TF.pil_to_tensor(img.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # missing, truncated, not an image
-            raise ConfigError(
-                f"image {str(self.paths[i])!r} cannot be read ({first_line(exc)}); replace it, or take it out of the "
-                "dataset's split"
-            ) from None
-        t = TF.resize(t, self.size, antialias=True)
-        return TF.center_crop(t, [self.size, self.size])
-
-
-def _coop(opts: DatasetOptions, name: str) -> DatasetBundle:
-    import json
-
-    folder, image_dir, split_file, n_classes = COOP_DATASETS[name]
-    layout = f"{folder}/{image_dir}/ and {folder}/{split_file} (CoOp's DATASETS.md layout)"
-    base = _root(opts, name, layout) / folder
-    if not (base / split_file).is_file() or not (base / image_dir).is_dir():
-        raise ConfigError(
-            f"dataset={name}: not found under {base.parent} (expected {layout}); download the images and "
-            f"{split_file} as CoOp's DATASETS.md describes"
-        )
-    try:
-        splits = json.loads((base / split_file).read_text())
-        names: dict[int, str] = {}
-        parts = {}
-        for key in ("train", "test"):
-            rows = splits[key]
-            for _, label, classname in rows:
-                names.setdefault(int(label), classname)
-            parts[key] = (
-                [base / image_dir / path for path, _, _ in rows],
-                np.asarray([int(label) for _, label, _ in rows], dtype=np.int64),
-            )
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"dataset={name}: {base / split_file} is not a CoOp split file") from None
-    if sorted(names) != list(range(len(names))):
-        raise ConfigError(f"dataset={name}: labels in {split_file} are not 0..C-1")
-    if len(names) != n_classes:
-        raise ConfigError(f"dataset={name}: {split_file} has {len(names)} classes, expected {n_classes}")
-    missing = next((p for p in parts["train"][0] + parts["test"][0] if not p.is_file()), None)
-    if missing is not None:
-        raise ConfigError(f"dataset={name}: image listed in {split_file} is missing: {missing}")
-    # class names in label order, as the split file gives them (underscores become spaces in prompts)
-    classnames = [names[i] for i in range(len(names))]
-    train = LabeledImages(ImageFiles(parts["train"][0]), parts["train"][1])
-    test = LabeledImages(ImageFiles(parts["test"][0]), parts["test"][1])
-    return DatasetBundle(name=name, classnames=classnames, train=train, test=test)
-
-
-def _register_coop(name: str) -> None:
-    register_dataset(name)(lambda opts: _coop(opts, name))
-
-
-for _name in COOP_DATASETS:
-    _register_coop(_name)
-
-
-# ------------------------------------------------------------------------------ domain folders (feature shift)
-# folder under --data-root, its domains (domain id = position), its classes (label = position, sorted)
-DOMAIN_DATASETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    # the FedBN 10-class subset of DomainNet
-    "domainnet": (
-        "domainnet",
-        ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-        ("bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale", "windmill", "wine_glass", "zebra"),
-    ),
-    "office-caltech10": (
-        "office_caltech_10",
-        ("amazon", "caltech", "dslr", "webcam"),
-        (
-            "back_pack",
-            "bike",
-            "calculator",
-            "headphones",
-            "keyboard",
-            "laptop_computer",
-            "monitor",
-            "mouse",
-            "mug",
-            "projector",
-        ),
-    ),
-}
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-TEST_FRACTION = 0.2  # per (domain, class), drawn with the data seed when no split files are given
-
-
-def _domain_folders(opts: DatasetOptions, name: str) -> DatasetBundle:
-    folder, domains, classes = DOMAIN_DATASETS[name]
-    layout = f"{folder}/<domain>/<class>/*.jpg for domains {', '.join(domains)}"
-    base = _root(opts, name, layout) / folder
-    missing = [d for d in domains if not (base / d).is_dir()]
-    if missing:
-        raise ConfigError(f"dataset={name}: not found under {base.parent} (expected {layout}; missing {missing[0]})")
-    rng = np.random.default_rng([opts.seed, 17])
-    parts: dict[str, tuple[list[Path], list[int], list[int]]] = {"train": ([], [], []), "test": ([], [], [])}
-    for d, domain in enumerate(domains):
-        for c, cls in enumerate(classes):
-            files = sorted(p for p in (base / domain / cls).glob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-            if not files:
-                raise ConfigError(f"dataset={name}: no images in {base / domain / cls}")
-            order = rng.permutation(len(files))
-            n_test = max(1, int(round(TEST_FRACTION * len(files)))) if len(files) > 1 else 0
-            for key, idx in (("test", order[:n_test]), ("train", order[n_test:])):
-                for i in sorted(idx):
-                    parts[key][0].append(files[i])
-                    parts[key][1].append(c)
-                    parts[key][2].append(d)
-
-    def split(key: str) -> LabeledImages:
-        paths, labels, doms = parts[key]
-        return LabeledImages(ImageFiles(paths), np.asarray(labels, np.int64), np.asarray(doms, np.int64))
-
-    # class names in label order; the reference code built them from a Python set, which scrambled them
-    return DatasetBundle(
-        name=name, classnames=list(classes), train=split("train"), test=split("test"), domain_names=list(domains)
-    )
-
-
-def _register_domains(name: str) -> None:
-    register_dataset(name)(lambda opts: _domain_folders(opts, name))
-
-
-for _name in DOMAIN_DATASETS:
-    _register_domains(_name)
