@@ -205,3 +205,18 @@ def test_cli_refusals_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
     code = main([*base, *flags, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_an_evaluation_only_dataset_cannot_be_trained_on(tmp_path, capsys, monkeypatch):
+    from pfedmoap.data import registry
+
+    def eval_only(opts):
+        world = create_dataset("synthetic", DatasetOptions(train_per_class=1, test_per_class=2))
+        empty = registry.LabeledImages(world.train.images[:0], world.train.labels[:0])
+        return registry.DatasetBundle("eval-only", world.classnames, empty, world.test)
+
+    monkeypatch.setitem(registry._REGISTRY, "eval-only", eval_only)
+    code = main(["--dataset", "eval-only", "--rounds", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "dataset=eval-only has no train split" in err[0]
+    assert "--eval-targets eval-only" in err[0] and not (tmp_path / "run").exists()
