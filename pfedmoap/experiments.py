@@ -13,6 +13,13 @@ runs an ablation suite instead (:mod:`pfedmoap.research.ablations`: the built-in
 own grid) and writes ``ablations.md``, ``ablations.json`` and ``plots/<study>.png``; ``--readme README.md`` also
 fills the README's "Ablations" section from it.
 
+    python -m pfedmoap.experiments --study gate-outside-fl --out runs/gate-study [--dataset pacs --data-root ~/data]
+
+runs a study outside federated learning instead (:mod:`pfedmoap.research.gate_study`: K+1 prompts trained on source
+domains, the attention, linear and average gates trained on a few labelled shots of a held-out domain, against
+baselines; ``--target-shots``, ``--seeds``, and ``--set`` for the study's other settings) and writes
+``gate_study.md`` and ``gate_study.json``.
+
 The sweeps themselves are :mod:`pfedmoap.research.sweeps`; this module is the command.
 """
 
@@ -26,7 +33,9 @@ from typing import Any
 
 from .base.cli import OneLineParser, fail, run_command
 from .base.errors import UserError
+from .config import load_preset
 from .research.ablations import main_suite
+from .research.gate_study import STUDIES, main_study
 from .research.sweeps import (
     DEFAULT_ROWS,
     VARIANTS,
@@ -34,6 +43,7 @@ from .research.sweeps import (
     markdown_table,
     paper_table,
     run_sweep,
+    targets_table,
     write_plots,
 )
 
@@ -47,6 +57,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m pfedmoap.experiments", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", help="comma-separated presets (default: synthetic)")
@@ -55,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--suite",
         help="run an ablation suite instead of a table: a built-in name (ablations) or a JSON file of your own grid",
+    )
+    p.add_argument(
+        "--study",
+        help=f"run a study instead of a table: {', '.join(STUDIES)} (the attention gate against a linear gate "
+        "outside FL, leave-one-domain-out)",
+    )
+    p.add_argument("--dataset", help="with --study: a dataset with domains (default synthetic; pacs, office-home, ...)")
+    p.add_argument("--data-root", help="with --study: the folder holding --dataset's images")
+    p.add_argument(
+        "--target-shots", type=_positive, help="with --study: labelled images per class of the held-out domain (4)"
     )
     p.add_argument("--readme", help="with --suite: fill this README's ablation section from the suite's report")
     p.add_argument(
@@ -77,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.suite is None and (args.readme is not None or args.report_only):
         return fail(PROG, f"{'--readme' if args.readme is not None else '--report-only'} needs --suite")
+    study_flags = (("--dataset", args.dataset), ("--data-root", args.data_root), ("--target-shots", args.target_shots))
+    if args.study is None:
+        given = [flag for flag, value in study_flags if value is not None]
+        if given:
+            return fail(PROG, f"{given[0]} needs --study")
+    else:
+        if args.suite is not None:
+            return fail(PROG, "--study and --suite are two different runs: give one")
+        others = (("--preset", args.preset), ("--methods", args.methods), ("--rounds", args.rounds))
+        given = [flag for flag, value in others if value is not None]
+        if given:
+            return fail(PROG, f"{given[0]} does not apply to --study (a study names its own runs)")
+        if args.study not in STUDIES:
+            return fail(PROG, f"study={args.study!r} is not one of: {', '.join(STUDIES)}")
     if args.suite is not None:
         given = [flag for flag, value in (("--preset", args.preset), ("--methods", args.methods)) if value]
         if given:
@@ -99,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
     out = Path(args.out)
+    if args.study is not None:
+        dataset = args.dataset or "synthetic"
+        return run_command(
+            PROG,
+            lambda: main_study(
+                args.study, out, args.seeds or [1, 2, 3], dataset, args.data_root, args.target_shots, overrides
+            ),
+            "interrupted (the study writes its report at the end: nothing was written; rerun)",
+        )
     if args.suite is not None:
         overrides.pop("progress")  # a suite's runs never draw bars; it prints one line per run
         readme = Path(args.readme) if args.readme else None
@@ -138,6 +191,12 @@ def _report(
         if b2n:
             text.append(f"### Base-to-novel on {preset} (%), final round, mean ± std over seeds {seeds}\n")
             text.append(b2n + "\n")
+    for preset in presets:
+        table = targets_table(results, preset)
+        if table:
+            split = load_preset(preset).get("eval_split", "")
+            text.append(f"### {split} on {preset} (%), final round, mean ± std over seeds {seeds}\n")
+            text.append(table + "\n")
     comparison = paper_table(results)
     if comparison:
         text.append("### Final-round accuracy (%) next to the paper's (ICLR 2025)\n")

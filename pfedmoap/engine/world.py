@@ -136,9 +136,7 @@ class World:
                 )
             full, self.held_out = protocols.hold_out_domain(full, str(cfg.held_out_domain))
         # the target protocols' test sets are read now too: a missing or misnamed one fails before any work
-        self._targets = (
-            [(t, self._load_target(t)) for t in self.targets()] if cfg.eval_split in TARGET_SPLITS else []
-        )
+        self._targets = [(t, self._load_target(t)) for t in self.targets()] if cfg.eval_split in TARGET_SPLITS else []
         self.full_dataset = full
         # --subsample: the label space clients see (CoOp's base-to-novel protocol trains on the base half)
         self.dataset = subsample_classes(full, cfg.subsample)
