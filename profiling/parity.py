@@ -68,6 +68,11 @@ CONFIGS: dict[str, list[str]] = {
     "fedtpg": "--method fedtpg --rounds 2 --n-ctx 4 --fedtpg-heads 4".split(),
     "pfedmma": "--method pfedmma --model pfedmoap-tiny-vit --rounds 2 --pfedmma-lr 0.01".split(),
     "dpfpl": "--method dpfpl --rounds 2 --dpfpl-rank 4 --dpfpl-epsilon 0.4 --frac 0.5".split(),
+    "base2novel": "--preset synthetic-b2n --rounds 2".split(),
+    # the target protocols (new: older checkouts refuse them)
+    "cross-dataset": "--eval-split cross-dataset --rounds 2 --frac 0.5".split(),
+    "cross-domain": "--method fedpgp --eval-split cross-domain --eval-targets synthetic:noisy --rounds 2".split(),
+    "leave-one-domain-out": "--preset synthetic-leave-one-domain-out --rounds 2".split(),
 }
 
 # fields that measure time, not results
@@ -135,7 +140,7 @@ def _refused(side: Path, name: str) -> bool:
     """Whether ``side``'s run of config ``name`` was refused for a flag or choice that checkout does not know."""
     log = side / f"{name}.log"
     text = log.read_text() if log.exists() else ""
-    return "unrecognized arguments" in text or "invalid choice" in text
+    return any(why in text for why in ("unrecognized arguments", "invalid choice", "is not one of"))
 
 
 def compare(old: Path, new: Path) -> int:
