@@ -220,3 +220,22 @@ def test_an_evaluation_only_dataset_cannot_be_trained_on(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "dataset=eval-only has no train split" in err[0]
     assert "--eval-targets eval-only" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_sweep_target_table_has_one_column_per_target_and_the_summaries():
+    from pfedmoap.research.sweeps import targets_table
+
+    stats = {"local": (80.0, 1.0), "a": (50.0, 2.0), "b": (60.0, 0.5), "targets_mean": (55.0, 1.0)}
+    stats["best_targets_mean"] = (57.0, 1.5)
+    rows = {"promptfl": {"label": "PromptFL", "targets": {**stats, "global_targets_mean": (56.0, 0.0)}}}
+    rows["local"] = {"label": "CoOp", "targets": stats}
+    lines = targets_table({"p": rows}, "p").splitlines()
+    assert lines[0] == (
+        "| Method | Own split | a | b | Targets, mean | Global model, targets mean | Targets mean, best round |"
+    )
+    assert (
+        lines[2]
+        == "| PromptFL | 80.00 ± 1.00 | 50.00 ± 2.00 | 60.00 ± 0.50 | 55.00 ± 1.00 | 56.00 ± 0.00 | 57.00 ± 1.50 |"
+    )
+    assert lines[3].split(" | ")[5] == "-"  # no global model
+    assert targets_table({"p": {"x": {"label": "X"}}}, "p") is None

@@ -116,7 +116,7 @@ def targets_table(results: dict[str, Any], preset: str) -> str | None:
     if not rows or not all("targets" in r for r in rows.values()):
         return None
     first = next(iter(rows.values()))["targets"]
-    names = [n for n in first if n not in TARGET_SUMMARY]
+    names = [n for n in first if n not in TARGET_SUMMARY and n != "local"]
     columns = [("local", "Own split"), *((n, n) for n in names), *TARGET_SUMMARY.items()]
     lines = ["| Method | " + " | ".join(title for _, title in columns) + " |", "|---|" + "---|" * len(columns)]
     for r in rows.values():
