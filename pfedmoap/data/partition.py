@@ -103,6 +103,13 @@ def dirichlet(
     )
 
 
+def _clients_per_domain(num_clients: int, num_domains: int, what: str) -> int:
+    """Clients per domain when they are spread evenly over the domains (one line when they do not divide)."""
+    if num_clients % num_domains:
+        raise ConfigError(f"clients={num_clients} must be a multiple of the {num_domains} {what}")
+    return num_clients // num_domains
+
+
 def domain_dirichlet(
     train_labels: np.ndarray,
     test_labels: np.ndarray,
@@ -116,11 +123,7 @@ def domain_dirichlet(
     """Feature + label shift: clients are spread evenly over domains (clients // domains each, in domain
     order), and within each domain the images are split by Dirichlet(alpha) over classes."""
     domains = np.unique(np.concatenate([train_domains, test_domains]))
-    if num_clients % len(domains):
-        raise ConfigError(
-            f"clients={num_clients} must be a multiple of the {len(domains)} domains for a domain-dirichlet split"
-        )
-    per_domain = num_clients // len(domains)
+    per_domain = _clients_per_domain(num_clients, len(domains), "domains for a domain-dirichlet split")
     splits: list[ClientSplit] = []
     for d in domains:
         tr_idx = np.flatnonzero(train_domains == d)
@@ -148,11 +151,7 @@ def domain_shots(
     client, so there clients of one domain train on the same images. A domain's test images are shared out evenly
     among its clients."""
     domains = np.unique(train_domains)
-    if num_clients % len(domains):
-        raise ConfigError(
-            f"clients={num_clients} must be a multiple of the {len(domains)} training domains for a domain-shots split"
-        )
-    per_domain = num_clients // len(domains)
+    per_domain = _clients_per_domain(num_clients, len(domains), "training domains for a domain-shots split")
     splits: list[ClientSplit] = []
     for d in domains:
         tr_idx = np.flatnonzero(train_domains == d)

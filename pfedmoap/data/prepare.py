@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..base.errors import RunFailed, UserError
 from ..base.files import first_line, os_reason
+from .domains import DOMAIN_DATASETS, DOMAINNET_DOMAINS, OFFICE_HOME_DOMAINS, PACS_DOMAINS
 
 Downloader = Callable[[str, Path], None]
 Log = Callable[[str], None]
@@ -260,7 +261,6 @@ def _variant(folder: str, images: str) -> Callable[[Path], dict[str, int]]:
     return count
 
 
-PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 _PACS_SKIPPED = {"sketch/dog/n02103406_4068-1.png"}  # listed but faulty; Dassl skips it (dg/pacs.py)
 
 
@@ -297,9 +297,6 @@ def _domain_classes(folder: str, domains: tuple[str, ...], classes: tuple[str, .
         return {d: sum(_count_images(root / folder / d / c) for c in classes) for d in domains}
 
     return count
-
-
-DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 
 def _domainnet_splits(root: Path) -> dict[str, int]:
@@ -432,22 +429,9 @@ def _coop(
     )
 
 
-_DOMAINNET_10 = ("bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale", "windmill", "wine_glass")
-_DOMAINNET_10 = (*_DOMAINNET_10, "zebra")
-_OFFICE_CALTECH_DOMAINS = ("amazon", "caltech", "dslr", "webcam")
-_OFFICE_CALTECH_CLASSES = (
-    "back_pack",
-    "bike",
-    "calculator",
-    "headphones",
-    "keyboard",
-    "laptop_computer",
-    "monitor",
-    "mouse",
-    "mug",
-    "projector",
-)
-OFFICE_HOME_DOMAINS = ("art", "clipart", "product", "real_world")
+# the loaders' own domain and class lists (one source for both)
+_DOMAINNET_10 = DOMAIN_DATASETS["domainnet"][2]
+_OFFICE_CALTECH_DOMAINS, _OFFICE_CALTECH_CLASSES = DOMAIN_DATASETS["office-caltech10"][1:]
 OFFICE31_DOMAINS = ("amazon", "dslr", "webcam")
 _AIRCRAFT_FILES = tuple(f"images_variant_{s}.txt" for s in ("train", "val", "test"))
 
