@@ -183,21 +183,38 @@ def markdown(rows: list[dict], shape: Shape, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(
+    argv: list[str] | None, description: str, flag: str, table: dict[str, dict]
+) -> tuple[argparse.Namespace, Shape, list[str], torch.device]:
+    """The command line both scripts share (``--size``, ``--device``, ``--json``, ``--markdown`` and ``flag``, a
+    comma-separated subset of ``table``): the arguments, the shape, the chosen names and the device; seeds torch."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--size", choices=sorted(SHAPES), default="full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--configs", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument(f"--{flag}", dest="subset", help="comma-separated subset of: " + ", ".join(table))
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
-    shape = SHAPES[args.size]
-    names = list(CONFIGS) if not args.configs else [c.strip() for c in args.configs.split(",")]
-    unknown = [n for n in names if n not in CONFIGS]
+    names = list(table) if not args.subset else [c.strip() for c in args.subset.split(",")]
+    unknown = [n for n in names if n not in table]
     if unknown:
-        p.error(f"unknown config(s) {unknown}; valid: {', '.join(CONFIGS)}")
-    device = resolve_device(args.device)
+        p.error(f"unknown {flag} {unknown}; valid: {', '.join(table)}")
     torch.manual_seed(0)
+    return args, SHAPES[args.size], names, resolve_device(args.device)
+
+
+def report(args: argparse.Namespace, text: str, meta: dict, rows: list[dict]) -> int:
+    """Print the table, write the ``--json`` / ``--markdown`` files; exit 1 when any row ended non-finite."""
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0 if all(r["finite"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, shape, names, device = parse_args(argv, __doc__.split("\n\n")[0], "configs", CONFIGS)
     t0 = time.perf_counter()
     clip = load_clip(shape.model, "none", device, progress=False)
     sync(device)
@@ -214,13 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "clip_load_s": clip_load,
         "size": args.size,
     }
-    text = markdown(rows, shape, meta)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    return 0 if all(r["finite"] for r in rows) else 1
+    return report(args, markdown(rows, shape, meta), meta, rows)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ Paths, each adding one switch to the one before it (issue 28, item 5):
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -33,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pfedmoap import make_config  # noqa: E402
 from pfedmoap.engine.federation import Federation  # noqa: E402
-from pfedmoap.model.clip import load_clip, resolve_device  # noqa: E402
+from pfedmoap.model.clip import load_clip  # noqa: E402
 from profiling.bench.parallel import OpCounter  # noqa: E402
-from profiling.paper_run import SHAPES, random_bundle, sync  # noqa: E402
+from profiling.paper_run import parse_args, random_bundle, report, sync  # noqa: E402
 
 PATHS: dict[str, dict] = {
     "sequential": {"parallel_clients": 1, "cuda_graphs": "off"},
@@ -143,20 +141,7 @@ def markdown(rows: list[dict], shape, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=sorted(SHAPES), default="full")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--paths", help="comma-separated subset of: " + ", ".join(PATHS))
-    p.add_argument("--json")
-    p.add_argument("--markdown")
-    args = p.parse_args(argv)
-    shape = SHAPES[args.size]
-    names = list(PATHS) if not args.paths else [c.strip() for c in args.paths.split(",")]
-    unknown = [n for n in names if n not in PATHS]
-    if unknown:
-        p.error(f"unknown path(s) {unknown}; valid: {', '.join(PATHS)}")
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
+    args, shape, names, device = parse_args(argv, __doc__.split("\n\n")[0], "paths", PATHS)
     clip = load_clip(shape.model, "none", device, progress=False)
     bundle = random_bundle(shape, clip.image_size)
     rows = [run_path(n, PATHS[n], shape, device, clip, bundle) for n in names]
@@ -166,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "size": args.size,
     }
-    text = markdown(rows, shape, meta)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    return 0 if all(r["finite"] for r in rows) else 1
+    return report(args, markdown(rows, shape, meta), meta, rows)
 
 
 if __name__ == "__main__":
