@@ -20,7 +20,6 @@ import torch
 from ..base.errors import ConfigError
 from . import synthetic
 from .registry import DatasetBundle, LabeledImages
-from .subsample import _Rows
 
 # CoOp's 11 datasets, ImageNet first (the source of the cross-dataset protocol), and ImageNet's 4 variants
 COOP_DATASETS = (
@@ -85,16 +84,6 @@ def default_targets(eval_split: str, dataset: str, domains: list[str] | None, al
     )
 
 
-def _rows(split: LabeledImages, rows: np.ndarray) -> LabeledImages:
-    images = (
-        split.images[torch.as_tensor(rows, dtype=torch.long)]
-        if isinstance(split.images, torch.Tensor)
-        else _Rows(split.images, rows)
-    )
-    domains = None if split.domains is None else np.asarray(split.domains)[rows]
-    return LabeledImages(images=images, labels=np.asarray(split.labels)[rows], domains=domains)
-
-
 def _concat(a: LabeledImages, b: LabeledImages) -> LabeledImages:
     if isinstance(a.images, torch.Tensor) and isinstance(b.images, torch.Tensor):
         images = torch.cat([a.images, b.images])
@@ -137,14 +126,12 @@ def hold_out_domain(bundle: DatasetBundle, domain: str) -> tuple[DatasetBundle, 
     source = DatasetBundle(
         name=bundle.name,
         classnames=list(bundle.classnames),
-        train=_rows(bundle.train, np.flatnonzero(train_d != d)),
-        test=_rows(bundle.test, np.flatnonzero(test_d != d)),
+        train=bundle.train.rows(np.flatnonzero(train_d != d)),
+        test=bundle.test.rows(np.flatnonzero(test_d != d)),
         domain_names=list(bundle.domain_names),
         domain_ids=None if bundle.domain_ids is None else list(bundle.domain_ids),
     )
-    held_out = _concat(
-        _rows(bundle.train, np.flatnonzero(train_d == d)), _rows(bundle.test, np.flatnonzero(test_d == d))
-    )
+    held_out = _concat(bundle.train.rows(np.flatnonzero(train_d == d)), bundle.test.rows(np.flatnonzero(test_d == d)))
     if len(held_out) == 0:
         raise ConfigError(f"held_out_domain={domain!r} has no images in dataset={bundle.name}")
     return source, held_out

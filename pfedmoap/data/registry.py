@@ -28,6 +28,30 @@ class LabeledImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def rows(self, rows: np.ndarray) -> LabeledImages:
+        """These ``rows`` only, in that order (images on disk are not read: an index view of them)."""
+        images = (
+            self.images[torch.as_tensor(rows, dtype=torch.long)]
+            if isinstance(self.images, torch.Tensor)
+            else _Rows(self.images, rows)
+        )
+        domains = None if self.domains is None else np.asarray(self.domains)[rows]
+        return LabeledImages(images=images, labels=np.asarray(self.labels)[rows], domains=domains)
+
+
+class _Rows:
+    """Some rows of an indexable of images (datasets read from disk are not tensors), without reading them."""
+
+    def __init__(self, images, rows: np.ndarray):
+        self.images = images
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[int(self.rows[i])]
+
 
 @dataclass
 class DatasetBundle:

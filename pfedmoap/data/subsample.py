@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from ..base.errors import ConfigError
 from .registry import DatasetBundle, LabeledImages
@@ -29,32 +28,14 @@ def base_novel_classes(num_classes: int) -> tuple[list[int], list[int]]:
     return list(range(cut)), list(range(cut, num_classes))
 
 
-class _Rows:
-    """Some rows of an indexable of images (datasets read from disk are not tensors), without reading them."""
-
-    def __init__(self, images, rows: np.ndarray):
-        self.images = images
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[int(self.rows[i])]
-
-
 def _keep(split: LabeledImages, classes: list[int]) -> LabeledImages:
     labels = np.asarray(split.labels)
     rows = np.flatnonzero(np.isin(labels, classes))
     relabel = np.full(int(labels.max(initial=0)) + 1, -1, dtype=np.int64)
     relabel[classes] = np.arange(len(classes))
-    images = (
-        split.images[torch.as_tensor(rows, dtype=torch.long)]
-        if isinstance(split.images, torch.Tensor)
-        else _Rows(split.images, rows)
-    )
-    domains = None if split.domains is None else np.asarray(split.domains)[rows]
-    return LabeledImages(images=images, labels=relabel[labels[rows]], domains=domains)
+    kept = split.rows(rows)
+    kept.labels = relabel[kept.labels]
+    return kept
 
 
 def subsample_classes(bundle: DatasetBundle, which: str) -> DatasetBundle:
