@@ -125,7 +125,7 @@ class ClientRuntime:
         self, client: Client, state: GlobalState, shared_text: dict[tuple, torch.Tensor] | None = None
     ) -> float:
         """Accuracy (%) of one client with the state its method evaluates it with, on its own test split; with
-        ``--eval-split base2novel`` also on the shared base and novel sets (``client.split_acc``). An unchanged
+        an ``--eval-split`` also on its shared sets, and the global model on them (``client.split_acc``). An unchanged
         state keeps its accuracies (exact: same state, same data). ``shared_text`` shares text features between
         clients evaluated with the same prompt (e.g. every never-trained client with P_g), and holds those
         :meth:`prefetch_text` encoded for all clients at once."""
@@ -150,24 +150,13 @@ class ClientRuntime:
         out: dict[str, float] = {}
         with self.autocast():
             for es in self.world.eval_sets():
-                text = self._global_text(es.encoder, es.name, shared_text)
+                text = self._text_source(None, es.name, shared_text)
                 scorer = self.method.global_scorer(self.context, state, text)
                 if scorer is None:
                     break
                 out[f"global@{es.name}"] = accuracy(scorer, es.features, es.labels, self.cfg.eval_batch_size)[0]
         self._global = (state.global_version, prompt, out)
         return out
-
-    def _global_text(
-        self, encoder: PromptEncoder, space: str, shared_text: dict[tuple, torch.Tensor]
-    ) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
-        def text(key: tuple, prompts: torch.Tensor) -> torch.Tensor:
-            full = (space, *key)
-            if full not in shared_text:
-                shared_text[full] = encoder.encode(prompts.to(self.device))
-            return shared_text[full]
-
-        return text
 
     def _evaluate(self, client: Client, view: EvalState, shared_text: dict[tuple, torch.Tensor]) -> float:
         method, batch = self.method, self.cfg.eval_batch_size
@@ -228,20 +217,21 @@ class ClientRuntime:
 
     def _text_source(
         self,
-        client: Client,
+        client: Client | None,
         space: str,
         shared_text: dict[tuple, torch.Tensor],
         wanted: dict[tuple, torch.Tensor] | None = None,
     ) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
-        """A scorer's ``text(key, prompts)`` for ``client`` over one class set (``space``: "own" or an evaluation
-        set's name): the expert features this round's update encoded, else ``shared_text``, else encoded now; with
+        """A scorer's ``text(key, prompts)`` for ``client`` (None: no client's, the global model's) over one class set
+        (``space``: "own" or an evaluation set's name): the expert features this round's update encoded, else
+        ``shared_text``, else encoded now; with
         ``wanted``, a request is recorded there instead and answered with a placeholder on the meta device."""
         encoder = self.encoder
         if space != "own":
             encoder = next(es.encoder for es in self.world.eval_sets() if es.name == space)
 
         def text(key: tuple, prompts: torch.Tensor) -> torch.Tensor:
-            if space == "own" and key[:1] == ("experts",):
+            if client is not None and space == "own" and key[:1] == ("experts",):
                 cached = client.expert_text  # encoded by this round's update already
                 if cached is not None and cached[0] == client.version:
                     return cached[1]
