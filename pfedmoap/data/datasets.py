@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from ..base.errors import ConfigError
 from . import synthetic
 from .registry import DatasetBundle, DatasetOptions, LabeledImages, register_dataset
-
-
-def _synthetic_split(labels_per_class: int, styles: list[int], rng: np.random.Generator, size: int) -> LabeledImages:
-    n_classes = len(synthetic.CLASSNAMES)
-    labels = np.repeat(np.arange(n_classes), labels_per_class * len(styles))
-    domains = np.tile(np.repeat(np.asarray(styles), labels_per_class), n_classes)
-    images = synthetic.render(labels, domains, rng, size=size)
-    return LabeledImages(torch.from_numpy(images), labels.astype(np.int64), domains.astype(np.int64))
 
 
 def _styles(requested: list[str] | None, default: list[str]) -> list[int]:
@@ -34,23 +28,14 @@ def synthetic_world(opts: DatasetOptions) -> DatasetBundle:
     Domain ids are style indices into ``synthetic.STYLES``; ``domain_names`` lists the styles in use, and
     domain-aware partitioners treat each style as one domain.
     """
-    styles = _styles(opts.domains, ["faded"])
-    # separate streams for train and test: changing the test size never changes the train images
-    train_rng, test_rng = (np.random.default_rng([opts.seed, k]) for k in (0, 1))
-    train = _synthetic_split(opts.train_per_class, styles, train_rng, opts.image_size)
-    test = _synthetic_split(opts.test_per_class, styles, test_rng, opts.image_size)
-    return DatasetBundle(
-        name="synthetic",
-        classnames=list(synthetic.CLASSNAMES),
-        train=train,
-        test=test,
-        domain_names=[synthetic.STYLES[s] for s in styles],
-        domain_ids=list(styles),
-    )
+    return _class_set(opts, "synthetic", list(synthetic.CLASSNAMES), lambda labels, rng: labels, (0, 1))
+
+
+WorldLabel = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def _class_set_split(
-    classes: int, per_class: int, styles: list[int], rng: np.random.Generator, size: int, world_label
+    classes: int, per_class: int, styles: list[int], rng: np.random.Generator, size: int, world_label: WorldLabel
 ) -> LabeledImages:
     """``classes`` labels in ``styles``, each image drawn as the world class ``world_label(labels, rng)`` picks."""
     labels = np.repeat(np.arange(classes), per_class * len(styles))
@@ -59,7 +44,11 @@ def _class_set_split(
     return LabeledImages(torch.from_numpy(images), labels.astype(np.int64), domains.astype(np.int64))
 
 
-def _class_set(opts: DatasetOptions, name: str, classnames: list[str], world_label, streams: tuple[int, int]):
+def _class_set(
+    opts: DatasetOptions, name: str, classnames: list[str], world_label: WorldLabel, streams: tuple[int, int]
+) -> DatasetBundle:
+    """A class set over the synthetic world's images, in the requested styles (default "faded"); ``streams``: the
+    generators' keys for train and test (separate: changing the test size never changes the train images)."""
     styles = _styles(opts.domains, ["faded"])
     train_rng, test_rng = (np.random.default_rng([opts.seed, k]) for k in streams)
     n = len(classnames)
