@@ -9,6 +9,7 @@ a process builds.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,8 +90,10 @@ def run_device(cfg: Config) -> torch.device:
     return device
 
 
-def load_dataset(cfg: Config) -> DatasetBundle:
-    """The config's whole dataset (every client's images), from ``data_root`` or generated (synthetic)."""
+def load_dataset(cfg: Config, name: str | None = None, **changes: Any) -> DatasetBundle:
+    """The config's whole dataset (every client's images), from ``data_root`` or generated (synthetic); or, with
+    ``name``, another dataset read with the config's root, sizes and data seed (``changes``: other options, e.g. a
+    target's domains)."""
     options = DatasetOptions(
         root=cfg.data_root,
         domains=cfg.domains,
@@ -98,7 +101,7 @@ def load_dataset(cfg: Config) -> DatasetBundle:
         test_per_class=cfg.test_per_class,
         seed=cfg.data_seed,
     )
-    return create_dataset(cfg.dataset, options)
+    return create_dataset(name or cfg.dataset, dataclasses.replace(options, **changes))
 
 
 class World:
@@ -311,15 +314,8 @@ class World:
         return targets
 
     def _load_target(self, target: protocols.Target) -> DatasetBundle:
-        cfg = self.cfg
-        options = DatasetOptions(
-            root=cfg.data_root,
-            domains=target.domains,
-            train_per_class=1,  # only the target's test split is read
-            test_per_class=cfg.test_per_class,
-            seed=cfg.data_seed,
-        )
-        bundle = create_dataset(target.dataset, options)
+        # only the target's test split is read: its builder need only make one train image per class
+        bundle = load_dataset(self.cfg, target.dataset, domains=target.domains, train_per_class=1)
         if len(bundle.test) == 0:
             raise ConfigError(f"eval target {target.name!r} has no test images")
         return bundle
