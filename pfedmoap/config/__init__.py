@@ -232,16 +232,12 @@ class Config:
         if self.eval_split == "leave-one-domain-out":
             if not isinstance(self.held_out_domain, str) or not self.held_out_domain:
                 raise ConfigError("eval_split=leave-one-domain-out needs held_out_domain (one of the run's domains)")
-            if self.subsample != "all":
-                raise ConfigError(
-                    f"eval_split=leave-one-domain-out trains on every class (got subsample={self.subsample})"
-                )
         elif self.held_out_domain is not None:
             raise ConfigError(
                 f"held_out_domain={self.held_out_domain!r} is for eval_split=leave-one-domain-out "
                 f"(got eval_split={self.eval_split})"
             )
-        if self.eval_split in TARGET_SPLITS and self.subsample != "all":
+        if self.eval_split in GLOBAL_SCORED_SPLITS and self.subsample != "all":  # the three target protocols
             raise ConfigError(f"eval_split={self.eval_split} trains on every class (got subsample={self.subsample})")
         _at_least("clients", self.clients, 1, MAX_CLIENTS)
         _at_least("rounds", self.rounds, 1)
